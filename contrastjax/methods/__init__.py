@@ -1,0 +1,24 @@
+"""Training methods. Each module defines a ``Method`` subclass; look them up by name."""
+from __future__ import annotations
+
+import importlib
+
+# config.method -> "module:Class"
+_REGISTRY = {
+    "condseg_stage1": "contrastjax.methods.condseg:ConDSegStage1Method",
+    "condseg": "contrastjax.methods.condseg:ConDSegMethod",
+}
+
+
+def register(name: str, target: str) -> None:
+  """Registers ``name`` -> ``"module:Class"`` (for methods living outside this package)."""
+  _REGISTRY[name] = target
+
+
+def get_method_class(name: str):
+  if name not in _REGISTRY:
+    raise ValueError(
+        f"config.method={name!r} is not a known method; expected one of "
+        f"{sorted(_REGISTRY)}")
+  module, cls = _REGISTRY[name].split(":")
+  return getattr(importlib.import_module(module), cls)

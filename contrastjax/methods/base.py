@@ -1,0 +1,76 @@
+"""The contract between a training method and the shared spine.
+
+A method says *what* is optimised (its losses, its model, any extra state such as an
+EMA teacher); the spine (``contrastjax.spine``) says *how*: gradients, the optimizer
+update, the learning-rate plateau scale, sharding, jit, donation, checkpoints.
+
+Batches are dicts of arrays whose leading axis is the global batch; every leaf is
+sharded along that axis over the mesh's ``data`` axis. A method with two input
+streams (e.g. SiamSeg's source and target) simply nests them:
+``{"source": {...}, "target": {...}}``.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Mapping
+
+import jax
+
+PyTree = Any
+Metrics = Mapping[str, jax.Array]
+
+
+class Method(abc.ABC):
+  """Base class of a method on the spine.
+
+  Subclasses are plain Python objects built from the config; everything they return
+  from the methods below must be jit-traceable (no Python side effects on values).
+  """
+
+  #: Name used in configs (``config.method``).
+  name: str = ""
+
+  def __init__(self, config):
+    self.config = config
+
+  # ---------------------------------------------------------------- set-up
+  @abc.abstractmethod
+  def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
+    """Returns ``(params, model_state, extra)`` for an example (global) batch.
+
+    ``model_state`` holds the non-trainable flax collections (e.g.
+    ``{"batch_stats": ...}``); ``extra`` is any method-owned pytree (an EMA teacher's
+    parameters, a queue, ...), ``{}`` when unused.
+    """
+
+  # ---------------------------------------------------------------- training
+  @abc.abstractmethod
+  def loss_fn(self, params: PyTree, model_state: PyTree, extra: PyTree,
+              batch: PyTree, rng: jax.Array, step: jax.Array
+              ) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
+    """Training loss. Returns ``(loss, (new_model_state, metrics))``.
+
+    ``metrics`` are scalars averaged over the global batch (they are logged as
+    ``train/<name>``); ``loss`` is differentiated with respect to ``params``.
+    """
+
+  def post_update(self, step: jax.Array, params: PyTree, extra: PyTree) -> PyTree:
+    """Runs after the optimizer update inside the jitted step; returns the new
+    ``extra`` (e.g. an EMA teacher update). Default: unchanged."""
+    del step, params
+    return extra
+
+  # ---------------------------------------------------------------- evaluation
+  @abc.abstractmethod
+  def predict(self, params: PyTree, model_state: PyTree, extra: PyTree,
+              batch: PyTree) -> dict[str, jax.Array]:
+    """Eval-mode forward pass; returns per-example outputs (leading batch axis)."""
+
+  def eval_loss(self, params: PyTree, model_state: PyTree, extra: PyTree,
+                batch: PyTree) -> jax.Array:
+    """Eval-mode loss of one padded batch (``batch["valid"]`` marks real examples).
+
+    Used for validation-loss driven schedules (ReduceLROnPlateau). Default: the
+    training loss is not defined in eval mode, so methods that need it override.
+    """
+    raise NotImplementedError(f"method {self.name!r} defines no eval_loss")
