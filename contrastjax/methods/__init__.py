@@ -16,6 +16,10 @@ def register(name: str, target: str) -> None:
 
 
 def get_method_class(name: str):
+  """Looks up ``config.method``: a registered name or a ``"module:Class"`` path."""
+  if ":" in name and name not in _REGISTRY:
+    module, cls = name.split(":")
+    return getattr(importlib.import_module(module), cls)
   if name not in _REGISTRY:
     raise ValueError(
         f"config.method={name!r} is not a known method; expected one of "

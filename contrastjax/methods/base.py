@@ -38,10 +38,20 @@ class Method(abc.ABC):
   def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
     """Returns ``(params, model_state, extra)`` for an example (global) batch.
 
+    Must be traceable (it runs under ``jax.jit``/``jax.eval_shape``): no file I/O here;
+    pretrained weights go through ``load_pretrained``.
+
     ``model_state`` holds the non-trainable flax collections (e.g.
     ``{"batch_stats": ...}``); ``extra`` is any method-owned pytree (an EMA teacher's
     parameters, a queue, ...), ``{}`` when unused.
     """
+
+  def load_pretrained(self, params: PyTree, model_state: PyTree, extra: PyTree
+                      ) -> tuple[PyTree, PyTree, PyTree]:
+    """Host-side hook run once on a fresh start (never on resume): import pretrained
+    weights or another run's checkpoint into the freshly initialised trees (numpy or
+    jax arrays in, arrays of the same shapes out). Default: unchanged."""
+    return params, model_state, extra
 
   # ---------------------------------------------------------------- training
   @abc.abstractmethod

@@ -1,0 +1,174 @@
+"""Binary (foreground/background) segmentation metrics, as ConDSeg's reference computes them.
+
+Reference: github.com/Mengqi-Lei/ConDSeg @ e6a314b, ``utils/utils.py``
+``calculate_metrics`` (l.75-95), ``utils/metrics.py`` (l.165-184) and ``test.py``
+(l.52-102); ``specs/condseg.md`` §3.2.
+
+Per image, with ``ŷ = pred > 0.5`` and ``y = gt > 0.5`` flattened and ``TP = Σ y·ŷ``:
+
+* Jaccard (IoU)  = ``(TP + 1e-15) / (|y| + |ŷ| - TP + 1e-15)``
+* Dice (F1)      = ``(2 TP + 1e-15) / (|y| + |ŷ| + 1e-15)``
+* Recall         = ``(TP + 1e-15) / (|y| + 1e-15)``
+* Precision      = ``(TP + 1e-15) / (|ŷ| + 1e-15)``
+* F2             = ``5 p r / (4 p + r + 1e-15)``
+* Accuracy       = fraction of pixels where ``ŷ == y``
+
+computed in float64. The 1e-15 smoothing sets the empty cases: an empty GT with an empty
+prediction scores 1 on every metric; an empty GT with a non-empty prediction scores
+Jaccard = Dice = Precision = F2 ≈ 0 but **Recall = 1** (``(0 + 1e-15)/(0 + 1e-15)``);
+an empty prediction of a non-empty GT scores Precision = 1 and the rest ≈ 0.
+
+The reported numbers are means over images (``mIoU`` = mean per-image foreground IoU,
+not a class mean), as ``test.py`` reports them. The reference's *validation* loop
+instead averages per batch, then over batches, which differs slightly when the last
+batch is smaller; this module always uses the per-image mean.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+_SMOOTH = 1e-15
+
+#: Per-image metric keys of ``binary_metrics`` -> reported name suffix.
+METRIC_NAMES = {
+    "jaccard": "mIoU",
+    "dice": "mDSC",
+    "recall": "recall",
+    "precision": "precision",
+    "f2": "F2",
+    "acc": "acc",
+}
+
+
+def _flatten_per_image(x: np.ndarray, name: str) -> np.ndarray:
+  x = np.asarray(x)
+  if x.ndim == 4:
+    if x.shape[-1] != 1:
+      raise ValueError(f"{name} must be [B, H, W] or [B, H, W, 1], got {x.shape}")
+  elif x.ndim != 3:
+    raise ValueError(f"{name} must be [B, H, W] or [B, H, W, 1], got {x.shape}")
+  return x.reshape(x.shape[0], -1)
+
+
+def binary_metrics(pred_prob: np.ndarray, gt: np.ndarray,
+                   threshold: float = 0.5) -> dict[str, np.ndarray]:
+  """Per-image reference metrics of a batch of binary predictions.
+
+  Args:
+    pred_prob: predicted foreground probabilities ``[B, H, W(, 1)]``.
+    gt: ground-truth masks in [0, 1] (soft allowed), same shape.
+    threshold: both ``pred_prob`` and ``gt`` are binarised with ``> threshold``.
+
+  Returns:
+    ``{'jaccard', 'dice', 'recall', 'precision', 'f2', 'acc'}``, each a float64 array
+    ``[B]`` of per-image scores.
+  """
+  pred = _flatten_per_image(pred_prob, "pred_prob") > threshold
+  true = _flatten_per_image(gt, "gt") > threshold
+  if pred.shape != true.shape:
+    raise ValueError(f"prediction {np.shape(pred_prob)} and ground truth "
+                     f"{np.shape(gt)} differ in shape")
+  tp = np.sum(pred & true, axis=1).astype(np.float64)
+  n_pred = np.sum(pred, axis=1).astype(np.float64)
+  n_true = np.sum(true, axis=1).astype(np.float64)
+  precision = (tp + _SMOOTH) / (n_pred + _SMOOTH)
+  recall = (tp + _SMOOTH) / (n_true + _SMOOTH)
+  return {
+      "jaccard": (tp + _SMOOTH) / (n_true + n_pred - tp + _SMOOTH),
+      "dice": (2.0 * tp + _SMOOTH) / (n_true + n_pred + _SMOOTH),
+      "recall": recall,
+      "precision": precision,
+      "f2": 5.0 * precision * recall / (4.0 * precision + recall + _SMOOTH),
+      "acc": np.mean(pred == true, axis=1, dtype=np.float64),
+  }
+
+
+class BinarySegEvaluator:
+  """Mean per-image binary segmentation metrics (and optionally the loss) of a dataset.
+
+  ``run()`` yields ``<prefix>/mIoU``, ``<prefix>/mDSC``, ``<prefix>/recall``,
+  ``<prefix>/precision``, ``<prefix>/F2``, ``<prefix>/acc``, ``<prefix>/loss`` (only
+  with a ``loss_fn``) and ``<prefix>/num_images``.
+
+  Batches are padded: each has a boolean ``valid`` ``[B]``; padded examples are never
+  scored nor counted. Every valid example is scored (nothing is dropped).
+  """
+
+  def __init__(self, predict_fn: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]],
+               batches_fn: Callable[[], Iterable[Mapping[str, np.ndarray]]], *,
+               prefix: str = "val", threshold: float = 0.5,
+               loss_fn: Callable[[Mapping[str, np.ndarray]], float] | None = None,
+               reduce_fn: Callable[[dict[str, float]], dict[str, float]] | None = None,
+               on_batch: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
+                                  None] | None = None):
+    """Builds the evaluator.
+
+    Args:
+      predict_fn: ``batch -> {'prob': [B, H, W, 1], ...}`` host numpy outputs for the
+        local (padded) batch.
+      batches_fn: returns a fresh iterator over padded local batches, each with
+        ``'mask'`` ``[B, H, W, 1]`` and ``'valid'`` ``[B]``.
+      prefix: name prefix of the yielded metrics.
+      threshold: binarisation threshold of predictions and ground truth.
+      loss_fn: optional ``batch -> float`` (mean loss of the batch's valid examples);
+        reported as the mean over batches, like the reference's validation loss. Batches
+        without a valid example are skipped.
+      reduce_fn: optional cross-process sum of a dict of float sums (identity if None).
+      on_batch: optional ``(batch, outputs)`` callback, e.g. to save predictions; it
+        receives the padded batch and outputs and must honour ``batch['valid']``.
+    """
+    self.predict_fn = predict_fn
+    self.batches_fn = batches_fn
+    self.prefix = prefix
+    self.threshold = threshold
+    self.loss_fn = loss_fn
+    self.reduce_fn = reduce_fn if reduce_fn is not None else (lambda sums: sums)
+    self.on_batch = on_batch
+
+  def _local_sums(self) -> dict[str, float]:
+    sums = {key: 0.0 for key in METRIC_NAMES}
+    sums.update(num_images=0.0, loss_sum=0.0, loss_batches=0.0)
+    for i, batch in enumerate(self.batches_fn()):
+      if "valid" not in batch:
+        raise KeyError(f"evaluation batch {i} has no 'valid' entry (keys: "
+                       f"{sorted(batch)}); the input pipeline must pad and mark batches")
+      valid = np.asarray(batch["valid"]).astype(bool).reshape(-1)
+      outputs = self.predict_fn(batch)
+      if "prob" not in outputs:
+        raise KeyError(f"predict_fn returned {sorted(outputs)}; expected a 'prob' entry")
+      prob = np.asarray(outputs["prob"])
+      gt = np.asarray(batch["mask"])
+      if prob.shape[0] != valid.shape[0] or gt.shape[0] != valid.shape[0]:
+        raise ValueError(f"batch {i}: 'valid' has {valid.shape[0]} entries but the "
+                         f"prediction is {prob.shape} and the mask {gt.shape}")
+      if valid.any():
+        scores = binary_metrics(prob[valid], gt[valid], self.threshold)
+        for key in METRIC_NAMES:
+          sums[key] += float(np.sum(scores[key]))
+        sums["num_images"] += float(valid.sum())
+        if self.loss_fn is not None:
+          sums["loss_sum"] += float(self.loss_fn(batch))
+          sums["loss_batches"] += 1.0
+      if self.on_batch is not None:
+        self.on_batch(batch, outputs)
+    return sums
+
+  def run(self) -> Iterator[tuple[str, float]]:
+    """Evaluates the whole dataset; yields ``(name, value)`` pairs.
+
+    Raises:
+      ValueError: if the dataset has no valid example (on any process).
+    """
+    sums = self.reduce_fn(self._local_sums())
+    n = float(sums["num_images"])
+    if n <= 0:
+      raise ValueError(f"{self.prefix}: the evaluation data has no valid example; "
+                       "check the split file and the data directory")
+    for key, name in METRIC_NAMES.items():
+      yield f"{self.prefix}/{name}", float(sums[key]) / n
+    if self.loss_fn is not None:
+      yield f"{self.prefix}/loss", float(sums["loss_sum"]) / max(
+          float(sums["loss_batches"]), 1.0)
+    yield f"{self.prefix}/num_images", n

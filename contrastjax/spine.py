@@ -1,0 +1,231 @@
+"""The shared training machinery: train state, optimizer, the jitted sharded steps.
+
+A method (``contrastjax.methods.base.Method``) supplies its loss and, optionally, a
+post-update hook (e.g. an EMA teacher). The spine computes gradients, applies the
+optimizer (with per-parameter-group learning rates and the plateau scale), threads the
+BatchNorm state, and compiles everything as one ``jax.jit`` with shardings and donated
+state. Nothing here depends on a particular method.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import flax
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from contrastjax import parallel
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (and is checkpointed)."""
+  step: jax.Array          # int32 scalar: number of updates done
+  params: PyTree           # trainable parameters
+  model_state: PyTree      # non-trainable flax collections, e.g. {"batch_stats": ...}
+  opt_state: PyTree        # optax state
+  plateau: PyTree          # optax.contrib.reduce_on_plateau state (scale etc.)
+  extra: PyTree            # method-owned state (EMA teacher, ...)
+  rng: jax.Array           # uint32[2] base key; step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- optimizer
+def _param_labels(params: PyTree, groups: list[tuple[str, str]]) -> PyTree:
+  """Labels each parameter with the first group whose regex matches its path
+  ('/'-joined names); unmatched parameters get the label 'default'."""
+  compiled = [(name, re.compile(rx)) for name, rx in groups]
+
+  def label(path, _):
+    name = "/".join(str(p) for p in path)
+    for group, rx in compiled:
+      if rx.search(name):
+        return group
+    return "default"
+
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(params) if isinstance(
+      params, flax.core.FrozenDict) else params)
+  return traverse_util.unflatten_dict({k: label(k, v) for k, v in flat.items()})
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, base_lr: float,
+                           total_steps: int) -> optax.Schedule:
+  """``cfg.schedule``: 'constant' | 'warmup_poly' (linear warm-up then poly decay)
+  | 'warmup_cosine'."""
+  sched = cfg.get("schedule", "constant")
+  warmup = int(cfg.get("warmup_steps", 0))
+  if sched == "constant":
+    main = optax.constant_schedule(base_lr)
+  elif sched == "warmup_poly":
+    main = optax.polynomial_schedule(
+        init_value=base_lr, end_value=float(cfg.get("end_lr", 0.0)),
+        power=float(cfg.get("power", 1.0)), transition_steps=max(total_steps - warmup, 1))
+  elif sched == "warmup_cosine":
+    main = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
+  else:
+    raise ValueError(f"config.optimizer.schedule={sched!r}: expected 'constant', "
+                     "'warmup_poly' or 'warmup_cosine'")
+  if warmup:
+    warm = optax.linear_schedule(base_lr * float(cfg.get("warmup_init_factor", 0.0)),
+                                 base_lr, warmup)
+    return optax.join_schedules([warm, main], [warmup])
+  return main
+
+
+def _base_optimizer(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
+                    weight_decay: float) -> optax.GradientTransformation:
+  name = cfg.get("name", "adam")
+  b1, b2, eps = float(cfg.get("b1", 0.9)), float(cfg.get("b2", 0.999)), float(cfg.get("eps", 1e-8))
+  if name == "adam":
+    tx = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    if weight_decay:  # torch Adam's L2 (coupled) weight decay
+      tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    return tx
+  if name == "adamw":
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if name == "sgd":
+    tx = optax.sgd(lr, momentum=float(cfg.get("momentum", 0.9)) or None,
+                   nesterov=bool(cfg.get("nesterov", False)))
+    if weight_decay:
+      tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    return tx
+  raise ValueError(f"config.optimizer.name={name!r}: expected 'adam', 'adamw' or 'sgd'")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params: PyTree,
+                   total_steps: int) -> optax.GradientTransformation:
+  """Builds the optimizer from ``config.optimizer``.
+
+  Keys: ``name``, ``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay``, ``schedule``,
+  ``warmup_steps``, ``power``, ``grad_clip_norm`` and ``groups``: a list of
+  ``(regex, lr_mult, wd_mult)`` matched in order against '/'-joined parameter paths
+  (e.g. SiamSeg's head x10 and no weight decay on norms).
+  """
+  base_lr = float(cfg.lr)
+  wd = float(cfg.get("weight_decay", 0.0))
+  groups = [tuple(g) for g in cfg.get("groups", ())]
+  if not groups:
+    tx = _base_optimizer(cfg, learning_rate_schedule(cfg, base_lr, total_steps), wd)
+  else:
+    transforms, names = {}, []
+    for i, g in enumerate(groups):
+      if len(g) != 3:
+        raise ValueError(f"config.optimizer.groups[{i}]={g!r}: expected "
+                         "(regex, lr_mult, wd_mult)")
+      rx, lr_mult, wd_mult = g
+      name = f"group{i}:{rx}"
+      names.append((name, rx))
+      transforms[name] = _base_optimizer(
+          cfg, learning_rate_schedule(cfg, base_lr * float(lr_mult), total_steps),
+          wd * float(wd_mult))
+    transforms["default"] = _base_optimizer(
+        cfg, learning_rate_schedule(cfg, base_lr, total_steps), wd)
+    tx = optax.multi_transform(transforms, _param_labels(params, names))
+  clip = cfg.get("grad_clip_norm", None)
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+  return tx
+
+
+def make_plateau(cfg: ml_collections.ConfigDict | None) -> optax.GradientTransformationExtraArgs:
+  """``optax.contrib.reduce_on_plateau`` from ``config.plateau``, with PyTorch's
+  ``ReduceLROnPlateau`` meaning of ``patience`` (torch reduces once the number of bad
+  epochs *exceeds* patience; optax once it *equals* it, hence the +1)."""
+  cfg = cfg or ml_collections.ConfigDict()
+  return optax.contrib.reduce_on_plateau(
+      factor=float(cfg.get("factor", 0.1)),
+      patience=int(cfg.get("patience", 10)) + 1,
+      rtol=float(cfg.get("rtol", 1e-4)),
+      atol=float(cfg.get("atol", 0.0)),
+      cooldown=int(cfg.get("cooldown", 0)),
+      min_scale=float(cfg.get("min_scale", 0.0)))
+
+
+# ----------------------------------------------------------------------------- state
+def create_train_state(method, tx, plateau_tx, rng: jax.Array, batch: PyTree) -> TrainState:
+  """Initialises the train state (traceable: used under ``jax.jit`` and ``eval_shape``)."""
+  init_rng, state_rng = jax.random.split(rng)
+  params, model_state, extra = method.init(init_rng, batch)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+      opt_state=tx.init(params), plateau=plateau_tx.init(params), extra=extra,
+      rng=state_rng)
+
+
+def _tree_norm(tree: PyTree) -> jax.Array:
+  return optax.global_norm(tree)
+
+
+def make_train_step(method, tx: optax.GradientTransformation) -> Callable:
+  """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted)."""
+
+  def train_step(state: TrainState, batch: PyTree):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      return method.loss_fn(params, state.model_state, state.extra, batch, rng, state.step)
+
+    (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    scale = state.plateau.scale
+    updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    extra = method.post_update(step, params, state.extra)
+    new_state = state.replace(step=step, params=params, model_state=model_state,
+                              opt_state=opt_state, extra=extra)
+    metrics = dict(metrics)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = _tree_norm(grads)
+    metrics["param_norm"] = _tree_norm(params)
+    metrics["lr_scale"] = scale
+    return new_state, metrics
+
+  return train_step
+
+
+def plateau_update(plateau_tx, plateau_state, value: float):
+  """Feeds one monitored value (e.g. an epoch's validation loss) to the plateau state."""
+  _, new_state = plateau_tx.update(updates={}, state=plateau_state, params=None,
+                                   value=jnp.asarray(value, jnp.float32))
+  return new_state
+
+
+class CompiledSteps:
+  """The jitted, sharded train / predict / eval-loss functions of one run."""
+
+  def __init__(self, method, tx, mesh: jax.sharding.Mesh, state_sharding: PyTree):
+    self.mesh = mesh
+    data_sh = parallel.data_sharding(mesh)
+    repl = parallel.replicated(mesh)
+    self.train_step = jax.jit(
+        make_train_step(method, tx),
+        in_shardings=(state_sharding, data_sh),
+        out_shardings=(state_sharding, repl),
+        donate_argnums=(0,))
+
+    def predict(state: TrainState, batch):
+      return method.predict(state.params, state.model_state, state.extra, batch)
+
+    def eval_loss(state: TrainState, batch):
+      return method.eval_loss(state.params, state.model_state, state.extra, batch)
+
+    self.predict = jax.jit(predict, in_shardings=(state_sharding, data_sh),
+                           out_shardings=data_sh)
+    self.eval_loss = jax.jit(eval_loss, in_shardings=(state_sharding, data_sh),
+                             out_shardings=repl)
+
+
+def state_shardings(abstract_state: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+  """Sharding rule for the train state: replicate everything (data parallelism).
+
+  This is the one place to add an FSDP / model-axis rule later.
+  """
+  repl = parallel.replicated(mesh)
+  return jax.tree.map(lambda _: repl, abstract_state)

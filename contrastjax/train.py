@@ -1,0 +1,362 @@
+r"""The one trainer: ``python -m contrastjax.train --config=PATH[:ARG] --workdir=DIR``.
+
+Reads top to bottom: devices and mesh, data, method/model/optimizer, sharding and
+compiled steps, checkpoint (auto-resume), evaluators, loop. Methods differ in
+``contrastjax/methods/<name>.py``, not here.
+
+  python -m contrastjax.train --config=configs/condseg_kvasir.py:demo \
+      --workdir=/tmp/condseg_demo [--config.batch_size=8 ...]
+
+Restarting the same command resumes from the newest checkpoint in ``--workdir``.
+SIGTERM (e.g. a preempted Cloud TPU VM) saves a checkpoint and exits cleanly; a
+non-finite loss stops training, names the step and keeps the last good checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import time
+from typing import Any, NamedTuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from contrastjax import checkpoint as ckpt_lib
+from contrastjax import parallel
+from contrastjax import spine
+from contrastjax import evaluators as evaluators_lib
+from contrastjax import metric_writer
+from contrastjax.data import builder as data_builder
+from contrastjax.methods import get_method_class
+
+
+class DivergenceError(RuntimeError):
+  """Raised when the training loss becomes NaN or Inf."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks at step boundaries."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self):
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      logging.warning("SIGTERM received: will save a checkpoint and stop.")
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread (e.g. called from a notebook thread)
+      self._previous = None
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def resolve_steps(config: ml_collections.ConfigDict, num_train: int) -> dict[str, int]:
+  """Turns ``*_epochs`` / ``*_steps`` settings into step counts."""
+  steps_per_epoch = max(num_train // config.batch_size, 1)
+  if num_train < config.batch_size:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is larger than the {num_train} training "
+        "examples: nothing to train on (batches drop the incomplete remainder)")
+
+  def get(prefix: str, default: int | None) -> int | None:
+    s, e = config.get(f"{prefix}_steps"), config.get(f"{prefix}_epochs")
+    if s and e:
+      raise ValueError(f"set only one of config.{prefix}_steps and config.{prefix}_epochs")
+    if s:
+      return int(s)
+    if e:
+      return max(int(round(float(e) * steps_per_epoch)), 1)
+    return default
+
+  total = get("total", None)
+  if total is None:
+    raise ValueError("config.total_steps or config.total_epochs must be set")
+  return dict(steps_per_epoch=steps_per_epoch, total=total,
+              log_every=get("log_every", 50), eval_every=get("eval_every", 0) or 0,
+              ckpt_every=get("ckpt_every", 1000))
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+  if best is None:
+    return True
+  return value > best if mode == "max" else value < best
+
+
+def _is_worse(value: float, best: float | None, mode: str) -> bool:
+  if best is None:
+    return False
+  return value < best if mode == "max" else value > best
+
+
+class Machinery(NamedTuple):
+  tx: Any
+  plateau_tx: Any
+  create: Any             # (rng, batch) -> TrainState, traceable
+  abstract: Any           # abstract TrainState with shardings (restore target)
+  state_sharding: Any
+  compiled: spine.CompiledSteps
+
+
+def build_machinery(config: ml_collections.ConfigDict, method, mesh, rng,
+                    global_example, total_steps: int) -> Machinery:
+  """Optimizer, state constructor, abstract state with shardings, compiled steps."""
+  params_shape = jax.eval_shape(lambda r, b: method.init(r, b)[0], rng, global_example)
+  tx = spine.make_optimizer(config.optimizer, params_shape, total_steps)
+  plateau_tx = spine.make_plateau(config.get("plateau"))
+  create = functools.partial(spine.create_train_state, method, tx, plateau_tx)
+  abstract = jax.eval_shape(create, rng, global_example)
+  state_sharding = spine.state_shardings(abstract, mesh)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+      state_sharding)
+  compiled = spine.CompiledSteps(method, tx, mesh, state_sharding)
+  return Machinery(tx, plateau_tx, create, abstract, state_sharding, compiled)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming if possible) and returns the last evaluation's metrics."""
+  # ===================================================================== devices
+  parallel.maybe_initialize_distributed()
+  mesh = parallel.make_mesh(config.get("mesh"))
+  jax.set_mesh(mesh)
+  is_chief = jax.process_index() == 0
+  workdir = os.path.abspath(workdir)
+  writer = metric_writer.MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+  writer.write_config(config)
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+
+  # ===================================================================== data
+  local_batch = parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+  eval_batch = config.get("eval_batch_size", config.batch_size)
+  local_eval_batch = parallel.check_batch_size(eval_batch, mesh, "config.eval_batch_size")
+  inputs = data_builder.build(config, local_batch_size=local_batch,
+                              local_eval_batch_size=local_eval_batch)
+  steps = resolve_steps(config, inputs.num_train)
+  total_steps = steps["total"]
+  train_iter = iter(inputs.train)
+  example = next(iter(inputs.train))  # a separate iterator: shapes only
+
+  # ===================================================================== model & optimizer
+  method = get_method_class(config.method)(config)
+  rng = jax.random.PRNGKey(config.seed)
+  global_example = parallel.host_to_global(example, mesh)
+
+  # ===================================================================== sharding & steps
+  machinery = build_machinery(config, method, mesh, rng, global_example, total_steps)
+  create, abstract = machinery.create, machinery.abstract
+  plateau_tx, compiled = machinery.plateau_tx, machinery.compiled
+  state_sharding = machinery.state_sharding
+
+  # ===================================================================== checkpoint
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
+                               async_save=config.get("async_checkpointing", True))
+  loop_state: dict[str, Any] = dict(best_value=None, best_step=None, bad_evals=0,
+                                    last_eval={})
+  if ckpt.latest_step() is not None:
+    state, loop_state, restored_step = ckpt.restore(abstract, data_iter=train_iter)
+    logging.info("resumed from %s at step %d", ckpt.workdir, restored_step)
+  else:
+    state = jax.jit(create, out_shardings=state_sharding)(rng, global_example)
+    params, model_state, extra = method.load_pretrained(
+        state.params, state.model_state, state.extra)
+    state = state.replace(params=params, model_state=model_state, extra=extra)
+    state = jax.device_put(state, state_sharding)
+  first_step = int(jax.device_get(state.step))
+
+  # ===================================================================== evaluators
+  def make_predict(fn):
+    def predict_np(batch_np):
+      out = fn(state_box[0], parallel.host_to_global(batch_np, mesh))
+      return parallel.global_to_local(out, mesh)
+    return predict_np
+
+  state_box = [state]  # evaluators always see the current state
+  evals = {}
+  for name, ecfg in (config.get("evals") or {}).items():
+    loss_fn = None
+    if ecfg.get("with_loss", True):
+      loss_fn = lambda b: float(jax.device_get(compiled.eval_loss(  # noqa: E731
+          state_box[0], parallel.host_to_global(b, mesh))))
+    evals[name] = evaluators_lib.build(
+        ecfg, predict_fn=make_predict(compiled.predict),
+        batches_fn=functools.partial(inputs.eval_batches, ecfg.get("split", name)),
+        loss_fn=loss_fn, prefix=ecfg.get("prefix", name), reduce_fn=parallel.process_sum)
+
+  best_metric = config.get("best_metric", None)
+  best_mode = config.get("best_mode", "max")
+  plateau_monitor = (config.get("plateau") or {}).get("monitor", None)
+  early_patience = int(config.get("early_stop_patience", 0) or 0)
+
+  def run_evals(step: int) -> dict[str, float]:
+    state_box[0] = state
+    results: dict[str, float] = {}
+    for name, ev in evals.items():
+      t0 = time.time()
+      for k, v in ev.run():
+        results[k] = float(v)
+      results[f"{name}/eval_seconds"] = time.time() - t0
+    return results
+
+  # ===================================================================== loop
+  preemption = _Preemption()
+  preemption.install()
+  progress = None
+  if is_chief and config.get("progress_bar", True):
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm.tqdm(total=total_steps, initial=first_step, unit="step",
+                         dynamic_ncols=True, desc=config.method)
+  pending: list[tuple[int, Any]] = []  # (step, metrics) not yet checked for NaN
+  last_good_ckpt = ckpt.latest_step()
+  t_last, imgs_since = time.time(), 0
+  last_eval: dict[str, float] = dict(loop_state.get("last_eval") or {})
+  stop_reason = None
+
+  def check_finite(upto_all: bool) -> None:
+    """Checks the losses of finished steps (lagging one step behind to keep the
+    device busy) and raises DivergenceError on NaN/Inf."""
+    while pending and (upto_all or len(pending) > 1):
+      s, m = pending.pop(0)
+      loss = float(jax.device_get(m["loss"]))
+      if not np.isfinite(loss):
+        raise DivergenceError(
+            f"training diverged: loss is {loss} at step {s}. Parameters after step "
+            f"{s - 1} are discarded; the last good checkpoint is "
+            f"{'step ' + str(last_good_ckpt) if last_good_ckpt is not None else 'none'} in "
+            f"{os.path.join(workdir, ckpt_lib.CHECKPOINTS)}. Lower the learning rate or "
+            "check the data, then rerun the same command to resume from it.")
+
+  def save(step: int, force: bool = False) -> None:
+    nonlocal last_good_ckpt
+    check_finite(upto_all=True)
+    loop_state["last_eval"] = last_eval
+    if ckpt.save(step, state, data_iter=train_iter, loop_state=loop_state, force=force):
+      last_good_ckpt = step
+
+  step = first_step
+  try:
+    for step in range(first_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = compiled.train_step(state, parallel.host_to_global(batch, mesh))
+      pending.append((step, metrics))
+      check_finite(upto_all=False)
+      imgs_since += config.batch_size
+
+      if step % steps["log_every"] == 0 or step == total_steps:
+        check_finite(upto_all=True)
+        dt = time.time() - t_last
+        scalars = {f"train/{k}": v for k, v in metrics.items()}
+        scalars["train/images_per_sec"] = imgs_since / max(dt, 1e-9)
+        scalars["train/epoch"] = step / steps["steps_per_epoch"]
+        vals = writer.write_scalars(step, scalars)
+        t_last, imgs_since = time.time(), 0
+        if progress is not None:
+          progress.set_postfix(loss=f"{vals['train/loss']:.4f}",
+                               img_s=f"{vals['train/images_per_sec']:.1f}")
+
+      if evals and steps["eval_every"] and (
+          step % steps["eval_every"] == 0 or step == total_steps):
+        check_finite(upto_all=True)
+        last_eval = run_evals(step)
+        if plateau_monitor:
+          if plateau_monitor not in last_eval:
+            raise KeyError(f"config.plateau.monitor={plateau_monitor!r} is not an "
+                           f"evaluation metric; have {sorted(last_eval)}")
+          state = state.replace(plateau=spine.plateau_update(
+              plateau_tx, state.plateau, last_eval[plateau_monitor]))
+          last_eval["lr_scale"] = float(jax.device_get(state.plateau.scale))
+        writer.write_scalars(step, last_eval)
+        if progress is not None:
+          progress.write(f"step {step}: " + ", ".join(
+              f"{k}={v:.4f}" for k, v in sorted(last_eval.items())
+              if not k.endswith("eval_seconds")))
+        if best_metric:
+          if best_metric not in last_eval:
+            raise KeyError(f"config.best_metric={best_metric!r} is not an evaluation "
+                           f"metric; have {sorted(last_eval)}")
+          value = last_eval[best_metric]
+          if _is_better(value, loop_state["best_value"], best_mode):
+            loop_state.update(best_value=value, best_step=step, bad_evals=0)
+            ckpt.save_best(step, state, loop_state=dict(loop_state, last_eval=last_eval))
+          elif _is_worse(value, loop_state["best_value"], best_mode):
+            loop_state["bad_evals"] += 1  # as the reference: ties do not count
+          if early_patience and loop_state["bad_evals"] >= early_patience:
+            stop_reason = (f"early stopping: {best_metric} has not improved on "
+                           f"{loop_state['best_value']:.4f} (step "
+                           f"{loop_state['best_step']}) for {early_patience} evaluations")
+
+      if progress is not None:
+        progress.update(1)
+      preempted = parallel.process_any(preemption.requested) if (
+          jax.process_count() > 1) else preemption.requested
+      if preempted:
+        stop_reason = f"preempted (SIGTERM) at step {step}"
+      if step % steps["ckpt_every"] == 0 or step == total_steps or stop_reason:
+        save(step, force=True)
+      if stop_reason:
+        logging.warning("%s; checkpoint saved in %s. Rerun the same command to resume.",
+                        stop_reason, workdir)
+        if progress is not None:
+          progress.write(stop_reason)
+        break
+    check_finite(upto_all=True)
+  finally:
+    preemption.uninstall()
+    if progress is not None:
+      progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  if is_chief and config.get("plot_curves", True):
+    try:
+      from contrastjax import visualize  # pylint: disable=g-import-not-at-top
+      visualize.plot_curves(os.path.join(workdir, "metrics.jsonl"),
+                            os.path.join(workdir, "curves.png"))
+    except Exception as e:  # plotting must never lose a finished run
+      logging.warning("could not plot the learning curves: %s", e)
+  return dict(last_eval, step=step, best_value=loop_state["best_value"],
+              best_step=loop_state["best_step"], stop_reason=stop_reason)
+
+
+# ============================================================================= CLI
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/condseg_kvasir.py:demo.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/condseg_kvasir.py:demo")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  try:
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except DivergenceError as e:
+    logging.error("%s", e)
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(3)
+  logging.info("done: %s", result)
+
+
+if __name__ == "__main__":
+  from contrastjax import platform  # pylint: disable=g-import-not-at-top
+  platform.configure_cpu()
+  jax.config.parse_flags_with_absl()
+  app.run(main)

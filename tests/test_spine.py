@@ -1,0 +1,227 @@
+"""The shared spine: optimizer groups, plateau, sharded step, train loop, resume,
+preemption, divergence, multi-process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+import _toy
+from contrastjax import checkpoint as ckpt_lib
+from contrastjax import parallel
+from contrastjax import spine
+from contrastjax import train as train_lib
+from contrastjax.data import builder as data_builder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**extra):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [os.path.join(REPO, "tests"), REPO, env.get("PYTHONPATH", "")])
+  env.update(extra)
+  return env
+
+
+# ----------------------------------------------------------------------------- optimizer
+def test_param_groups_scale_learning_rates():
+  params = {"backbone": {"w": jnp.ones((3,))}, "decode_head": {"w": jnp.ones((3,)),
+                                                              "norm": jnp.ones((3,))}}
+  cfg = ml_collections.ConfigDict(dict(
+      name="sgd", lr=0.1, momentum=0.0, weight_decay=0.5,
+      groups=[("head.*norm", 10.0, 0.0), ("head", 10.0, 1.0)]))
+  tx = spine.make_optimizer(cfg, params, total_steps=10)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # sgd update = -lr * (g + wd * p)
+  np.testing.assert_allclose(updates["backbone"]["w"], -0.1 * (1 + 0.5))
+  np.testing.assert_allclose(updates["decode_head"]["w"], -1.0 * (1 + 0.5))
+  np.testing.assert_allclose(updates["decode_head"]["norm"], -1.0 * 1.0)
+
+
+def test_warmup_poly_schedule_values():
+  cfg = ml_collections.ConfigDict(dict(schedule="warmup_poly", warmup_steps=10,
+                                       power=1.0, warmup_init_factor=0.0))
+  sched = spine.learning_rate_schedule(cfg, 1.0, total_steps=110)
+  np.testing.assert_allclose(sched(5), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(sched(10), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(sched(60), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(sched(110), 0.0, atol=1e-7)
+
+
+def test_plateau_follows_torch_reduce_lr_on_plateau():
+  values = [1.0, 0.9, 0.9, 0.95, 0.91, 0.9, 0.8, 0.85, 0.85, 0.85, 0.85, 0.7]
+  cfg = ml_collections.ConfigDict(dict(factor=0.1, patience=2, rtol=1e-4))
+  ptx = spine.make_plateau(cfg)
+  st = ptx.init({"w": jnp.zeros(())})
+  ours = []
+  for v in values:
+    st = spine.plateau_update(ptx, st, v)
+    ours.append(float(st.scale))
+  torch = pytest.importorskip("torch")
+  p = torch.nn.Parameter(torch.zeros(()))
+  opt = torch.optim.SGD([p], lr=1.0)
+  sch = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=0.1, patience=2)
+  theirs = []
+  for v in values:
+    sch.step(v)
+    theirs.append(opt.param_groups[0]["lr"])
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+  assert min(ours) < 1.0  # the sequence does plateau
+
+
+# ----------------------------------------------------------------------------- sharded step
+def _one_step(mesh, config, batch_np):
+  method = _toy.ToyMethod(config)
+  with jax.set_mesh(mesh):
+    gb = parallel.host_to_global(batch_np, mesh)
+    rng = jax.random.PRNGKey(0)
+    m = train_lib.build_machinery(config, method, mesh, rng, gb, total_steps=10)
+    state = jax.jit(m.create, out_shardings=m.state_sharding)(rng, gb)
+    for _ in range(2):
+      state, metrics = m.compiled.train_step(state, gb)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def test_step_on_8_devices_equals_1_device():
+  assert jax.device_count() == 8
+  config = _toy.toy_config()
+  src = _toy.ToySource(16, 8, 0)
+  batch = {k: np.stack([src[i][k] for i in range(16)]) for k in ("image", "mask")}
+  s1, m1 = _one_step(parallel.make_mesh(devices=jax.devices()[:1]), config, batch)
+  s8, m8 = _one_step(parallel.make_mesh(), config, batch)
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(s1.model_state), jax.tree.leaves(s8.model_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # BatchNorm statistics are global-batch: the 8-device run saw one example per device.
+  assert not np.allclose(jax.tree.leaves(s8.model_state)[0], 0.0)
+
+
+# ----------------------------------------------------------------------------- loop
+def _final_params(workdir, which="latest"):
+  ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    mngr, step = ck._resolve(which)
+  finally:
+    ck.close()
+  v = ckpt_lib.load_variables(workdir, which)
+  return v, step
+
+
+def test_train_loop_logs_evaluates_checkpoints(tmp_path):
+  result = train_lib.train_and_evaluate(_toy.toy_config(), str(tmp_path))
+  assert result["step"] == 12
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  steps_logged = [l["step"] for l in lines if "train/loss" in l]
+  assert steps_logged == [2, 4, 6, 8, 10, 12]
+  evals = [l for l in lines if "val/mIoU" in l]
+  assert [l["step"] for l in evals] == [4, 8, 12]
+  assert all(0.0 <= l["val/mIoU"] <= 1.0 and l["val/num_images"] == 10 for l in evals)
+  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  assert losses[-1] < losses[0]  # it learns
+  assert json.load(open(tmp_path / "config.json"))["method"] == "_toy:ToyMethod"
+  assert os.listdir(tmp_path / "tensorboard")
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  assert ck.all_steps() == [3, 6, 9, 12]
+  best = max(evals, key=lambda l: l["val/mIoU"])["step"]
+  assert ck.best_step() == best
+  ck.close()
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = _toy.toy_config(toy_nan_at_step=8)
+  with pytest.raises(train_lib.DivergenceError, match="at step 8"):
+    train_lib.train_and_evaluate(cfg, str(tmp_path))
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  assert ck.all_steps() == [3, 6]
+  ck.close()
+  v = ckpt_lib.load_variables(str(tmp_path), "latest")
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(v["params"]))
+
+
+def _run_cli(workdir, extra_args=(), **kw):
+  return subprocess.Popen(
+      [sys.executable, "-m", "contrastjax.train",
+       f"--config={os.path.join(REPO, 'tests', '_toy_config.py')}"
+       + (":" + ",".join(extra_args) if extra_args else ""),
+       f"--workdir={workdir}"],
+      env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      **kw)
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=240):
+  path = os.path.join(workdir, "checkpoints", str(step))
+  t0 = time.time()
+  while not os.path.exists(path):
+    if proc.poll() is not None:
+      raise AssertionError(f"process ended early:\n{proc.stdout.read()}")
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError("timed out waiting for a checkpoint")
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+  args = ("total_steps=40", "ckpt_every_steps=5", "eval_every_steps=10")
+  ref = tmp_path / "ref"
+  p = _run_cli(str(ref), args)
+  out = p.communicate(timeout=600)[0]
+  assert p.returncode == 0, out
+  killed = tmp_path / "killed"
+  p = _run_cli(str(killed), args)
+  _wait_for_checkpoint(str(killed), 15, p)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  ck = ckpt_lib.Checkpointer(str(killed), async_save=False)
+  assert ck.latest_step() < 40
+  ck.close()
+  p = _run_cli(str(killed), args)
+  out = p.communicate(timeout=600)[0]
+  assert p.returncode == 0, out
+  a, b = ckpt_lib.load_variables(str(ref), 40), ckpt_lib.load_variables(str(killed), 40)
+  for x, y in zip(jax.tree.leaves((a["params"], a["model_state"])),
+                  jax.tree.leaves((b["params"], b["model_state"]))):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  args = ("total_steps=100000", "ckpt_every_steps=10000", "eval_every_steps=0")
+  p = _run_cli(str(tmp_path), args)
+  # wait until training runs (metrics.jsonl gets its first line)
+  t0 = time.time()
+  while not (os.path.exists(tmp_path / "metrics.jsonl")
+             and os.path.getsize(tmp_path / "metrics.jsonl") > 0):
+    assert p.poll() is None, p.stdout.read()
+    assert time.time() - t0 < 240
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode == 0, out
+  assert "SIGTERM" in out
+  ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  step = ck.latest_step()
+  ck.close()
+  assert step is not None and 0 < step < 100000
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+  p = subprocess.run(
+      [sys.executable, "-m", "contrastjax.train",
+       f"--config={os.path.join(REPO, 'tests', '_toy_config.py')}",
+       "--config.no_such_key=1", f"--workdir={tmp_path}"],
+      env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert p.returncode != 0
+  assert "no_such_key" in p.stderr
