@@ -20,6 +20,7 @@ from typing import Any
 from absl import logging
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINTS = "checkpoints"
@@ -145,8 +146,11 @@ def load_variables(workdir: str, which: int | str = "best") -> dict:
       which = "latest"
     mngr, step = ckpt._resolve(which)  # pylint: disable=protected-access
     path = os.path.join(str(mngr.directory), str(step), "state")
-    restored = ocp.PyTreeCheckpointer().restore(
-        path, args=ocp.args.PyTreeRestore(restore_args=None))
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    restored = checkpointer.restore(
+        path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   finally:
     ckpt.close()
   restored = jax.tree.map(lambda x: jax.device_get(x), restored)

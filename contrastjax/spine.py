@@ -158,7 +158,7 @@ def create_train_state(method, tx, plateau_tx, rng: jax.Array, batch: PyTree) ->
 
 
 def _tree_norm(tree: PyTree) -> jax.Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def make_train_step(method, tx: optax.GradientTransformation) -> Callable:

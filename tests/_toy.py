@@ -16,7 +16,7 @@ class ToyModel(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)))(x)
+    x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False)(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
     x = nn.relu(x)
     return nn.Conv(1, (1, 1))(x)

@@ -49,7 +49,8 @@ def test_two_process_run_equals_single_process(tmp_path):
   for line in res_multi:
     _, _, miou, n = line.split()
     assert float(n) == 10
-    np.testing.assert_allclose(float(miou), miou_single, rtol=1e-5)
+    # thresholded metrics: float round-off may flip a pixel, nothing more
+    np.testing.assert_allclose(float(miou), miou_single, atol=1e-3)
   a = ckpt_lib.load_variables(str(single), 6)
   b = ckpt_lib.load_variables(str(multi), 6)
   for x, y in zip(jax.tree.leaves((a["params"], a["model_state"])),

@@ -68,7 +68,7 @@ class SyntheticPolyps:
 
   def __init__(self, num_examples: int, image_size: int = 96, seed: int = 0, *,
                contrast: float = 0.5, illumination: float = 1.0, noise: float = 1.0,
-               max_objects: int = 3, min_radius: float = 0.08, max_radius: float = 0.65):
+               max_objects: int = 3, min_radius: float = 0.1, max_radius: float = 0.7):
     """Configures the generator.
 
     Args:
@@ -150,24 +150,35 @@ class SyntheticPolyps:
     for _ in range(num_obj):
       r0 = float(np.exp(rng.uniform(np.log(self.min_radius), np.log(self.max_radius))))
       lim = max(0.0, 0.85 - 0.5 * r0)
-      cy, cx = rng.uniform(-lim, lim, size=2)
-      ang = rng.uniform(0.0, np.pi)
+      cy, cx = (float(t) for t in rng.uniform(-lim, lim, size=2))
+      rot = np.exp(1j * rng.uniform(0.0, np.pi))
       aspect = rng.uniform(0.65, 1.0)
-      u = (x - cx) * np.cos(ang) + (y - cy) * np.sin(ang)
-      v = -(x - cx) * np.sin(ang) + (y - cy) * np.cos(ang)
-      ra, rb = r0, r0 * aspect
-      rho = np.sqrt((u / ra) ** 2 + (v / rb) ** 2)
-      theta = np.arctan2(v, u)
+      amps = rng.uniform(0.0, 0.28 / np.arange(2, 6))
+      phases = np.exp(1j * rng.uniform(0.0, 2.0 * np.pi, size=4))
+      # Work in the object's bounding window only (radius <= r0 * (1 + sum(amps)) + rim).
+      ext = r0 * (1.0 + amps.sum()) + 4.0 * px
+      r_lo, r_hi = _window(cy, ext, s)
+      c_lo, c_hi = _window(cx, ext, s)
+      if r_lo >= r_hi or c_lo >= c_hi:
+        continue
+      win = (slice(r_lo, r_hi), slice(c_lo, c_hi))
+      z_img = (x[:, c_lo:c_hi] - cx) + 1j * (y[r_lo:r_hi] - cy)    # offset as a complex number
+      z = z_img * np.conj(rot)                                       # in the object's frame
+      u, v = z.real, z.imag / aspect
+      rho = np.sqrt(u * u + v * v) / r0
+      unit = (u + 1j * v) / np.maximum(rho * r0, 1e-6)               # e^{i theta}
       boundary = np.ones_like(rho)
-      for k in (2, 3, 4, 5):
-        boundary += rng.uniform(0.0, 0.14 / k * 2.0) * np.cos(k * theta + rng.uniform(0, 6.3))
-      # Signed distance to the boundary, approximately in pixels.
-      dist = (boundary - rho) * rb / px
+      unit_k = unit
+      for k in range(4):                                             # harmonics 2..5
+        unit_k = unit_k * unit
+        boundary += amps[k] * (unit_k * phases[k]).real
+      dist = (boundary - rho) * r0 * aspect / px                     # ~ signed distance in px
       cov = np.clip(dist + 0.5, 0.0, 1.0)
-      inside = np.maximum(inside, cov)
-      dome = np.maximum(dome, np.clip(1.0 - (rho / boundary) ** 2, 0.0, 1.0))
-      side = np.clip(-np.cos(np.arctan2(y - cy, x - cx) - light), 0.0, 1.0)
-      rim = np.maximum(rim, np.exp(-((dist + 1.0) / 1.5) ** 2) * side)
+      inside[win] = np.maximum(inside[win], cov)
+      dome[win] = np.maximum(dome[win], np.clip(1.0 - (rho / boundary) ** 2, 0.0, 1.0))
+      side = np.clip(-(z_img * np.exp(-1j * light)).real / np.maximum(np.abs(z_img), 1e-6),
+                     0.0, 1.0)
+      rim[win] = np.maximum(rim[win], np.exp(-((dist + 1.0) / 1.5) ** 2) * side)
     mask = np.where(inside >= 0.5, np.uint8(255), np.uint8(0))
 
     # --- Compose colours (all object cues scale with the contrast c).
@@ -182,7 +193,7 @@ class SyntheticPolyps:
     # --- Illumination: vignetting, gradient, specular highlights.
     ill = self.illumination
     if ill > 0:
-      vy, vx = rng.uniform(-0.4, 0.4, size=2)
+      vy, vx = (float(t) for t in rng.uniform(-0.4, 0.4, size=2))
       vig = 1.0 - ill * rng.uniform(0.25, 0.55) * ((x - vx) ** 2 + (y - vy) ** 2) / 2.0
       g_ang = rng.uniform(0.0, 2.0 * np.pi)
       grad = 1.0 + ill * rng.uniform(0.0, 0.25) * (x * np.cos(g_ang) + y * np.sin(g_ang))
@@ -194,19 +205,30 @@ class SyntheticPolyps:
       for _ in range(num_spots):
         if on_obj.size and rng.random() < 0.66:
           flat = on_obj[rng.integers(on_obj.size)]
-          sy, sx = y[flat // s, 0], x[0, flat % s]
+          sy, sx = float(y[flat // s, 0]), float(x[0, flat % s])
         else:
-          sy, sx = rng.uniform(-1, 1, size=2)
+          sy, sx = (float(t) for t in rng.uniform(-1, 1, size=2))
         sig = rng.uniform(0.6, 2.0) * px
-        spots += np.exp(-0.5 * (((y - sy) ** 2 + (x - sx) ** 2) / sig ** 2))
+        r_lo, r_hi = _window(sy, 4.0 * sig, s)
+        c_lo, c_hi = _window(sx, 4.0 * sig, s)
+        spots[r_lo:r_hi, c_lo:c_hi] += np.exp(
+            -0.5 * ((y[r_lo:r_hi] - sy) ** 2 + (x[:, c_lo:c_hi] - sx) ** 2) / sig ** 2)
       img += ill * np.clip(spots, 0.0, 1.0)[..., None] * (1.05 - img)
 
     # --- Acquisition: blur, noise.
     if rng.random() < 0.5:
       img = _blur3(img)
-    img += rng.normal(0.0, self.noise * rng.uniform(0.01, 0.03), size=img.shape).astype(np.float32)
+    sigma = self.noise * rng.uniform(0.01, 0.03)
+    img += sigma * rng.standard_normal(img.shape, dtype=np.float32)
     image = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
     return image, mask
+
+
+def _window(center: float, extent: float, size: int) -> tuple[int, int]:
+  """Pixel range ``[lo, hi)`` covering normalised coordinates ``center +- extent``."""
+  lo = int(np.floor((center - extent + 1.0) * size / 2.0))
+  hi = int(np.ceil((center + extent + 1.0) * size / 2.0)) + 1
+  return max(lo, 0), min(hi, size)
 
 
 @functools.lru_cache(maxsize=8)

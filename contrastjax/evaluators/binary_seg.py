@@ -113,8 +113,9 @@ class BinarySegEvaluator:
       prefix: name prefix of the yielded metrics.
       threshold: binarisation threshold of predictions and ground truth.
       loss_fn: optional ``batch -> float`` (mean loss of the batch's valid examples);
-        reported as the mean over batches, like the reference's validation loss. Batches
-        without a valid example are skipped.
+        reported as the mean over batches, like the reference's validation loss. It is
+        called on every batch (``predict_fn`` too), so multi-process collectives stay
+        in lockstep, but a batch without a local valid example is not counted.
       reduce_fn: optional cross-process sum of a dict of float sums (identity if None).
       on_batch: optional ``(batch, outputs)`` callback, e.g. to save predictions; it
         receives the padded batch and outputs and must honour ``batch['valid']``.
@@ -143,13 +144,16 @@ class BinarySegEvaluator:
       if prob.shape[0] != valid.shape[0] or gt.shape[0] != valid.shape[0]:
         raise ValueError(f"batch {i}: 'valid' has {valid.shape[0]} entries but the "
                          f"prediction is {prob.shape} and the mask {gt.shape}")
+      # loss_fn runs on every batch, even one without a local valid example: under
+      # multi-process jit it is a collective, and every process must call it.
+      loss = float(self.loss_fn(batch)) if self.loss_fn is not None else 0.0
       if valid.any():
         scores = binary_metrics(prob[valid], gt[valid], self.threshold)
         for key in METRIC_NAMES:
           sums[key] += float(np.sum(scores[key]))
         sums["num_images"] += float(valid.sum())
         if self.loss_fn is not None:
-          sums["loss_sum"] += float(self.loss_fn(batch))
+          sums["loss_sum"] += loss
           sums["loss_batches"] += 1.0
       if self.on_batch is not None:
         self.on_batch(batch, outputs)

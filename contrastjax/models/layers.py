@@ -133,7 +133,8 @@ class BatchNorm(nn.Module):
   Attributes:
     momentum: PyTorch-convention momentum (weight of the new batch statistic).
     epsilon: Added to the variance.
-    dtype: Output dtype (``None``: the input dtype). Statistics are always float32.
+    dtype: Output dtype (``None``: the input dtype). Statistics are computed in at
+      least float32.
     param_dtype: Dtype of ``scale`` and ``bias``.
   """
   momentum: float = 0.1
@@ -152,6 +153,7 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
     dtype = self.dtype or x.dtype
+    stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
     if train:
       n = math.prod(x.shape[:-1])
       if n < 2:
@@ -159,7 +161,7 @@ class BatchNorm(nn.Module):
             f"BatchNorm in training mode needs more than 1 value per channel, got input "
             f"shape {x.shape} (PyTorch raises here too).")
       axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
+      xf = x.astype(stats_dtype)
       mean = jnp.mean(xf, axis=axes)
       var = jnp.mean(jnp.square(xf - mean), axis=axes)
       if not self.is_initializing():
@@ -168,8 +170,8 @@ class BatchNorm(nn.Module):
         running_var.value = (1.0 - m) * running_var.value + m * var * (n / (n - 1))
     else:
       mean, var = running_mean.value, running_var.value
-    mul = lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32)
+    mul = lax.rsqrt(var + self.epsilon) * scale.astype(stats_dtype)
+    y = (x.astype(stats_dtype) - mean) * mul + bias.astype(stats_dtype)
     return y.astype(dtype)
 
 
@@ -252,19 +254,21 @@ def max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Ar
 
 # ----------------------------------------------------------------------------- resampling
 @functools.lru_cache(maxsize=256)
-def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+def _align_corners_matrix(n_in: int, n_out: int, double: bool = False) -> np.ndarray:
   """``[n_out, n_in]`` linear-interpolation matrix with ``align_corners=True``.
 
   Mirrors PyTorch: ``scale = (n_in - 1) / (n_out - 1)`` (0 when ``n_out == 1``) and
-  ``src = scale * i``, both in float32; the two neighbours ``floor(src)`` and
-  ``min(floor(src) + 1, n_in - 1)`` get weights ``1 - frac`` and ``frac``.
+  ``src = scale * i``, both in float32 (float64 for double inputs, like PyTorch's
+  ``opmath`` type); the two neighbours ``floor(src)`` and ``min(floor(src) + 1,
+  n_in - 1)`` get weights ``1 - frac`` and ``frac``.
   """
-  scale = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0.0)
-  src = np.arange(n_out, dtype=np.float32) * scale
+  ftype = np.float64 if double else np.float32
+  scale = ftype((n_in - 1) / (n_out - 1)) if n_out > 1 else ftype(0.0)
+  src = np.arange(n_out, dtype=ftype) * scale
   i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
   i1 = np.minimum(i0 + 1, n_in - 1)
-  frac = src - i0.astype(np.float32)
-  mat = np.zeros((n_out, n_in), np.float32)
+  frac = src - i0.astype(ftype)
+  mat = np.zeros((n_out, n_in), ftype)
   rows = np.arange(n_out)
   np.add.at(mat, (rows, i0), 1.0 - frac)
   np.add.at(mat, (rows, i1), frac)
@@ -291,8 +295,9 @@ def resize_bilinear_align_corners(x: Array, size: tuple[int, int],
   _, h_in, w_in, _ = x.shape
   if (h_in, w_in) == (h_out, w_out):
     return x
-  mh = jnp.asarray(_align_corners_matrix(h_in, h_out), x.dtype)
-  mw = jnp.asarray(_align_corners_matrix(w_in, w_out), x.dtype)
+  double = x.dtype == jnp.float64
+  mh = jnp.asarray(_align_corners_matrix(h_in, h_out, double), x.dtype)
+  mw = jnp.asarray(_align_corners_matrix(w_in, w_out, double), x.dtype)
   return jnp.einsum("oh,bhwc,pw->bopc", mh, x, mw, precision=precision)
 
 

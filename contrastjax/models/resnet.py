@@ -31,7 +31,7 @@ Dtype = Any
 PyTree = Any
 
 #: torchvision's ResNet conv init: ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``.
-KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "untruncated_normal")
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 #: Bottleneck expansion: output channels = 4 x the block's width.
 EXPANSION = 4
 _BLOCK_RE = re.compile(r"^layer(\d+)_(\d+)$")

@@ -1,0 +1,1 @@
+"""Shared pieces of the config files under ``configs/`` (recipes, argument parsing)."""

@@ -1,0 +1,355 @@
+"""ConDSeg (Lei et al., AAAI 2025) on the spine: stage 1 and stage 2 as two methods.
+
+* ``condseg_stage1`` (:class:`ConDSegStage1Method`): Consistency Reinforcement. The
+  encoder + a light head see each batch twice, clean and photometrically perturbed
+  (``strong_augment``), in two train-mode forward passes (BatchNorm running statistics
+  updated twice, chained), and learn
+  ``DiceBCE(p, y) + DiceBCE(p', y) + w·L_cons(p, p')``
+  (reference ``train_stage1.py``, ``utils/run_engine_stage1.py``).
+* ``condseg`` (:class:`ConDSegMethod`): the full model with Semantic Information
+  Decoupling, CDFA and the Size-Aware Decoder, trained with
+  ``DiceBCE(mask, y) + β1·DiceBCE(fg, y) + β2·DiceBCE(bg, background) + L_compl``
+  (reference ``train.py``, ``utils/run_engine.py``), optionally initialised from a
+  stage-1 run (``init_from``).
+
+Config keys (``config.condseg``; every key is optional, unknown keys are an error):
+
+=========================  ========  ====================================================
+key                        default   meaning
+=========================  ========  ====================================================
+``double_sigmoid``         False     True reproduces the reference's extra sigmoid inside
+                                     ``DiceBCELoss`` (the paper's numbers); False is the
+                                     corrected loss on logits (upstream PR #19).
+``beta_per_image``         False     stage 2: False = reference β (area summed over the
+                                     batch); True = mean area per image (batch-size
+                                     independent). See ``condseg_losses.beta_weight``.
+``consistency_weight``     1.0       stage 1: weight of ``L_cons`` (reference: 1).
+``strong_aug``             {}        stage 1: keyword arguments of
+                                     ``contrastjax.data.photometric.strong_augment``
+                                     (its defaults are the reference's torchvision
+                                     ColorJitter(0.3, 0.3, 0.3, 0.1), RandomGrayscale(0.5),
+                                     GaussianBlur((1, 7), (0.1, 3)), one draw per batch).
+``pretrained_backbone``    ''        path of a PyTorch state dict (``.pth``/``.npz``/
+                                     ``.safetensors``) loaded on a fresh start.
+``pretrained_source``      resnet50  its kind for ``models.condseg.load``: ``resnet50``
+                                     (torchvision ImageNet weights into the encoder,
+                                     running statistics included), ``condseg_stage1`` or
+                                     ``condseg`` (reference checkpoints).
+``init_from``              ''        workdir of another contrastjax run (stage 1) whose
+                                     encoder initialises this one (after
+                                     ``pretrained_backbone``), on a fresh start only.
+``init_from_which``        best      which checkpoint of ``init_from``: ``best``,
+                                     ``latest`` or a step number (the reference keeps the
+                                     best-mIoU stage-1 checkpoint).
+``transfer_batch_stats``   True      also copy the encoder's BN running statistics from
+                                     ``init_from``. False reproduces the reference
+                                     ``train.py``, which copies ``named_parameters()``
+                                     only, leaving the running statistics at their
+                                     initial (with ``pretrained_backbone``: ImageNet)
+                                     values.
+=========================  ========  ====================================================
+
+``config.model`` holds the model's fields (``stage_sizes``, ``stem_width``,
+``base_width``, ``dim``, ``decouple_mid``, ``num_heads``, ``aux_widths``, ``dtype`` for
+``ConDSeg``; ``stage_sizes``, ``stem_width``, ``base_width``, ``head_width``, ``dtype``
+for ``ConDSegStage1``); ``config.model.name`` is ignored here. A field the model does
+not have is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Mapping
+
+from absl import logging
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from contrastjax import checkpoint
+from contrastjax.data import photometric
+from contrastjax.methods import condseg_losses as losses
+from contrastjax.methods.base import Method, Metrics, PyTree
+from contrastjax.models import condseg as condseg_model
+
+_CONDSEG_KEYS = {
+    "double_sigmoid": False,
+    "beta_per_image": False,
+    "consistency_weight": 1.0,
+    "strong_aug": {},
+    "pretrained_backbone": "",
+    "pretrained_source": "resnet50",
+    "init_from": "",
+    "init_from_which": "best",
+    "transfer_batch_stats": True,
+}
+
+
+def _plain(value: Any) -> Any:
+  """ConfigDict / list values as plain Python (dicts, tuples)."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def build_model(model_cls: type, model_cfg: Mapping[str, Any]):
+  """Instantiates ``model_cls`` from ``config.model`` (``name`` ignored).
+
+  Raises:
+    ValueError: a key that is not a field of ``model_cls`` (names the valid fields).
+  """
+  fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
+  kwargs = {}
+  for key, value in model_cfg.items():
+    if key == "name":
+      continue
+    if key not in fields:
+      raise ValueError(f"config.model.{key} is not a field of {model_cls.__name__}; "
+                       f"valid fields: {sorted(fields)}")
+    value = _plain(value)
+    if key == "dtype" and isinstance(value, str):
+      value = jnp.dtype(value)
+    kwargs[key] = value
+  return model_cls(**kwargs)
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+  return traverse_util.flatten_dict(dict(tree))
+
+
+def copy_subtree(target: Mapping[str, Any], source: Mapping[str, Any], what: str
+                 ) -> dict[str, Any]:
+  """Returns ``source``'s leaves shaped and typed like ``target``'s.
+
+  Args:
+    target: the freshly initialised subtree (arrays or shape structs).
+    source: the subtree to copy from (same structure).
+    what: description used in error messages (e.g. ``"params['encoder']"``).
+
+  Raises:
+    KeyError: the two trees do not have the same leaves (names a few).
+    ValueError: a leaf's shape differs (names the leaf and both shapes).
+  """
+  flat_t, flat_s = _flat(target), _flat(source)
+  missing = sorted(set(flat_t) - set(flat_s))
+  unexpected = sorted(set(flat_s) - set(flat_t))
+  if missing or unexpected:
+    raise KeyError(
+        f"{what}: the source does not match this model (missing "
+        f"{['/'.join(k) for k in missing[:5]]}, unexpected "
+        f"{['/'.join(k) for k in unexpected[:5]]}); were both runs configured with the "
+        f"same encoder (config.model.stage_sizes, stem_width, base_width)?")
+  out = {}
+  for key, t in flat_t.items():
+    value = np.asarray(flat_s[key])
+    if tuple(value.shape) != tuple(t.shape):
+      raise ValueError(f"{what}/{'/'.join(key)}: shape mismatch, this model has "
+                       f"{tuple(t.shape)} but the source has {tuple(value.shape)}")
+    out[key] = np.asarray(value, dtype=t.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+class _ConDSegBase(Method):
+  """Shared set-up: config parsing, model, initialisation and weight import."""
+
+  model_cls: type = condseg_model.ConDSeg
+
+  def __init__(self, config):
+    super().__init__(config)
+    cs = config.condseg
+    unknown = sorted(set(cs.keys()) - set(_CONDSEG_KEYS))
+    if unknown:
+      raise ValueError(f"unknown key(s) config.condseg.{unknown[0]} ({unknown}); "
+                       f"known keys: {sorted(_CONDSEG_KEYS)}")
+    opt = lambda key: _plain(cs.get(key, _CONDSEG_KEYS[key]))  # noqa: E731
+    self.model = build_model(self.model_cls, config.model)
+    self.double_sigmoid = bool(opt("double_sigmoid"))
+    self.beta_per_image = bool(opt("beta_per_image"))
+    self.pretrained_backbone = str(opt("pretrained_backbone") or "")
+    self.pretrained_source = str(opt("pretrained_source"))
+    self.init_from = str(opt("init_from") or "")
+    self.init_from_which = opt("init_from_which")
+    self.transfer_batch_stats = bool(opt("transfer_batch_stats"))
+
+  # ------------------------------------------------------------------ set-up
+  def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
+    """Initialises the model on ``batch['image']`` (eval mode); traceable."""
+    variables = self.model.init({"params": rng}, batch["image"], train=False)
+    return variables["params"], {"batch_stats": variables["batch_stats"]}, {}
+
+  def load_pretrained(self, params: PyTree, model_state: PyTree, extra: PyTree
+                      ) -> tuple[PyTree, PyTree, PyTree]:
+    """Imports ``pretrained_backbone``, then the encoder of ``init_from`` (fresh start).
+
+    Raises:
+      FileNotFoundError: a path or workdir that does not exist.
+      KeyError / ValueError: weights that do not fit the model (names the tensor).
+    """
+    variables = {"params": params, **model_state}
+    if self.pretrained_backbone:
+      variables, ignored = condseg_model.load(variables, self.pretrained_backbone,
+                                              source=self.pretrained_source)
+      logging.info("loaded %s weights from %s (%d keys ignored)", self.pretrained_source,
+                   self.pretrained_backbone, len(ignored))
+    if self.init_from:
+      which = self.init_from_which
+      if isinstance(which, str) and which.isdigit():
+        which = int(which)
+      source = checkpoint.load_variables(self.init_from, which=which)
+      variables = self.transfer_encoder(variables, source)
+      logging.info("initialised the encoder from %s (step %s; batch_stats %s)",
+                   self.init_from, source.get("step"),
+                   "copied" if self.transfer_batch_stats else "kept")
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return params, model_state, extra
+
+  def transfer_encoder(self, variables: Mapping[str, PyTree],
+                       source: Mapping[str, PyTree]) -> dict[str, PyTree]:
+    """Copies ``source``'s encoder into ``variables`` (``{'params', 'batch_stats'}``).
+
+    ``source`` is ``checkpoint.load_variables(...)``: ``{'params', 'model_state', ...}``.
+    Parameters are always copied; the encoder's BN running statistics only with
+    ``transfer_batch_stats`` (reference ``train.py``: parameters only).
+    """
+    new = {c: dict(v) for c, v in variables.items()}
+    if "encoder" not in source["params"]:
+      raise KeyError(f"{self.init_from}: the checkpoint's params have no 'encoder' "
+                     f"(top-level: {sorted(source['params'])})")
+    new["params"]["encoder"] = copy_subtree(variables["params"]["encoder"],
+                                            source["params"]["encoder"],
+                                            f"{self.init_from}: params['encoder']")
+    if self.transfer_batch_stats:
+      stats = source.get("model_state", {}).get("batch_stats", {})
+      if "encoder" not in stats:
+        raise KeyError(f"{self.init_from}: the checkpoint has no batch_stats['encoder'] "
+                       "to transfer; set config.condseg.transfer_batch_stats=False to "
+                       "keep the initial running statistics")
+      new["batch_stats"]["encoder"] = copy_subtree(
+          variables["batch_stats"]["encoder"], stats["encoder"],
+          f"{self.init_from}: batch_stats['encoder']")
+    return new
+
+  # ------------------------------------------------------------------ helpers
+  def _apply_train(self, params: PyTree, model_state: PyTree, x: jax.Array):
+    (mask, aux), new_state = self.model.apply({"params": params, **model_state}, x,
+                                              train=True, mutable=["batch_stats"])
+    return mask, aux, {**model_state, **new_state}
+
+  def _apply_eval(self, params: PyTree, model_state: PyTree, x: jax.Array):
+    return self.model.apply({"params": params, **model_state}, x, train=False)
+
+  def _dice_bce(self, prob: jax.Array, logits: jax.Array, target: jax.Array,
+                weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(bce, dice)`` of the reference DiceBCELoss in the configured semantics."""
+    if self.double_sigmoid:
+      # Reference: DiceBCELoss applies sigmoid to the model's sigmoid output.
+      return losses.dice_bce_terms(prob, target, from_logits=False, double_sigmoid=True,
+                                   weights=weights)
+    return losses.dice_bce_terms(logits, target, from_logits=True, double_sigmoid=False,
+                                 weights=weights)
+
+
+class ConDSegStage1Method(_ConDSegBase):
+  """Stage 1, Consistency Reinforcement (``config.method = 'condseg_stage1'``)."""
+
+  name = "condseg_stage1"
+  model_cls = condseg_model.ConDSegStage1
+
+  def __init__(self, config):
+    super().__init__(config)
+    cs = config.condseg
+    self.consistency_weight = float(cs.get("consistency_weight", 1.0))
+    self.strong_aug = dict(_plain(cs.get("strong_aug", {})) or {})
+    accepted = set(inspect.signature(photometric.strong_augment).parameters) - {
+        "rng", "images"}
+    bad = sorted(set(self.strong_aug) - accepted)
+    if bad:
+      raise ValueError(f"config.condseg.strong_aug has unknown key(s) {bad}; "
+                       f"strong_augment accepts {sorted(accepted)}")
+    for key, value in self.strong_aug.items():
+      self.strong_aug[key] = _plain(value)
+
+  def loss_fn(self, params: PyTree, model_state: PyTree, extra: PyTree, batch: PyTree,
+              rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
+    """Two train-mode passes (clean, strongly augmented); BN statistics chained."""
+    del extra, step
+    x, y = batch["image"], batch["mask"]
+    p, aux, state = self._apply_train(params, model_state, x)
+    x_aug = photometric.strong_augment(rng, x, **self.strong_aug)
+    p_aug, aux_aug, state = self._apply_train(params, state, x_aug)
+
+    bce, dice = self._dice_bce(p, aux["mask_logits"], y)
+    bce_aug, dice_aug = self._dice_bce(p_aug, aux_aug["mask_logits"], y)
+    if self.double_sigmoid:
+      # Reference BinaryConsistencyLoss: torch BCE on the sigmoid outputs (no extra
+      # sigmoid there, so paper mode feeds the probabilities unchanged).
+      cons = losses.binary_consistency_loss(p, p_aug, from_logits=False)
+    else:
+      cons = losses.binary_consistency_loss(aux["mask_logits"], aux_aug["mask_logits"],
+                                            from_logits=True)
+    loss_mask, loss_mask_aug = bce + dice, bce_aug + dice_aug
+    loss = loss_mask + loss_mask_aug + self.consistency_weight * cons
+    metrics = {
+        "loss": loss,
+        "loss_mask": loss_mask,
+        "loss_mask_bce": bce,
+        "loss_mask_dice": dice,
+        "loss_mask_aug": loss_mask_aug,
+        "loss_consistency": cons,
+    }
+    return loss, (state, metrics)
+
+  def predict(self, params: PyTree, model_state: PyTree, extra: PyTree,
+              batch: PyTree) -> dict[str, jax.Array]:
+    """Eval mode: ``{'prob': [B, H, W, 1]}``."""
+    del extra
+    mask, _ = self._apply_eval(params, model_state, batch["image"])
+    return {"prob": mask.astype(jnp.float32)}
+
+  def eval_loss(self, params: PyTree, model_state: PyTree, extra: PyTree,
+                batch: PyTree) -> jax.Array:
+    """Eval-mode DiceBCE of the clean view over the valid examples (as the reference)."""
+    del extra
+    mask, aux = self._apply_eval(params, model_state, batch["image"])
+    bce, dice = self._dice_bce(mask, aux["mask_logits"], batch["mask"], batch["valid"])
+    return bce + dice
+
+
+class ConDSegMethod(_ConDSegBase):
+  """Stage 2, the full ConDSeg model (``config.method = 'condseg'``)."""
+
+  name = "condseg"
+  model_cls = condseg_model.ConDSeg
+
+  def _loss_cfg(self) -> dict[str, bool]:
+    return {"double_sigmoid": self.double_sigmoid, "beta_per_image": self.beta_per_image}
+
+  def loss_fn(self, params: PyTree, model_state: PyTree, extra: PyTree, batch: PyTree,
+              rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
+    """One train-mode pass; ``condseg_losses.condseg_stage2_loss``."""
+    del extra, rng, step
+    mask, aux, state = self._apply_train(params, model_state, batch["image"])
+    loss, metrics = losses.condseg_stage2_loss(dict(aux, mask=mask), batch,
+                                               self._loss_cfg())
+    return loss, (state, metrics)
+
+  def predict(self, params: PyTree, model_state: PyTree, extra: PyTree,
+              batch: PyTree) -> dict[str, jax.Array]:
+    """Eval mode: ``{'prob', 'fg', 'bg', 'uc'}``, each ``[B, H, W, 1]``."""
+    del extra
+    mask, aux = self._apply_eval(params, model_state, batch["image"])
+    out = {"prob": mask}
+    out.update({k: aux[k] for k in ("fg", "bg", "uc")})
+    return {k: v.astype(jnp.float32) for k, v in out.items()}
+
+  def eval_loss(self, params: PyTree, model_state: PyTree, extra: PyTree,
+                batch: PyTree) -> jax.Array:
+    """Eval-mode stage-2 loss over the valid examples of a padded batch."""
+    del extra
+    mask, aux = self._apply_eval(params, model_state, batch["image"])
+    loss, _ = losses.condseg_stage2_loss(dict(aux, mask=mask), batch, self._loss_cfg())
+    return loss
