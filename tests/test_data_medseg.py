@@ -249,6 +249,16 @@ def test_gray_rgb_mask_accepted(dataset):
   np.testing.assert_array_equal(src[0]['mask'], disc)
 
 
+def test_photo_as_mask_rejected(dataset):
+  photo = np.random.default_rng(6).integers(0, 256, (H, W), dtype=np.uint8)
+  src = _single(dataset, 'photo', _rgb(1), photo)
+  with pytest.raises(DatasetError, match='photo.png') as e:
+    src[0]
+  assert e.value.kind == 'bad_mask'
+  nonzero = MedSegSource(dataset, 'photo', binarize='nonzero')   # explicit rule: accepted
+  np.testing.assert_array_equal(nonzero[0]['mask'] > 0, photo > 0)
+
+
 def test_16bit_mask_rejected(dataset):
   src = _single(dataset, 'deep', _rgb(1), (_disc() * 65535).astype(np.uint16))
   with pytest.raises(DatasetError, match='deep.png') as e:

@@ -200,7 +200,8 @@ def test_load_errors_name_the_key(small):
     condseg.load(shapes, extra)
   with pytest.raises(ValueError, match="unknown source"):
     condseg.load(shapes, state, source="resnet101")
-  with pytest.raises(KeyError, match=r"layer0\.0\.weight"):  # torchvision dict, wrong source
+  with pytest.raises(KeyError, match=r"missing key 'aux_head\.branch_bg\.0\.conv\.0\.weight'"
+                     r".*of the model's \d+ keys are missing \(wrong source"):
     condseg.load(shapes, resnet.to_torch_state_dict(
         {c: variables[c]["encoder"] for c in variables}))
 
@@ -215,7 +216,7 @@ def test_partial_loads_report_ignored_keys(small, caplog):
   with caplog.at_level(logging.WARNING):
     loaded, ignored = condseg.load(variables, stage1_state, source="condseg_stage1")
   assert ignored and all(k.startswith("head.") for k in ignored)
-  assert "head.conv_fuse.weight" in ignored and "head.conv_fuse.weight" in caplog.text
+  assert "head.conv_fuse.weight" in ignored and f"head.* ({len(ignored)})" in caplog.text
   for c in ("params", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal, loaded[c]["encoder"], stage1[c]["encoder"])
     jax.tree.map(np.testing.assert_array_equal, loaded[c]["cdfa1"], variables[c]["cdfa1"])
@@ -299,7 +300,7 @@ def test_cdfa_matches_independent_numpy():
         variables, *args)
   want = _np_cdfa(variables["params"], variables["batch_stats"], x, fg, bg, heads=4)
   assert got.shape == (2, 6, 5, 16)
-  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-6 * np.abs(want).max(), rtol=0)
 
   # Reduced precision runs and stays close.
   module16 = condseg.ContrastDrivenFeatureAggregation(dim=16, num_heads=4,

@@ -42,6 +42,9 @@ BINARIZE_RULES = ('auto', 'threshold', 'nonzero')
 _GRAY_SPREAD = 48
 _GRAY_OUTLIER_FRACTION = 0.001
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # cv2 / ITU-R BT.601 weights.
+# A 0/255 mask has intermediate values only along object edges (JPEG ringing, antialiasing).
+# More than this fraction of pixels in [32, 223] means the file is a photo, not a mask.
+_MAX_MIDTONE_FRACTION = 0.25
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,8 +192,8 @@ def _index_folder(folder: str, role: str) -> dict[str, list[str]]:
   return index
 
 
-def _lookup(index: Mapping[str, list[str]], folder: str, key: str, role: str,
-            missing: list[str], ambiguous: list[str]) -> str | None:
+def _lookup(index: Mapping[str, list[str]], folder: str, key: str, missing: list[str],
+            ambiguous: list[str]) -> str | None:
   files = index.get(key, [])
   if not files:
     missing.append(key)
@@ -333,7 +336,8 @@ class MedSegSource:
   ``source[i]`` returns ``{'image': uint8 [H, W, 3] RGB, 'mask': uint8 [H, W] in {0, 255},
   'name': str}``. Construction checks (cheaply) that the folders and split file exist, that the
   split is non-empty without duplicates, and that every id has exactly one image and one mask.
-  Reading checks decodability, bit depth, gray masks and that image and mask sizes agree. All
+  Reading checks decodability, bit depth, that masks are gray and mask-like (not a photo), and
+  that image and mask sizes agree. All
   problems raise :class:`DatasetError` naming the file.
 
   The object holds only paths, so it pickles cheaply into grain worker processes.
@@ -385,9 +389,8 @@ class MedSegSource:
     ambiguous: list[str] = []
     images, masks = [], []
     for i in ids:
-      images.append(_lookup(image_index, image_dir, i, 'image', missing_img, ambiguous))
-      masks.append(_lookup(mask_index, mask_dir, i + mask_suffix, 'mask', missing_mask,
-                           ambiguous))
+      images.append(_lookup(image_index, image_dir, i, missing_img, ambiguous))
+      masks.append(_lookup(mask_index, mask_dir, i + mask_suffix, missing_mask, ambiguous))
     problems = []
     for what, folder, lst in (('image', image_dir, missing_img), ('mask', mask_dir, missing_mask)):
       if lst:
@@ -413,6 +416,17 @@ class MedSegSource:
   def __repr__(self) -> str:
     return (f'MedSegSource(root={self.root!r}, split={self.split!r}, n={len(self)}, '
             f'binarize={self.binarize!r})')
+
+  def _check_mask_values(self, raw: np.ndarray, path: str) -> None:
+    """Rejects a grayscale photo in place of a 0/255 mask (rules 'auto'/'threshold')."""
+    if self.binarize == 'nonzero' or raw.max(initial=0) <= 127:
+      return
+    midtones = float(np.mean((raw >= 32) & (raw <= 223)))
+    if midtones > _MAX_MIDTONE_FRACTION:
+      raise DatasetError(
+          f'mask file {path} has {midtones:.0%} of its pixels in [32, 223]; expected a binary '
+          '0/255 mask (intermediate values only along edges) or instance labels 0..K: is it an '
+          'image copied into the masks folder?', path=path, kind='bad_mask')
 
   def read_raw_mask(self, index: int) -> np.ndarray:
     """The mask of example ``index`` before binarisation (uint8 ``[H, W]``)."""
@@ -443,6 +457,7 @@ class MedSegSource:
           f'image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but mask {mask_path} '
           f'is {raw.shape[1]}x{raw.shape[0]}; expected equal sizes', path=mask_path,
           kind='size_mismatch')
+    self._check_mask_values(raw, mask_path)
     return {'image': image, 'mask': binarize_mask(raw, self.binarize),
             'name': self.names[index]}
 
@@ -498,11 +513,6 @@ class ValidationReport:
     return '\n'.join(lines)
 
 
-def _example_name(source: Sequence[Any], index: int) -> str:
-  names = getattr(source, 'names', None)
-  return str(names[index]) if names is not None else str(index)
-
-
 def validate(source: Sequence[Any]) -> ValidationReport:
   """Reads every example of ``source`` and collects all problems instead of stopping at one.
 
@@ -520,8 +530,10 @@ def validate(source: Sequence[Any]) -> ValidationReport:
   report = ValidationReport(source=repr(source), num_examples=len(source))
   warnings: dict[str, list[str]] = collections.defaultdict(list)
   rule = getattr(source, 'binarize', None)
+  names = getattr(source, 'names', None)
+  names = list(names) if names is not None else [str(i) for i in range(len(source))]
   for i in range(len(source)):
-    name = _example_name(source, i)
+    name = str(names[i])
     try:
       ex = source[i]
       image, mask = ex['image'], ex['mask']

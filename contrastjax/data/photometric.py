@@ -211,9 +211,8 @@ def apply_strong_augment(images: jax.Array, params: StrongAugmentParams, *,
       lambda x: adjust_saturation(x, params.saturation),
       lambda x: adjust_hue(x, params.hue),
   )
-  x = images
-  for i in range(4):
-    x = jax.lax.switch(params.order[i], branches, x)
+  # One switch inside a loop (not four unrolled switches) keeps the compiled program small.
+  x = jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(params.order[i], branches, x), images)
   x = jnp.where(params.grayscale, grayscale(x), x)
   return gaussian_blur(x, params.sigma, blur_kernel)
 

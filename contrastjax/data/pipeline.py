@@ -12,10 +12,11 @@ Training (:func:`train_dataset`)::
 * Random transforms get a generator seeded from the pipeline seed and the GLOBAL stream position,
   so two processes never share augmentation draws, and the augmentation of a given position does
   not depend on the number of processes.
-* Process ``p`` of ``P`` takes global positions ``p, p + P, ...``; its batch ``t`` holds positions
-  ``t * B + r * P + p`` (``B`` = global batch). The union over processes of batch ``t`` is exactly
-  the single-process global batch ``t`` (rows in a different order), so a run sees the same data
-  on one host or many.
+* Process ``p`` of ``P`` takes the ``p``-th contiguous block of ``b = B / P`` positions of every
+  global batch (``B`` = global batch): its batch ``t`` holds positions ``t * B + p * b + r``.
+  Concatenating the processes' batches in process order (what
+  ``jax.make_array_from_process_local_data`` does) gives exactly the single-process global batch
+  ``t``, rows in the same order, so a run computes the same thing on one host or many.
 * Batches straddle epoch boundaries (nothing is dropped); :func:`steps_per_epoch` is
   ``ceil(N / B)``, the reference's optimiser steps per epoch (``drop_last=False``).
 * The iterator is checkpointable: ``it.get_state()`` / ``it.set_state(state)`` resume at exactly
@@ -97,7 +98,8 @@ class SelectArrays(grain.transforms.Map):
     return out
 
 
-def _base(source: Any, transforms: Sequence[Any], seed: int) -> grain.MapDataset:
+def _base(source: Any, seed: int) -> grain.MapDataset:
+  """The source as a MapDataset with an 'index' field and the pipeline seed."""
   ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
   if len(ds) < 1:
     raise ValueError(f'source {source!r} is empty')
@@ -135,9 +137,9 @@ def train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: 
   local = _local_batch_size(global_batch_size, n_proc)
   if not 0 <= seed < 2**32:
     raise ValueError(f'seed={seed}; expected an integer in [0, 2**32)')
-  ds = _base(source, transforms, seed).shuffle().repeat()
+  ds = _base(source, seed).shuffle().repeat()
   ds = ds.apply(list(transforms)).map(SelectArrays())
-  ds = ds[p::n_proc].batch(local, drop_remainder=True)
+  ds = ds.batch(local, drop_remainder=True)[p::n_proc]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=prefetch))
   if worker_count > 0:
@@ -187,7 +189,7 @@ def eval_batches(source: Any, transforms: Sequence[Any], *, global_batch_size: i
   """
   p, n_proc = _processes(process_index, process_count)
   local = _local_batch_size(global_batch_size, n_proc)
-  ds = _base(source, transforms, seed).apply(list(transforms)).map(SelectArrays())
+  ds = _base(source, seed).apply(list(transforms)).map(SelectArrays())
   n = len(ds)
   num_batches = num_eval_batches(n, global_batch_size)
   positions = [t * global_batch_size + p * local + r
@@ -208,6 +210,11 @@ def eval_batches(source: Any, transforms: Sequence[Any], *, global_batch_size: i
       else:
         rows.append(template)
         valid.append(False)
-    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+    try:
+      batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+    except ValueError as e:
+      shapes = {k: sorted({np.shape(row[k]) for row in rows}) for k in rows[0]}
+      raise ValueError(f'cannot batch examples of different shapes {shapes}; add a Resize to '
+                       'the eval transforms') from e
     batch['valid'] = np.asarray(valid, dtype=bool)
     yield batch

@@ -12,7 +12,7 @@ contrast between object and background, and uneven illumination. It is generated
   a dome shading with a shadowed rim, and fewer vessels. All object cues scale with
   ``contrast``;
 * illumination: vignetting around a random centre, a linear gradient, specular highlights
-  (more of them on objects, as on real polyps);
+  (more of them on objects, as on real polyps, unless ``contrast`` is near 0);
 * acquisition: optional 3-tap blur and Gaussian noise.
 
 The output dict has the same contract as :class:`~contrastjax.data.medseg.MedSegSource`.
@@ -200,10 +200,12 @@ class SyntheticPolyps:
       img *= (vig * grad)[..., None]
       spots = np.zeros((s, s), np.float32)
       num_spots = rng.integers(2, 9)
-      # Specular highlights land on objects twice as often as elsewhere.
+      # Specular highlights land on objects more often than elsewhere (a cue that, as all
+      # object cues, vanishes with the contrast).
       on_obj = np.flatnonzero(mask.ravel())
+      p_on_obj = 0.66 * min(1.0, 2.0 * c)
       for _ in range(num_spots):
-        if on_obj.size and rng.random() < 0.66:
+        if on_obj.size and rng.random() < p_on_obj:
           flat = on_obj[rng.integers(on_obj.size)]
           sy, sx = float(y[flat // s, 0]), float(x[0, flat % s])
         else:

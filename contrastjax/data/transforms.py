@@ -235,10 +235,10 @@ class CoarseDropout(grain.transforms.RandomMap):
   """albumentations 1.x ``CoarseDropout``: rectangular holes filled with ``fill_value``.
 
   With probability ``p``, draws ``randint(min_holes, max_holes)`` holes (inclusive bounds), each
-  of height ``randint(min_height, max_height)`` and width ``randint(min_width, max_width)`` with a
-  uniformly drawn top-left corner so the hole lies inside the image; holes may overlap. The ``min_*``
-  arguments default to the ``max_*`` ones (as in albumentations 1.x), so the ConDSeg setting
-  always makes 10 holes of 32x32. Only the image is changed (``mask_fill_value=None``). A hole
+  of height ``randint(min_height, max_height)`` and width ``randint(min_width, max_width)`` with
+  a uniformly drawn top-left corner so the hole lies inside the image; holes may overlap. The
+  ``min_*`` arguments default to the ``max_*`` ones (as in albumentations 1.x), so the ConDSeg
+  setting always makes 10 holes of 32x32. Only the image is changed (``mask_fill_value=None``). A hole
   larger than the image is clipped to the image size.
   """
 
@@ -290,7 +290,11 @@ class Resize(grain.transforms.Map):
   """
 
   def __init__(self, size: int | Sequence[int]):
-    """Args: size: ``S`` for ``S x S`` or ``(height, width)``."""
+    """Sets the output size.
+
+    Args:
+      size: ``S`` for ``S x S``, or ``(height, width)``.
+    """
     if isinstance(size, (int, np.integer)):
       size = (int(size), int(size))
     self.size = (int(size[0]), int(size[1]))

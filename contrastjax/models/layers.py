@@ -248,7 +248,7 @@ class SpatialAttention(nn.Module):
 def max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Array:
   """``nn.MaxPool2d(window, stride, padding)`` on NHWC input, padding with ``-inf``."""
   return lax.reduce_window(
-      x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, window, window, 1),
+      x, -jnp.inf, lax.max, (1, window, window, 1),
       (1, stride, stride, 1), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
@@ -573,10 +573,14 @@ def load_state_dict(variables: Mapping[str, PyTree], state_dict: Mapping[str, np
   for k in tracked:
     del state[k]
 
-  missing = [k for k in mapping if k not in state]
+  missing = sorted(k for k in mapping if k not in state)
   if missing:
     more = f" (and {len(missing) - 1} more: {missing[1:6]}...)" if len(missing) > 1 else ""
-    raise KeyError(f"{what}: missing key {missing[0]!r} in the state dict{more}")
+    hint = ""
+    if len(missing) > len(mapping) // 2:
+      hint = (f"; {len(missing)} of the model's {len(mapping)} keys are missing (wrong "
+              f"source or naming? the state dict starts with {sorted(state)[:3]})")
+    raise KeyError(f"{what}: missing key {missing[0]!r} in the state dict{more}{hint}")
 
   def ignorable(key: str) -> bool:
     if ignore(key):
@@ -602,8 +606,14 @@ def load_state_dict(variables: Mapping[str, PyTree], state_dict: Mapping[str, np
         _from_torch_layout(value, leaf.transform), target)
 
   if unused:
-    logger.warning("%s: ignored %d state-dict keys not used by the model: %s%s", what,
-                   len(unused), unused[:8], "..." if len(unused) > 8 else "")
+    groups: dict[str, int] = {}
+    for key in unused:
+      prefix = key.split(".", 1)[0]
+      groups[prefix] = groups.get(prefix, 0) + 1
+    summary = ", ".join(f"{p}.* ({n})" for p, n in groups.items())
+    logger.warning("%s: ignored %d state-dict keys not used by the model: %s", what,
+                   len(unused), summary)
+    logger.debug("%s: ignored keys: %s", what, unused)
   if tracked:
     logger.info("%s: skipped %d num_batches_tracked buffers", what, len(tracked))
   logger.info("%s: loaded %d tensors", what, len(mapping))

@@ -1,0 +1,76 @@
+"""Dataset makers for binary medical segmentation (ConDSeg): real folders and synthetic.
+
+``config.data`` keys:
+
+* ``name``: ``'medseg'`` (the reference layout: ``<root>/{images,masks}/``,
+  ``train.txt``, ``val.txt``[, ``test.txt``]) or ``'synthetic_polyps'``;
+* ``root`` (medseg): dataset folder; ``~`` and ``$VARS`` (e.g. ``$CONTRASTJAX_DATA_DIR``)
+  are expanded;
+* ``splits`` (medseg): split files to index, default ``('train', 'val', 'test')``
+  (``test`` only if ``test.txt`` exists);
+* ``binarize``, ``mask_suffix`` (medseg): see ``MedSegSource``;
+* ``image_size``: training/evaluation resolution (reference: 256);
+* ``augment``: geometric preset ``'stage1'``, ``'stage2'`` or ``'none'``;
+* ``augment_background``: True (fix) = background target ``1 - mask`` after augmentation;
+  False (reference) = background from the un-augmented mask;
+* ``channel_order``: ``'rgb'`` (ours) or ``'bgr'`` (reference, cv2.imread);
+* synthetic only: ``num_train``, ``num_val``, ``num_test``, ``source_size`` (generated
+  size, default ``image_size``), ``contrast``.
+"""
+from __future__ import annotations
+
+import os
+
+from contrastjax.data import transforms as T
+from contrastjax.data.builder import DataSpec
+from contrastjax.data.errors import DatasetError
+from contrastjax.data.medseg import MedSegSource
+from contrastjax.data.synthetic import SyntheticPolyps
+
+
+def _transforms(dcfg) -> tuple[list, list]:
+  size = int(dcfg.image_size)
+  order = dcfg.get("channel_order", "rgb")
+  train = T.train_transforms(size, dcfg.get("augment", "stage2"),
+                             augment_background=bool(dcfg.get("augment_background", True)),
+                             channel_order=order)
+  return train, T.eval_transforms(size, channel_order=order)
+
+
+def medseg(dcfg, seed: int) -> DataSpec:
+  """A dataset in the reference layout (Kvasir-SEG, Kvasir-Sessile, GlaS, ISIC...)."""
+  del seed
+  root = os.path.expandvars(os.path.expanduser(str(dcfg.get("root", ""))))
+  if not root or "$" in root:
+    raise DatasetError(
+        f"config.data.root={dcfg.get('root')!r}: set it to the dataset folder (holding "
+        "images/, masks/, train.txt, val.txt), e.g. --config.data.root=/data/Kvasir-SEG")
+  if not os.path.isdir(root):
+    raise DatasetError(f"config.data.root={root!r} does not exist or is not a folder",
+                       path=root)
+  sources = {}
+  for split in dcfg.get("splits", ("train", "val", "test")):
+    if split == "test" and not os.path.exists(os.path.join(root, "test.txt")):
+      continue
+    sources[split] = MedSegSource(root, split, binarize=dcfg.get("binarize", "auto"),
+                                  mask_suffix=dcfg.get("mask_suffix", ""))
+  train, evals = _transforms(dcfg)
+  return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals)
+
+
+def synthetic_polyps(dcfg, seed: int) -> DataSpec:
+  """Procedurally generated polyp-like frames (low contrast, uneven illumination)."""
+  size = int(dcfg.get("source_size", 0) or dcfg.image_size)
+  kw = dict(contrast=float(dcfg.get("contrast", 0.5)))
+  # Splits use disjoint generator seeds, independent of the training seed, so every
+  # run sees the same dataset.
+  data_seed = int(dcfg.get("data_seed", 1234))
+  sources = {
+      "train": SyntheticPolyps(int(dcfg.num_train), size, data_seed, **kw),
+      "val": SyntheticPolyps(int(dcfg.num_val), size, data_seed + 1, **kw),
+  }
+  if int(dcfg.get("num_test", 0)):
+    sources["test"] = SyntheticPolyps(int(dcfg.num_test), size, data_seed + 2, **kw)
+  del seed
+  train, evals = _transforms(dcfg)
+  return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals)

@@ -1,0 +1,162 @@
+"""Tests of the grain pipelines (contrastjax.data.pipeline)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from absl import flags
+
+from contrastjax.data import pipeline as P
+from contrastjax.data import transforms as T
+from contrastjax.data.synthetic import SyntheticPolyps
+
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS.mark_as_parsed()   # mp_prefetch reads absl flags (tests/conftest.py does it too)
+
+N = 12
+SIZE = 16
+
+
+@pytest.fixture(scope='module')
+def source():
+  return SyntheticPolyps(N, 24, seed=5)
+
+
+def _train(source, *, seed=0, batch=4, p=0, n=1, workers=0, ops=None):
+  ops = T.train_transforms(SIZE, 'stage1') if ops is None else ops
+  return P.train_dataset(source, ops, global_batch_size=batch, seed=seed, process_index=p,
+                         process_count=n, worker_count=workers)
+
+
+def _take(ds, k):
+  return list(itertools.islice(iter(ds), k))
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_contents(source):
+  b = _take(_train(source), 1)[0]
+  assert set(b) == {'image', 'mask', 'background', 'index'}      # 'name' (str) dropped
+  assert b['image'].shape == (4, SIZE, SIZE, 3) and b['image'].dtype == np.float32
+  assert b['mask'].shape == (4, SIZE, SIZE, 1) and b['mask'].dtype == np.float32
+  assert b['background'].shape == (4, SIZE, SIZE, 1)
+  assert b['index'].dtype == np.int32 and b['index'].shape == (4,)
+  np.testing.assert_allclose(b['mask'] + b['background'], 1.0, atol=1e-6)
+  assert 0.0 <= b['image'].min() and b['image'].max() <= 1.0
+
+
+def test_deterministic_and_reshuffled_each_epoch(source):
+  a = _take(_train(source, seed=1), 9)
+  _assert_same(a, _take(_train(source, seed=1), 9))
+  c = _take(_train(source, seed=2), 3)
+  assert not all(np.array_equal(x['index'], y['index']) for x, y in zip(a, c))
+  idx = np.concatenate([x['index'] for x in a])       # 9 batches of 4 = 3 epochs of 12
+  epochs = idx.reshape(3, N)
+  for e in epochs:
+    assert sorted(e) == list(range(N))                 # each epoch is a permutation
+  assert not np.array_equal(epochs[0], epochs[1])      # ... a different one each epoch
+
+
+def test_epochs_straddle_batches(source):
+  idx = np.concatenate([x['index'] for x in _take(_train(source, batch=5), 12)])
+  for e in idx.reshape(5, N):                          # 60 elements = 5 whole epochs
+    assert sorted(e) == list(range(N))
+  assert P.steps_per_epoch(N, 5) == 3 and P.steps_per_epoch(N, 5, drop_remainder=True) == 2
+  assert P.steps_per_epoch(12, 4) == 3
+
+
+def test_two_processes_partition_the_global_batch(source):
+  single = _take(_train(source, seed=3, batch=4), 6)
+  shards = [_take(_train(source, seed=3, batch=4, p=p, n=2), 6) for p in range(2)]
+  for t in range(6):
+    for p in range(2):
+      assert shards[p][t]['index'].shape == (2,)
+    a, b = shards[0][t], shards[1][t]
+    assert not set(a['index']) & set(b['index'])                   # disjoint
+    np.testing.assert_array_equal(np.concatenate([a['index'], b['index']]),
+                                  single[t]['index'])               # = the global batch, in order
+    # Row r of process p is global position t*B + p*b + r: identical content, augmentation
+    # included, whatever the number of processes.
+    for p, r in itertools.product(range(2), range(2)):
+      for k in ('image', 'mask', 'background', 'index'):
+        np.testing.assert_array_equal(shards[p][t][k][r], single[t][k][2 * p + r])
+  covered = np.concatenate([s[t]['index'] for s in shards for t in range(3)])
+  assert sorted(covered) == list(range(N))                          # one epoch, every example
+  with pytest.raises(ValueError, match='multiple'):
+    _train(source, batch=5, n=2)
+  with pytest.raises(ValueError, match='process_index'):
+    _train(source, p=2, n=2)
+
+
+def test_checkpoint_resumes_exactly(source):
+  ds = _train(source, seed=4)
+  it = iter(ds)
+  _take_from(it, 5)
+  state = it.get_state()
+  expected = _take_from(it, 3)
+  it2 = iter(_train(source, seed=4))
+  it2.set_state(state)
+  _assert_same(_take_from(it2, 3), expected)
+
+
+def _take_from(it, k):
+  return [next(it) for _ in range(k)]
+
+
+def test_workers_same_batches_and_checkpoint(source):
+  ref = _take(_train(source, seed=6), 8)
+  ds = _train(source, seed=6, workers=2)
+  it = iter(ds)
+  first = _take_from(it, 5)
+  _assert_same(first, ref[:5])
+  state = it.get_state()
+  rest = _take_from(it, 3)
+  _assert_same(rest, ref[5:])
+  it2 = iter(_train(source, seed=6, workers=2))
+  it2.set_state(state)
+  _assert_same(_take_from(it2, 3), ref[5:])
+  for i in (it, it2):
+    i.close()
+
+
+@pytest.mark.parametrize('n_proc', [1, 2])
+def test_eval_every_example_once_with_padding(source, n_proc):
+  per = [list(P.eval_batches(source, T.eval_transforms(SIZE), global_batch_size=8,
+                             process_index=p, process_count=n_proc)) for p in range(n_proc)]
+  local = 8 // n_proc
+  assert all(len(b) == P.num_eval_batches(N, 8) == 2 for b in per)
+  seen = []
+  for t in range(2):
+    rows = [per[p][t] for p in range(n_proc)]
+    for b in rows:
+      assert b['image'].shape == (local, SIZE, SIZE, 3) and b['valid'].dtype == bool
+      assert b['index'].dtype == np.int32
+      np.testing.assert_array_equal(b['index'] >= 0, b['valid'])
+      assert not b['image'][~b['valid']].any()                  # padding rows are zeros
+    index = np.concatenate([b['index'] for b in rows])            # process order = data order
+    valid = np.concatenate([b['valid'] for b in rows])
+    seen.extend(index[valid])
+  assert seen == list(range(N))                                   # all, once, in order
+  assert sum(int(b['valid'].sum()) for bs in per for b in bs) == N
+  ex = T.AddBackground().map(source[11])
+  want = T.ToFloat().map(T.Resize(SIZE).map(ex))
+  last = per[-1][-1] if n_proc == 1 else per[0][-1]
+  row = int(np.flatnonzero(last['index'] == 11)[0])
+  np.testing.assert_array_equal(last['image'][row], want['image'])
+  np.testing.assert_array_equal(last['mask'][row], want['mask'])
+
+
+def test_eval_process_with_only_padding(source):
+  # 12 examples, global batch 16 on 4 processes: process 3 holds positions 12..15 = padding.
+  b = list(P.eval_batches(source, T.eval_transforms(SIZE), global_batch_size=16,
+                          process_index=3, process_count=4))
+  assert len(b) == 1 and not b[0]['valid'].any() and (b[0]['index'] == -1).all()
+  assert b[0]['mask'].shape == (4, SIZE, SIZE, 1)
