@@ -27,7 +27,8 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def compile_fn(fn, *args):
-  """``jax.jit(fn)`` compiled for ``args`` with cheap XLA optimisation."""
+  """``jax.jit(fn)`` compiled for ``args`` with cheap XLA optimisation (small models
+  only: unoptimised code is slow to run at full size)."""
   return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)
 
 
@@ -404,8 +405,8 @@ def test_matches_reference_condseg(reference):
   # float32, eval mode: the four outputs.
   ref_out, ref_feat = _run_reference(torch, net.eval(), x)
   with jax.default_matmul_precision("highest"):
-    mask, aux = compile_fn(lambda v, x: model.apply(v, x, train=False), variables,
-                           jnp.asarray(x))(variables, jnp.asarray(x))
+    mask, aux = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables,
+                                                                   jnp.asarray(x))
   errors = _max_errors((mask, aux["fg"], aux["bg"], aux["uc"]), aux, ref_out, ref_feat)
   print("float32 eval max abs errors:", errors)
   for name in ("mask", "fg", "bg", "uc", "mask_logits", "fg_logits"):
@@ -414,8 +415,7 @@ def test_matches_reference_condseg(reference):
     assert errors[key] <= 1e-5 * max(1.0, np.abs(want).max()), (key, errors[key])
 
   # float64, eval and train mode: every intermediate and the updated BN statistics.
-  # In float64 rounding noise is ~1e-13, so anything above ~1e-7 (the float32 cast of
-  # the returned logits) would be a semantic difference.
+  # In float64 rounding noise is ~1e-12, so any semantic difference shows far above it.
   with jax.enable_x64(True):
     model64 = condseg.ConDSeg(dtype=jnp.float64)
     v64 = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
@@ -427,11 +427,11 @@ def test_matches_reference_condseg(reference):
       ref_out, ref_feat = _run_reference(torch, net, x64)
       fn = lambda v, x, t=train: model64.apply(  # noqa: E731
           v, x, train=t, mutable=["batch_stats"] if t else False)
-      out = compile_fn(fn, v64, jnp.asarray(x64))(v64, jnp.asarray(x64))
+      out = jax.jit(fn)(v64, jnp.asarray(x64))
       (mask, aux), new_state = out if train else (out, None)
       errors = _max_errors((mask, aux["fg"], aux["bg"], aux["uc"]), aux, ref_out, ref_feat)
       print(f"float64 train={train} max abs errors:", errors)
-      assert max(errors.values()) <= 1e-6, errors
+      assert max(errors.values()) <= 1e-9, errors
       if train:
         ours = condseg.to_torch_state_dict({"params": v64["params"], **new_state})
         ref_state = net.state_dict()
@@ -455,17 +455,17 @@ def test_matches_reference_stage1(reference):
   with torch.no_grad():
     want = net.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
   with jax.default_matmul_precision("highest"):
-    mask, _ = compile_fn(lambda v, x: model.apply(v, x, train=False), variables,
-                         jnp.asarray(x))(variables, jnp.asarray(x))
+    mask, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables,
+                                                                 jnp.asarray(x))
   err = float(np.abs(np.asarray(mask) - want).max())
   print("stage1 float32 eval max abs error:", err)
   assert err <= 1e-4
   net.train()
   with torch.no_grad():
     want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
-  (mask, _), new_state = compile_fn(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables,
-      jnp.asarray(x))(variables, jnp.asarray(x))
+  (mask, _), new_state = jax.jit(
+      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+          variables, jnp.asarray(x))
   err = float(np.abs(np.asarray(mask) - want).max())
   ours = condseg.to_torch_state_dict({"params": variables["params"], **new_state})
   ref_state = net.state_dict()

@@ -89,6 +89,12 @@ def test_load_roundtrip_and_error_messages(tmp_path, caplog):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
 
+  # A checkpoint wrapped as {'state_dict': ...} with DataParallel's 'module.' prefix.
+  wrapped = {"state_dict": {"module." + k: v for k, v in state.items()}}
+  unwrapped, _ = resnet.load(variables, wrapped)
+  np.testing.assert_array_equal(unwrapped["params"]["conv1"]["kernel"],
+                                other["params"]["conv1"]["kernel"])
+
   missing = dict(state)
   del missing["layer2.0.bn1.running_var"]
   with pytest.raises(KeyError, match=r"layer2\.0\.bn1\.running_var"):

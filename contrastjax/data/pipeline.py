@@ -141,7 +141,7 @@ def train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: 
   ds = ds.apply(list(transforms)).map(SelectArrays())
   ds = ds.batch(local, drop_remainder=True)[p::n_proc]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=prefetch))
+                                            prefetch_buffer_size=max(prefetch, read_threads)))
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=prefetch))

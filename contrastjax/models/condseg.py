@@ -319,7 +319,7 @@ class ConDSeg(nn.Module):
     num_heads: CDFA heads (4).
     aux_widths: Auxiliary-head CBR widths (five entries: four x2 upsamplings).
     dtype: Compute dtype; parameters and BN statistics stay float32 and the returned
-      maps are float32.
+      maps are float32 (float64 for a float64 dtype).
   """
   stage_sizes: Sequence[int] = (3, 4, 6)
   stem_width: int = 64
@@ -389,7 +389,8 @@ class ConDSeg(nn.Module):
 
     logits = {"mask_logits": mask_logits, "fg_logits": fg_logits, "bg_logits": bg_logits,
               "uc_logits": uc_logits}
-    logits = {k: v.astype(jnp.float32) for k, v in logits.items()}
+    out_dtype = jnp.promote_types(dt, jnp.float32)
+    logits = {k: v.astype(out_dtype) for k, v in logits.items()}
     aux: dict[str, Any] = dict(logits)
     for name in _BRANCHES:
       aux[name] = nn.sigmoid(logits[f"{name}_logits"])
@@ -429,7 +430,7 @@ class ConDSegStage1(nn.Module):
     stem_width: Encoder stem width.
     base_width: Encoder ``layer1`` bottleneck width.
     head_width: Width of the head's 1x1 CBRs (64).
-    dtype: Compute dtype.
+    dtype: Compute dtype; the returned maps are float32 (float64 for a float64 dtype).
   """
   stage_sizes: Sequence[int] = (3, 4, 6)
   stem_width: int = 64
@@ -449,7 +450,7 @@ class ConDSegStage1(nn.Module):
     feats = {f"x{i + 1}": enc[f"layer{i}"] for i in range(4)}
     ups = [layers.upsample(feats[f"x{i + 1}"], 2**(i + 1)) for i in range(4)]
     logits = Stage1Head(self.head_width, dtype=self.dtype, name="head")(ups, train)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))
     return nn.sigmoid(logits), {"mask_logits": logits, "features": feats}
 
 

@@ -220,6 +220,9 @@ class ChannelAttention(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Reweights the channels of ``[B, H, W, C]`` input."""
     channels = x.shape[-1]
+    if channels < 16:
+      raise ValueError(f"ChannelAttention needs at least 16 channels (hidden width "
+                       f"C // 16), got {channels}")
     fc1 = Conv2d(channels // 16, 1, dtype=self.dtype, name="fc1")
     fc2 = Conv2d(channels, 1, dtype=self.dtype, name="fc2")
     avg = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -320,11 +323,16 @@ def unfold(x: Array, kernel_size: int, padding: int) -> Array:
     ``c*k*k + ki*k + kj`` holds ``x[b, i + ki - padding, j + kj - padding, c]``.
     ``H' = H + 2*padding - k + 1`` (likewise ``W'``).
   """
-  # HIGHEST: the patches are an identity convolution; lower precisions (TF32/bf16
-  # passes on accelerators) would round the copied values.
-  return lax.conv_general_dilated_patches(
-      x, (kernel_size, kernel_size), (1, 1), ((padding, padding), (padding, padding)),
-      dimension_numbers=_DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST)
+  # Pure data movement: k*k shifted views of the padded map, stacked as the last
+  # axis, so channel c*k*k + ki*k + kj comes out in PyTorch's order. (The identity
+  # convolution of ``lax.conv_general_dilated_patches`` computes the same values with
+  # C*C*k^4 multiply-adds per pixel: ~50x slower on CPU for the CDFA maps.)
+  b, h, w, c = x.shape
+  k = kernel_size
+  ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  views = [xp[:, ki:ki + ho, kj:kj + wo, :] for ki in range(k) for kj in range(k)]
+  return jnp.stack(views, axis=-1).reshape(b, ho, wo, c * k * k)
 
 
 def fold(cols: Array, output_size: tuple[int, int], kernel_size: int,
@@ -343,13 +351,22 @@ def fold(cols: Array, output_size: tuple[int, int], kernel_size: int,
   Returns:
     ``[B, H, W, C]``.
   """
-  k2 = kernel_size * kernel_size
+  k = kernel_size
+  k2 = k * k
   if cols.shape[-1] % k2:
     raise ValueError(f"fold: channel count {cols.shape[-1]} is not a multiple of k*k={k2}")
-  shape = (cols.shape[0], *output_size, cols.shape[-1] // k2)
-  transpose = jax.linear_transpose(lambda y: unfold(y, kernel_size, padding),
-                                   jax.ShapeDtypeStruct(shape, cols.dtype))
-  return transpose(cols)[0]
+  b, ho, wo, ck = cols.shape
+  h, w = output_size
+  if (ho, wo) != (h + 2 * padding - k + 1, w + 2 * padding - k + 1):
+    raise ValueError(f"fold: {ho}x{wo} windows do not tile an {h}x{w} map with "
+                     f"kernel {k} and padding {padding}")
+  cols = cols.reshape(b, ho, wo, ck // k2, k2)
+  # Sum of the k*k window entries, each padded back to its offset (pads and adds
+  # fuse into one loop; scatter-adds do not).
+  out = sum(jnp.pad(cols[..., ki * k + kj],
+                    ((0, 0), (ki, k - 1 - ki), (kj, k - 1 - kj), (0, 0)))
+            for ki in range(k) for kj in range(k))
+  return out[:, padding:padding + h, padding:padding + w, :]
 
 
 # ----------------------------------------------------------------------------- torch names
@@ -640,7 +657,7 @@ def to_state_dict(variables: Mapping[str, PyTree], names: TorchNames
   state: dict[str, np.ndarray] = {}
   for key, leaf in mapping.items():
     value = np.asarray(jax.device_get(flat[leaf.collection][leaf.path]))
-    state[key] = np.ascontiguousarray(_to_torch_layout(value, leaf.transform))
+    state[key] = np.array(_to_torch_layout(value, leaf.transform), order="C")  # writable
     if leaf.collection == "batch_stats" and key.endswith("running_mean"):
       state[key[:-len("running_mean")] + "num_batches_tracked"] = np.array(0, np.int64)
   return state

@@ -11,7 +11,6 @@ Flax variable names follow torchvision's (``conv1``, ``bn1``, ``layer2_0/conv2``
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,8 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastjax.models import layers
-
-logger = logging.getLogger(__name__)
 
 Array = jax.Array
 Dtype = Any
