@@ -333,21 +333,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 # ============================================================================= CLI
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, e.g. configs/condseg_kvasir.py:demo.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-
-
 def main(argv):
+  """Entry point of ``python -m contrastjax.train`` (flags are defined in __main__, so
+  importing this module from evaluate/benchmark/tests defines no flags)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/condseg_kvasir.py:demo")
-  if not _WORKDIR.value:
+  if not workdir:
     raise app.UsageError("--workdir is required")
   try:
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = train_and_evaluate(config, workdir)
   except DivergenceError as e:
     logging.error("%s", e)
     print(f"ERROR: {e}", file=sys.stderr)
@@ -358,5 +355,9 @@ def main(argv):
 if __name__ == "__main__":
   from contrastjax import platform  # pylint: disable=g-import-not-at-top
   platform.configure_cpu()
+  config_flags.DEFINE_config_file(
+      "config", None, "Training config file, e.g. configs/condseg_kvasir.py:demo.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
   jax.config.parse_flags_with_absl()
   app.run(main)

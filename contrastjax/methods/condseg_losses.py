@@ -205,7 +205,7 @@ def dice_bce(pred: Array, target: Array, *, from_logits: bool, double_sigmoid: b
 
 
 # --------------------------------------------------------------------------- stage 1
-def binary_consistency_loss(pred: Array, pred_aug: Array, *, from_logits: bool,
+def binary_consistency_loss(pred: Array, pred_aug: Array, *, from_logits: bool = False,
                             weights: Array | None = None) -> Array:
   """Reference ``BinaryConsistencyLoss`` (``utils/run_engine_stage1.py`` l.91-105).
 
@@ -221,7 +221,8 @@ def binary_consistency_loss(pred: Array, pred_aug: Array, *, from_logits: bool,
   Args:
     pred: clean-view prediction (logits or probabilities), ``[B, ...]``.
     pred_aug: augmented-view prediction, same shape and kind.
-    from_logits: whether the inputs are logits.
+    from_logits: whether the inputs are logits (default: probabilities, as the
+      reference).
     weights: optional per-example weights ``[B]``.
 
   Returns:

@@ -1,0 +1,466 @@
+r"""Train-step benchmark: the configured method's jitted, sharded step, optionally next
+to the reference PyTorch ConDSeg on the same batch and the same CPU.
+
+  python -m contrastjax.benchmark --config=configs/condseg_kvasir.py \
+      --config.batch_size=4 --config.data.image_size=256 --steps=10 \
+      [--reference_dir=/tmp/ConDSeg] [--xla_flags='--xla_cpu_...'] [--nocpu_flags] \
+      [--json_out=/tmp/bench.json]
+
+The JAX side goes through the real spine: ``contrastjax.train.build_machinery`` builds
+the optimizer, the state shardings and ``spine.CompiledSteps``; the train step is then
+lowered and compiled ahead of time (``.lower(state, batch).compile()``, so tracing and
+XLA compilation are timed separately) and run ``--steps`` times on one synthetic batch
+of the configured size (no dataset needed). Reported: state-init time, trace/lower and
+compile time, mean/median/min step time, images/s, the peak resident memory of the
+phase (``VmHWM``, reset per phase where the kernel allows it; ``ru_maxrss`` otherwise)
+and XLA's own memory analysis of the compiled step (temporaries, arguments, outputs).
+
+With ``--reference_dir`` (a checkout of github.com/Mengqi-Lei/ConDSeg) the reference
+``network/model.py`` ConDSeg is imported from that checkout (``resnet50`` with
+``pretrained=False``: nothing is downloaded) and its stage-2 train step is timed on the
+same batch: Adam(1e-4), the reference stage-2 loss of ``utils/run_engine.py`` (see
+:func:`reference_stage2_loss`), ``loss.backward(); opt.step()``, with
+``torch.set_num_threads(--threads)``. The ratio JAX / PyTorch of the median step times
+is printed.
+
+XLA flags are process-wide and read once, when the backend starts: ``--xla_flags`` is
+appended to ``$XLA_FLAGS`` before JAX initialises, and ``--cpu_flags`` (default on)
+adds ``contrastjax.platform.CPU_XLA_FLAGS`` as the trainer does. Compare flag settings
+by running the command once per setting.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import json
+import os
+import platform as py_platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+# Importing jax does not start its backend; XLA_FLAGS only has to be final before the
+# first computation (``set_xla_flags`` checks that).
+from contrastjax import parallel
+from contrastjax import train as train_lib
+from contrastjax.methods import get_method_class
+
+# The trainer defines ``--config`` (a config file, ``:ARG`` and ``--config.x=y``
+# overrides); absl allows one definition per process, so the benchmark shares it.
+_CONFIG = train_lib._CONFIG  # pylint: disable=protected-access
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (after the warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps run before timing.")
+_REFERENCE_DIR = flags.DEFINE_string(
+    "reference_dir", "", "Checkout of github.com/Mengqi-Lei/ConDSeg: also time its "
+    "PyTorch train step on the same batch.")
+_REFERENCE_STEPS = flags.DEFINE_integer(
+    "reference_steps", None, "Timed PyTorch steps (default: --steps).")
+_XLA_FLAGS = flags.DEFINE_string(
+    "xla_flags", "", "Extra XLA flags appended to $XLA_FLAGS before JAX starts.")
+_CPU_FLAGS = flags.DEFINE_bool(
+    "cpu_flags", True, "Add contrastjax.platform.CPU_XLA_FLAGS (as the trainer does).")
+_THREADS = flags.DEFINE_integer(
+    "threads", 0, "PyTorch intra-op threads (0: the CPUs this process may run on, which "
+    "is what XLA:CPU uses).")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the results to this file.")
+_DATA_SEED = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic batch.")
+
+
+# ----------------------------------------------------------------------------- helpers
+def set_xla_flags(extra: str = "", platform_defaults: bool = True) -> str:
+  """Makes ``$XLA_FLAGS`` final for this process and returns it.
+
+  Must run before the JAX backend starts (the first ``jax.devices()`` or computation);
+  raises if it already has, since the flags would then silently not apply.
+  """
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError("the JAX backend is already initialised; XLA flags cannot change")
+  if platform_defaults:
+    from contrastjax import platform  # pylint: disable=import-outside-toplevel
+    platform.configure_cpu(True)
+  if extra:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
+  return os.environ.get("XLA_FLAGS", "")
+
+
+def _proc_status_kib(field: str) -> int | None:
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+class PeakMemory:
+  """Peak resident memory of a phase of this process.
+
+  Resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5) at the start when
+  allowed, so ``peak_mib`` is the phase's own peak (``VmHWM``); otherwise it is the
+  process peak so far (``ru_maxrss``) and ``reset`` is False. ``start_mib`` is the
+  resident size when the phase began (libraries, earlier phases' live arrays).
+  """
+
+  def __init__(self):
+    self.reset = False
+    try:
+      with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+      self.reset = True
+    except OSError:
+      pass
+    self.start_mib = (_proc_status_kib("VmRSS") or 0) / 1024
+
+  def result(self) -> dict[str, Any]:
+    hwm = _proc_status_kib("VmHWM") if self.reset else None
+    if hwm is None:
+      hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = hwm / 1024
+    return {"peak_rss_mib": round(peak, 1), "start_rss_mib": round(self.start_mib, 1),
+            "phase_rss_increase_mib": round(peak - self.start_mib, 1),
+            "peak_is_phase_only": self.reset}
+
+
+def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A training batch shaped like the ConDSeg pipeline's: ``image`` in [0, 1)
+  ``[B, S, S, 3]``, a soft elliptical ``mask`` and ``background = 1 - mask``
+  ``[B, S, S, 1]``, ``index`` int32 ``[B]``."""
+  rng = np.random.default_rng(seed)
+  image = rng.random((batch_size, image_size, image_size, 3), dtype=np.float32)
+  yy, xx = np.meshgrid(np.linspace(-1, 1, image_size), np.linspace(-1, 1, image_size),
+                       indexing="ij")
+  masks = []
+  for _ in range(batch_size):
+    cy, cx = rng.uniform(-0.4, 0.4, 2)
+    ry, rx = rng.uniform(0.2, 0.5, 2)
+    r = ((yy - cy) / ry)**2 + ((xx - cx) / rx)**2
+    masks.append(np.clip((1.2 - r) / 0.4, 0.0, 1.0))
+  mask = np.stack(masks)[..., None].astype(np.float32)
+  return {"image": image, "mask": mask, "background": 1.0 - mask,
+          "index": np.arange(batch_size, dtype=np.int32)}
+
+
+def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
+  med = statistics.median(times)
+  return {"step_s_mean": statistics.fmean(times), "step_s_median": med,
+          "step_s_min": min(times), "step_s_max": max(times),
+          "step_s_stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
+          "images_per_s": batch_size / med, "steps": len(times)}
+
+
+def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+  """Runs ``step`` ``warmup`` times, then returns ``steps`` wall-clock durations.
+
+  ``step`` must block until its work is done.
+  """
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+# ----------------------------------------------------------------------------- JAX
+def run_jax(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray],
+            steps: int, warmup: int) -> dict[str, Any]:
+  """Builds the configured method's train step through the spine and times it."""
+  memory = PeakMemory()
+  mesh = parallel.make_mesh(config.get("mesh"))
+  jax.set_mesh(mesh)
+  parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+  method = get_method_class(config.method)(config)
+  rng = jax.random.PRNGKey(config.seed)
+  batch = parallel.host_to_global(batch_np, mesh)
+
+  t0 = time.perf_counter()
+  machinery = train_lib.build_machinery(config, method, mesh, rng, batch, total_steps=1000)
+  state = jax.jit(machinery.create, out_shardings=machinery.state_sharding)(rng, batch)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  lowered = machinery.compiled.train_step.lower(state, batch)
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  executable = lowered.compile()
+  compile_s = time.perf_counter() - t0
+
+  box = [state]
+  losses = []
+
+  def step():
+    new_state, metrics = executable(box[0], batch)
+    box[0] = new_state
+    losses.append(metrics["loss"])
+    jax.block_until_ready((new_state, metrics))
+
+  t_first = time.perf_counter()
+  step()
+  first_step_s = time.perf_counter() - t_first
+  times = time_steps(step, steps, max(warmup - 1, 0))
+  out = {"init_s": init_s, "trace_lower_s": lower_s, "compile_s": compile_s,
+         "first_step_s": first_step_s, **_summary(times, config.batch_size),
+         "losses": [float(x) for x in jax.device_get(losses)], "times": times}
+  out.update(memory.result())
+  try:
+    analysis = executable.memory_analysis()
+    if analysis is not None:
+      out["xla_memory_mib"] = {
+          k: round(getattr(analysis, f"{k}_size_in_bytes") / 2**20, 1)
+          for k in ("temp", "argument", "output", "alias", "generated_code")
+          if hasattr(analysis, f"{k}_size_in_bytes")}
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    pass
+  try:
+    cost = executable.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:
+      out["xla_gflops_per_step"] = float(cost["flops"]) / 1e9
+  except Exception:  # pylint: disable=broad-except
+    pass
+  devices = jax.devices()
+  out["devices"] = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+  stats = devices[0].memory_stats()
+  if stats:
+    out["device_peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+  del box, state, executable, lowered, machinery, batch
+  return out
+
+
+# ----------------------------------------------------------------------------- PyTorch
+@contextlib.contextmanager
+def _on_path(path: str):
+  sys.path.insert(0, path)
+  try:
+    yield
+  finally:
+    sys.path.remove(path)
+
+
+def load_reference(reference_dir: str):
+  """Imports the reference ``network/model.py`` from a ConDSeg checkout.
+
+  Its ``from resnet import resnet50`` needs ``network/`` on ``sys.path``; the reference
+  ``resnet50()`` defaults to downloading ImageNet weights, so the module's ``resnet50``
+  is replaced by ``resnet50(pretrained=False)``. The imported modules are removed from
+  ``sys.modules`` again (their names, ``model`` and ``resnet``, are generic).
+
+  Returns:
+    ``(torch, model_module)``.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  network = os.path.join(os.path.abspath(os.path.expanduser(reference_dir)), "network")
+  if not os.path.isfile(os.path.join(network, "model.py")):
+    raise FileNotFoundError(f"--reference_dir={reference_dir} has no network/model.py "
+                            "(expected a checkout of github.com/Mengqi-Lei/ConDSeg)")
+  names = ("resnet", "model")
+  saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+  try:
+    with _on_path(network):
+      ref_resnet, ref_model = map(importlib.import_module, names)
+  finally:
+    for n in names:
+      sys.modules.pop(n, None)
+    sys.modules.update(saved)
+  ref_model.resnet50 = functools.partial(ref_resnet.resnet50, pretrained=False)
+  return torch, ref_model
+
+
+def reference_stage2_loss(torch, outputs, y, y_bg):
+  """The reference stage-2 loss (``utils/run_engine.py`` l.115-131, ``utils/metrics.py``
+  ``DiceBCELoss``), written from the spec (``shared/specs/condseg.md`` §2.2).
+
+  ``DiceBCE(p, t) = BCE(s, t) + 1 - (2 Σ s t + 1) / (Σ s + Σ t + 1)`` with
+  ``s = sigmoid(p)`` (the reference applies it to the model's sigmoid outputs);
+  ``L = DiceBCE(mask, y) + β1 DiceBCE(fg, y) + β2 DiceBCE(bg, y_bg) + L_compl``,
+  ``β = 1 / (tanh(Σ_{b,h,w} map / (H W)) + 1e-15)`` (not detached) and
+  ``L_compl = Σ (P_fg P_bg + P_fg P_uc + P_bg P_uc) / (B H W)`` with ``P`` the softmax
+  over the three stacked sigmoid maps.
+  """
+  functional = torch.nn.functional
+  mask, fg, bg, uc = outputs
+
+  def dice_bce(pred, target):
+    s = torch.sigmoid(pred).reshape(-1)
+    t = target.reshape(-1)
+    dice = 1 - (2 * (s * t).sum() + 1) / (s.sum() + t.sum() + 1)
+    return functional.binary_cross_entropy(s, t) + dice
+
+  hw = fg.shape[2] * fg.shape[3]
+  beta1 = 1 / (torch.tanh(fg.sum() / hw) + 1e-15)
+  beta2 = 1 / (torch.tanh(bg.sum() / hw) + 1e-15)
+  probs = functional.softmax(torch.stack([fg, bg, uc], dim=1), dim=1)
+  p_fg, p_bg, p_uc = probs[:, 0], probs[:, 1], probs[:, 2]
+  compl = (p_fg * p_bg + p_fg * p_uc + p_bg * p_uc).sum() / (fg.shape[0] * hw)
+  return dice_bce(mask, y) + beta1 * dice_bce(fg, y) + beta2 * dice_bce(bg, y_bg) + compl
+
+
+def run_reference(reference_dir: str, batch_np: dict[str, np.ndarray], steps: int,
+                  warmup: int, threads: int) -> dict[str, Any]:
+  """Times the reference PyTorch ConDSeg stage-2 train step on ``batch_np``."""
+  memory = PeakMemory()
+  torch, ref_model = load_reference(reference_dir)
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  height, width = batch_np["image"].shape[1:3]
+  net = ref_model.ConDSeg(H=height, W=width).train()
+  opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+  x, y, y_bg = nchw(batch_np["image"]), nchw(batch_np["mask"]), nchw(batch_np["background"])
+  losses = []
+
+  def step():
+    opt.zero_grad()
+    loss = reference_stage2_loss(torch, net(x), y, y_bg)
+    loss.backward()
+    opt.step()
+    losses.append(float(loss.detach()))
+
+  t_first = time.perf_counter()
+  step()
+  first_step_s = time.perf_counter() - t_first
+  times = time_steps(step, steps, max(warmup - 1, 0))
+  out = {"first_step_s": first_step_s, **_summary(times, batch_np["image"].shape[0]),
+         "losses": losses, "times": times, "torch_threads": torch.get_num_threads(),
+         "torch": torch.__version__,
+         "params": sum(p.numel() for p in net.parameters())}
+  out.update(memory.result())
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+def machine_info() -> dict[str, Any]:
+  """CPU model, usable cores, RAM, library versions, load averages."""
+  cpu = py_platform.processor()
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  mem_kib = None
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      mem_kib = int(f.readline().split()[1])
+  except (OSError, ValueError, IndexError):
+    pass
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  info = {"cpu": cpu, "cores": _usable_cores(), "ram_gib": round((mem_kib or 0) / 2**20, 1),
+          "python": py_platform.python_version(), "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__}
+  return info
+
+
+def _usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _fmt_s(x: float) -> str:
+  return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
+
+
+def format_report(result: dict[str, Any]) -> str:
+  """Human-readable summary of :func:`run`'s result."""
+  m, j = result["machine"], result["jax"]
+  lines = [
+      f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; jax {m['jax']} "
+      f"(jaxlib {m['jaxlib']})" + (f", torch {result['torch']['torch']}"
+                                   if "torch" in result else ""),
+      f"load average before/after: {result['load_before']} / {result['load_after']}",
+      f"XLA_FLAGS: {result['xla_flags'] or '(none)'}",
+      f"config: method={result['method']} batch={result['batch_size']} "
+      f"image={result['image_size']} model={result['model']}",
+      f"JAX ({j['devices']}): init {_fmt_s(j['init_s'])}, trace+lower "
+      f"{_fmt_s(j['trace_lower_s'])}, compile {_fmt_s(j['compile_s'])}, first step "
+      f"{_fmt_s(j['first_step_s'])}",
+      f"  step: mean {_fmt_s(j['step_s_mean'])}, median {_fmt_s(j['step_s_median'])}, "
+      f"min {_fmt_s(j['step_s_min'])} over {j['steps']} steps; "
+      f"{j['images_per_s']:.2f} images/s",
+      f"  memory: peak RSS {j['peak_rss_mib']} MiB (phase increase "
+      f"{j['phase_rss_increase_mib']} MiB)"
+      + (f"; XLA {j['xla_memory_mib']}" if "xla_memory_mib" in j else "")
+      + (f"; {j['xla_gflops_per_step']:.1f} GFLOP/step" if "xla_gflops_per_step" in j
+         else ""),
+  ]
+  if "torch" in result:
+    t = result["torch"]
+    lines += [
+        f"PyTorch reference ({t['torch_threads']} threads): first step "
+        f"{_fmt_s(t['first_step_s'])}",
+        f"  step: mean {_fmt_s(t['step_s_mean'])}, median {_fmt_s(t['step_s_median'])}, "
+        f"min {_fmt_s(t['step_s_min'])} over {t['steps']} steps; "
+        f"{t['images_per_s']:.2f} images/s",
+        f"  memory: peak RSS {t['peak_rss_mib']} MiB (phase increase "
+        f"{t['phase_rss_increase_mib']} MiB)",
+        f"ratio JAX / PyTorch (median step time): {result['ratio_jax_over_torch']:.3f}",
+    ]
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
+        reference_dir: str = "", reference_steps: int | None = None, threads: int = 0,
+        data_seed: int = 0) -> dict[str, Any]:
+  """Runs the benchmark and returns the results as a JSON-able dict.
+
+  Set XLA flags (:func:`set_xla_flags`) before calling: this starts the JAX backend.
+  """
+  if steps < 1:
+    raise ValueError(f"steps must be at least 1, got {steps}")
+  threads = threads or _usable_cores()
+  image_size = int(config.data.image_size)
+  batch_np = synthetic_batch(int(config.batch_size), image_size, data_seed)
+  result: dict[str, Any] = {
+      "machine": machine_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "method": config.method, "batch_size": int(config.batch_size),
+      "image_size": image_size, "model": config.model.to_dict(),
+      "load_before": [round(x, 2) for x in os.getloadavg()]}
+  result["jax"] = run_jax(config, batch_np, steps, warmup)
+  if reference_dir:
+    if config.method != "condseg":
+      raise ValueError(f"--reference_dir times the reference stage-2 ConDSeg; the config's "
+                       f"method is {config.method!r}")
+    result["torch"] = run_reference(reference_dir, batch_np, reference_steps or steps,
+                                    warmup, threads)
+    result["ratio_jax_over_torch"] = (result["jax"]["step_s_median"] /
+                                      result["torch"]["step_s_median"])
+  result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/condseg_kvasir.py")
+  set_xla_flags(_XLA_FLAGS.value, _CPU_FLAGS.value)
+  result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+               reference_dir=_REFERENCE_DIR.value, reference_steps=_REFERENCE_STEPS.value,
+               threads=_THREADS.value, data_seed=_DATA_SEED.value)
+  print(format_report(result), flush=True)
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

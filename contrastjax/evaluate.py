@@ -1,0 +1,212 @@
+r"""Evaluate a trained run: restore a checkpoint, run the evaluators, save predictions.
+
+  python -m contrastjax.evaluate --config=configs/condseg_kvasir.py:demo \
+      --workdir=/tmp/condseg_demo [--checkpoint=best|latest|STEP] [--splits=val,test] \
+      [--save_predictions=64] [--original_resolution]
+
+Prints a metrics table and writes, under ``<workdir>/eval/<checkpoint>_<step>/``:
+``metrics.json``, and per split ``<split>/masks/<name>.png`` (binarised predictions) and
+``<split>/overlays/<name>.png`` (image | ground truth | prediction side by side).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from contrastjax import checkpoint as ckpt_lib
+from contrastjax import evaluators as evaluators_lib
+from contrastjax import parallel
+from contrastjax import train as train_lib
+from contrastjax.data import builder as data_builder
+from contrastjax.data import transforms as data_transforms
+from contrastjax.evaluators import binary_seg
+from contrastjax.methods import get_method_class
+
+
+class _PredictionSaver:
+  """``on_batch`` callback: writes masks and overlays of valid examples (process 0)."""
+
+  def __init__(self, out_dir: str, source, limit: int, threshold: float,
+               channel_order: str):
+    self.out_dir, self.source, self.limit = out_dir, source, limit
+    self.threshold, self.channel_order = threshold, channel_order
+    self.saved = 0
+    os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
+
+  def _name(self, index: int) -> str:
+    names = getattr(self.source, "names", None)
+    name = names[index] if names is not None else f"{index:06d}"
+    return os.path.basename(str(name))
+
+  def __call__(self, batch, outputs) -> None:
+    from contrastjax import visualize  # pylint: disable=g-import-not-at-top
+    valid = np.asarray(batch["valid"]).astype(bool)
+    prob = np.asarray(outputs["prob"])[..., 0]
+    for r in np.flatnonzero(valid):
+      index = int(batch["index"][r])
+      name = self._name(index)
+      pred = prob[r] > self.threshold
+      visualize.save_mask_png(os.path.join(self.out_dir, "masks", name + ".png"), pred)
+      if self.saved < self.limit:
+        image = np.asarray(batch["image"][r])
+        if self.channel_order == "bgr":
+          image = image[..., ::-1]
+        visualize.save_overlay_png(
+            os.path.join(self.out_dir, "overlays", name + ".png"), image,
+            np.asarray(batch["mask"][r])[..., 0] > 0.5, pred)
+        self.saved += 1
+
+
+class _OriginalResolution:
+  """``on_batch`` callback: metrics with the prediction resized (bilinear) to each
+  image's original size and scored against the original, un-resized mask."""
+
+  def __init__(self, source, threshold: float):
+    self.source, self.threshold = source, threshold
+    self.sums = {k: 0.0 for k in binary_seg.METRIC_NAMES}
+    self.count = 0.0
+
+  def __call__(self, batch, outputs) -> None:
+    valid = np.asarray(batch["valid"]).astype(bool)
+    prob = np.asarray(outputs["prob"])[..., 0]
+    for r in np.flatnonzero(valid):
+      raw = self.source[int(batch["index"][r])]
+      gt = np.asarray(raw["mask"], np.float32) / 255.0
+      p = data_transforms.resize_bilinear(prob[r][..., None], gt.shape[:2])[..., 0]
+      scores = binary_seg.binary_metrics(p[None], gt[None], self.threshold)
+      for k in self.sums:
+        self.sums[k] += float(scores[k][0])
+      self.count += 1
+
+  def results(self, prefix: str) -> dict[str, float]:
+    sums = parallel.process_sum(dict(self.sums, count=self.count))
+    n = max(float(sums["count"]), 1.0)
+    return {f"{prefix}/orig_res/{name}": float(sums[k]) / n
+            for k, name in binary_seg.METRIC_NAMES.items()}
+
+
+def evaluate(config, workdir: str, *, checkpoint: str = "best", splits=None,
+             save_predictions: int = 32, original_resolution: bool = False,
+             output_dir: str | None = None) -> dict[str, float]:
+  """Restores ``checkpoint`` of ``workdir`` and evaluates it on ``splits``."""
+  parallel.maybe_initialize_distributed()
+  mesh = parallel.make_mesh(config.get("mesh"))
+  jax.set_mesh(mesh)
+  local_batch = parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
+  eval_batch = config.get("eval_batch_size", config.batch_size)
+  local_eval = parallel.check_batch_size(eval_batch, mesh, "config.eval_batch_size")
+  inputs = data_builder.build(config, local_batch_size=local_batch,
+                              local_eval_batch_size=local_eval)
+  evals_cfg = dict(config.get("evals") or {})
+  if splits is None:
+    splits = [e.get("split", n) for n, e in evals_cfg.items()] or ["val"]
+  unknown = [s for s in splits if s not in inputs.spec.sources]
+  if unknown:
+    raise ValueError(f"--splits {unknown} not in the dataset; have "
+                     f"{sorted(inputs.spec.sources)}")
+
+  method = get_method_class(config.method)(config)
+  rng = jax.random.PRNGKey(config.seed)
+  example = next(iter(inputs.train))
+  global_example = parallel.host_to_global(example, mesh)
+  total = train_lib.resolve_steps(config, inputs.num_train)["total"]
+  m = train_lib.build_machinery(config, method, mesh, rng, global_example, total)
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    state, _, step = ckpt.restore(m.abstract, step=checkpoint)
+  finally:
+    ckpt.close()
+  logging.info("evaluating %s checkpoint (step %d) of %s", checkpoint, step, workdir)
+
+  out_dir = output_dir or os.path.join(os.path.abspath(workdir), "eval",
+                                       f"{checkpoint}_{step}")
+  template = next(iter(evals_cfg.values()), {"type": "binary_seg"})
+  threshold = float(template.get("threshold", 0.5))
+  results: dict[str, float] = {"step": float(step)}
+
+  def predict_np(batch_np):
+    out = m.compiled.predict(state, parallel.host_to_global(batch_np, mesh))
+    return parallel.global_to_local(out, mesh)
+
+  def loss_np(batch_np):
+    return float(jax.device_get(m.compiled.eval_loss(
+        state, parallel.host_to_global(batch_np, mesh))))
+
+  for split in splits:
+    source = inputs.spec.sources[split]
+    callbacks = []
+    if save_predictions and jax.process_index() == 0:
+      callbacks.append(_PredictionSaver(
+          os.path.join(out_dir, split), source, save_predictions, threshold,
+          config.data.get("channel_order", "rgb")))
+    orig = _OriginalResolution(source, threshold) if original_resolution else None
+    if orig is not None:
+      callbacks.append(orig)
+    ecfg = dict(template)
+    ecfg.pop("on_batch", None)
+    ev = evaluators_lib.build(
+        ecfg, predict_fn=predict_np,
+        batches_fn=lambda s=split: inputs.eval_batches(s), loss_fn=loss_np,
+        prefix=split, reduce_fn=parallel.process_sum)
+    ev.on_batch = (lambda b, o, cbs=tuple(callbacks): [cb(b, o) for cb in cbs])
+    for k, v in ev.run():
+      results[k] = float(v)
+    if orig is not None:
+      results.update(orig.results(split))
+
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+      json.dump(dict(results, checkpoint=checkpoint, workdir=os.path.abspath(workdir)),
+                f, indent=2, sort_keys=True)
+    width = max(len(k) for k in results)
+    print(f"{'metric':<{width}}  value")
+    for k, v in results.items():
+      print(f"{k:<{width}}  {v:.4f}" if k != "step" else f"{k:<{width}}  {int(v)}")
+    print(f"written to {out_dir}")
+  return results
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file("config", None, "Config of the run.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Workdir of the run to evaluate.")
+  flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step.")
+  flags.DEFINE_list("splits", None, "Splits to evaluate (default: config.evals).")
+  flags.DEFINE_integer("save_predictions", 32,
+                       "Overlays to save per split (masks are saved for all images); 0 "
+                       "saves nothing.")
+  flags.DEFINE_bool("original_resolution", False,
+                    "Also score predictions resized to each image's original size.")
+  flags.DEFINE_string("output_dir", None, "Where to write (default: WORKDIR/eval/...).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if f.config is None or not f.workdir:
+    raise app.UsageError("--config and --workdir are required")
+  try:
+    evaluate(f.config, f.workdir, checkpoint=f.checkpoint, splits=f.splits,
+             save_predictions=f.save_predictions,
+             original_resolution=f.original_resolution, output_dir=f.output_dir)
+  except FileNotFoundError as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from contrastjax import platform  # pylint: disable=g-import-not-at-top
+  platform.configure_cpu()
+  _define_flags()
+  jax.config.parse_flags_with_absl()
+  app.run(main)
