@@ -46,6 +46,7 @@ from absl import app
 from absl import flags
 import jax
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
 # Importing jax does not start its backend; XLA_FLAGS only has to be final before the
@@ -54,9 +55,9 @@ from contrastjax import parallel
 from contrastjax import train as train_lib
 from contrastjax.methods import get_method_class
 
-# The trainer defines ``--config`` (a config file, ``:ARG`` and ``--config.x=y``
-# overrides); absl allows one definition per process, so the benchmark shares it.
-_CONFIG = train_lib._CONFIG  # pylint: disable=protected-access
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config, e.g. configs/condseg_kvasir.py (any :ARG works).",
+    lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (after the warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps run before timing.")
 _REFERENCE_DIR = flags.DEFINE_string(
