@@ -133,13 +133,8 @@ def evaluate(config, workdir: str, *, checkpoint: str = "best", splits=None,
   threshold = float(template.get("threshold", 0.5))
   results: dict[str, float] = {"step": float(step)}
 
-  def predict_np(batch_np):
-    out = m.compiled.predict(state, parallel.host_to_global(batch_np, mesh))
-    return parallel.global_to_local(out, mesh)
-
-  def loss_np(batch_np):
-    return float(jax.device_get(m.compiled.eval_loss(
-        state, parallel.host_to_global(batch_np, mesh))))
+  predict_np, loss_np = train_lib.make_eval_fns(m.compiled, mesh, lambda: state,
+                                                with_loss=True)
 
   for split in splits:
     source = inputs.spec.sources[split]

@@ -126,6 +126,29 @@ def build_machinery(config: ml_collections.ConfigDict, method, mesh, rng,
   return Machinery(tx, plateau_tx, create, abstract, state_sharding, compiled)
 
 
+def make_eval_fns(compiled: spine.CompiledSteps, mesh, get_state, *, with_loss: bool):
+  """Host-side ``predict_fn(batch) -> numpy outputs`` and ``loss_fn(batch) -> float``
+  for evaluators. With the loss, both come from one compiled ``eval_step`` call per
+  batch (the loss is kept for the ``loss_fn`` call on the same batch)."""
+  last: dict[str, Any] = {}
+
+  def predict_fn(batch_np):
+    gb = parallel.host_to_global(batch_np, mesh)
+    if with_loss:
+      out, loss = compiled.eval_step(get_state(), gb)
+      last.update(batch=batch_np, loss=loss)
+    else:
+      out = compiled.predict(get_state(), gb)
+    return parallel.global_to_local(out, mesh)
+
+  def loss_fn(batch_np):
+    if last.get("batch") is not batch_np:  # not the batch just predicted: compute it
+      predict_fn(batch_np)
+    return float(jax.device_get(last.pop("loss")))
+
+  return predict_fn, (loss_fn if with_loss else None)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming if possible) and returns the last evaluation's metrics."""
   # ===================================================================== devices
@@ -178,21 +201,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   first_step = int(jax.device_get(state.step))
 
   # ===================================================================== evaluators
-  def make_predict(fn):
-    def predict_np(batch_np):
-      out = fn(state_box[0], parallel.host_to_global(batch_np, mesh))
-      return parallel.global_to_local(out, mesh)
-    return predict_np
-
   state_box = [state]  # evaluators always see the current state
   evals = {}
   for name, ecfg in (config.get("evals") or {}).items():
-    loss_fn = None
-    if ecfg.get("with_loss", True):
-      loss_fn = lambda b: float(jax.device_get(compiled.eval_loss(  # noqa: E731
-          state_box[0], parallel.host_to_global(b, mesh))))
+    predict_fn, loss_fn = make_eval_fns(compiled, mesh, lambda: state_box[0],
+                                        with_loss=ecfg.get("with_loss", True))
     evals[name] = evaluators_lib.build(
-        ecfg, predict_fn=make_predict(compiled.predict),
+        ecfg, predict_fn=predict_fn,
         batches_fn=functools.partial(inputs.eval_batches, ecfg.get("split", name)),
         loss_fn=loss_fn, prefix=ecfg.get("prefix", name), reduce_fn=parallel.process_sum)
 
