@@ -63,6 +63,38 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _SampleCollector:
+  """Keeps the first evaluation examples of segmentation methods (``image``, ``mask``
+  and predicted ``prob``) and writes them as overlays to TensorBoard and a PNG."""
+
+  def __init__(self, n: int):
+    self.n, self.rows = n, []
+
+  def __call__(self, batch, outputs) -> None:
+    if len(self.rows) >= self.n or "prob" not in outputs or "mask" not in batch:
+      return
+    for r in np.flatnonzero(np.asarray(batch["valid"]).astype(bool)):
+      if len(self.rows) >= self.n:
+        break
+      self.rows.append((np.asarray(batch["image"][r]), np.asarray(batch["mask"][r]),
+                        np.asarray(outputs["prob"][r])))
+
+  def write(self, writer, step: int, tag: str, path: str, channel_order: str) -> None:
+    if not self.rows or not writer.active:
+      return
+    from contrastjax import visualize  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    panels = []
+    for image, mask, prob in self.rows:
+      if channel_order == "bgr":
+        image = image[..., ::-1]
+      panels.append(visualize.overlay(image, mask[..., 0] > 0.5, prob[..., 0] > 0.5))
+    grid = np.concatenate(panels, axis=0)
+    writer.write_images(step, {tag: grid})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
 def resolve_steps(config: ml_collections.ConfigDict, num_train: int) -> dict[str, int]:
   """Turns ``*_epochs`` / ``*_steps`` settings into step counts."""
   steps_per_epoch = max(num_train // config.batch_size, 1)
@@ -216,13 +248,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   plateau_monitor = (config.get("plateau") or {}).get("monitor", None)
   early_patience = int(config.get("early_stop_patience", 0) or 0)
 
+  num_samples = int(config.get("eval_samples", 4)) if is_chief else 0
+
   def run_evals(step: int) -> dict[str, float]:
     state_box[0] = state
     results: dict[str, float] = {}
     for name, ev in evals.items():
       t0 = time.time()
+      samples = _SampleCollector(num_samples)
+      if hasattr(ev, "on_batch") and ev.on_batch is None:
+        ev.on_batch = samples
       for k, v in ev.run():
         results[k] = float(v)
+      if ev.on_batch is samples:
+        ev.on_batch = None
+        samples.write(writer, step, f"{name}/samples",
+                      os.path.join(workdir, "samples", f"{name}_{step:08d}.png"),
+                      config.get("data", {}).get("channel_order", "rgb"))
       results[f"{name}/eval_seconds"] = time.time() - t0
     return results
 
