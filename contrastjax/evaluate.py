@@ -187,6 +187,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train_lib.quiet_library_logs()
   f = flags.FLAGS
   if f.config is None or not f.workdir:
     raise app.UsageError("--config and --workdir are required")

@@ -38,6 +38,9 @@ from contrastjax.data import builder as data_builder
 from contrastjax.methods import get_method_class
 
 
+_PROCESS_START = time.time()
+
+
 class DivergenceError(RuntimeError):
   """Raised when the training loss becomes NaN or Inf."""
 
@@ -279,6 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list[tuple[int, Any]] = []  # (step, metrics) not yet checked for NaN
   last_good_ckpt = ckpt.latest_step()
   t_last, imgs_since = time.time(), 0
+  t_start = _PROCESS_START
   last_eval: dict[str, float] = dict(loop_state.get("last_eval") or {})
   stop_reason = None
 
@@ -319,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         scalars = {f"train/{k}": v for k, v in metrics.items()}
         scalars["train/images_per_sec"] = imgs_since / max(dt, 1e-9)
         scalars["train/epoch"] = step / steps["steps_per_epoch"]
+        scalars["train/elapsed_s"] = time.time() - t_start  # since this process started
         vals = writer.write_scalars(step, scalars)
         t_last, imgs_since = time.time(), 0
         if progress is not None:
@@ -390,11 +395,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 # ============================================================================= CLI
+class _QuietLibraries:
+  """absl logging filter: drops INFO lines of orbax/grain (dozens per checkpoint) so
+  the progress bar and our own messages stay readable; warnings still show."""
+
+  def filter(self, record) -> bool:
+    noisy = ("/orbax/", "/grain/", "/tensorstore/")
+    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
+def quiet_library_logs() -> None:
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  std_logging.getLogger("absl").addFilter(_QuietLibraries())
+
+
 def main(argv):
   """Entry point of ``python -m contrastjax.train`` (flags are defined in __main__, so
   importing this module from evaluate/benchmark/tests defines no flags)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/condseg_kvasir.py:demo")
