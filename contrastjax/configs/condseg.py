@@ -27,8 +27,8 @@ from contrastjax.data.medseg import DATASETS
 # Reference defaults of the model (network/model.py); the demo shrinks them.
 FULL_MODEL = dict(stage_sizes=(3, 4, 6), stem_width=64, base_width=64, dim=128,
                   decouple_mid=512, num_heads=4, aux_widths=(256, 256, 128, 64, 64))
-DEMO_MODEL = dict(stage_sizes=(1, 1, 1), stem_width=16, base_width=16, dim=32,
-                  decouple_mid=64, num_heads=4, aux_widths=(32, 32, 32, 16, 16))
+DEMO_MODEL = dict(stage_sizes=(1, 1, 1), stem_width=16, base_width=16, dim=16,
+                  decouple_mid=32, num_heads=4, aux_widths=(16, 16, 16, 8, 8))
 
 
 def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -54,6 +54,7 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
   c.data.augment = "stage1" if a.stage1 else "stage2"  # albumentations presets
   c.data.augment_background = not a.paper  # reference: background target not augmented
   c.data.channel_order = "bgr" if a.paper else "rgb"  # reference: cv2.imread BGR, /255
+  c.data.dropout_hole_size = 32      # CoarseDropout(max_holes=10, 32x32) at original size
   c.data.worker_count = 0            # grain worker processes (reference: 8 loader workers)
 
   # ------------------------------------------------------------------ model
@@ -108,16 +109,20 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.data.image_size = 64
     c.data.source_size = 64
     c.data.contrast = 0.5
+    c.data.dropout_hole_size = 4     # 32 px of a ~500 px frame, scaled to 64 px
     c.data.data_seed = 1234
     for k, v in DEMO_MODEL.items():
       if k in c.model:
         c.model[k] = v
-    c.batch_size = 16
+    c.batch_size = 8
     c.eval_batch_size = 32
     c.total_epochs = 0
-    c.total_steps = 600
-    c.optimizer.lr = 1e-3
-    c.plateau.patience = 5
+    c.total_steps = 800
+    # A short run wants a decaying learning rate rather than the plateau schedule.
+    c.optimizer.lr = 2e-3
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.warmup_steps = 50
+    c.plateau.monitor = ""
     c.eval_every_epochs = 0
     c.eval_every_steps = 100
     c.early_stop_patience = 0

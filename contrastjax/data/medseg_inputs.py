@@ -14,6 +14,7 @@
 * ``augment_background``: True (fix) = background target ``1 - mask`` after augmentation;
   False (reference) = background from the un-augmented mask;
 * ``channel_order``: ``'rgb'`` (ours) or ``'bgr'`` (reference, cv2.imread);
+* ``dropout_hole_size``: CoarseDropout hole side in original-image pixels (reference 32);
 * synthetic only: ``num_train``, ``num_val``, ``num_test``, ``source_size`` (generated
   size, default ``image_size``), ``contrast``.
 """
@@ -33,7 +34,8 @@ def _transforms(dcfg) -> tuple[list, list]:
   order = dcfg.get("channel_order", "rgb")
   train = T.train_transforms(size, dcfg.get("augment", "stage2"),
                              augment_background=bool(dcfg.get("augment_background", True)),
-                             channel_order=order)
+                             channel_order=order,
+                             dropout_hole_size=int(dcfg.get("dropout_hole_size", 32)))
   return train, T.eval_transforms(size, channel_order=order)
 
 

@@ -338,8 +338,8 @@ class ToFloat(grain.transforms.Map):
 # ------------------------------------------------------------------------------------------------
 
 
-def geometric_augment(name: str = 'stage2', *,
-                      augment_background: bool = True) -> list[grain.transforms.Transformation]:
+def geometric_augment(name: str = 'stage2', *, augment_background: bool = True,
+                      dropout_hole_size: int = 32) -> list[grain.transforms.Transformation]:
   """The reference's albumentations geometric augmentation, plus the background target.
 
   * ``'stage1'`` (``train_stage1.py``): Rotate(90, p=.5), HorizontalFlip(.5), VerticalFlip(.5),
@@ -353,16 +353,20 @@ def geometric_augment(name: str = 'stage2', *,
     augment_background: True (default, the fix): ``background = 255 - mask`` after the
       augmentation. False (reference behaviour, spec §2.4): background from the original mask,
       not rotated/flipped.
+    dropout_hole_size: Side of the CoarseDropout holes in pixels of the original image (the
+      reference's 32 suits its ~500-600 px frames; small synthetic images need smaller holes,
+      or 10 holes of 32x32 erase most of a 64x64 image).
 
   Returns:
     Transforms producing ``image``, ``mask`` and ``background`` at the original resolution.
   """
+  h = int(dropout_hole_size)
   if name == 'stage1':
     ops = [Rotate(90, 0.5), HorizontalFlip(0.5), VerticalFlip(0.5),
-           CoarseDropout(0.3, max_holes=10, max_height=32, max_width=32)]
+           CoarseDropout(0.3, max_holes=10, max_height=h, max_width=h)]
   elif name == 'stage2':
     ops = [Rotate(35, 0.3), HorizontalFlip(0.3), VerticalFlip(0.3),
-           CoarseDropout(0.3, max_holes=10, max_height=32, max_width=32)]
+           CoarseDropout(0.3, max_holes=10, max_height=h, max_width=h)]
   elif name == 'none':
     ops = []
   else:
@@ -373,8 +377,8 @@ def geometric_augment(name: str = 'stage2', *,
 
 
 def train_transforms(image_size: int | Sequence[int], augment: str = 'stage2', *,
-                     augment_background: bool = True,
-                     channel_order: str = 'rgb') -> list[grain.transforms.Transformation]:
+                     augment_background: bool = True, channel_order: str = 'rgb',
+                     dropout_hole_size: int = 32) -> list[grain.transforms.Transformation]:
   """Full per-example training chain: augmentation, resize, float conversion.
 
   Args:
@@ -386,7 +390,8 @@ def train_transforms(image_size: int | Sequence[int], augment: str = 'stage2', *
   Returns:
     Transforms for :func:`contrastjax.data.pipeline.train_dataset`.
   """
-  return [*geometric_augment(augment, augment_background=augment_background),
+  return [*geometric_augment(augment, augment_background=augment_background,
+                             dropout_hole_size=dropout_hole_size),
           Resize(image_size), ToFloat(channel_order)]
 
 
