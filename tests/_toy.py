@@ -113,3 +113,18 @@ def toy_config(**overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
+
+
+def run_steps(method, config, mesh, batch_np, n: int = 2):
+  """Initialises ``method`` through the real spine on ``mesh`` and runs ``n`` jitted
+  train steps on the same global batch; returns host copies of (state, last metrics)."""
+  from contrastjax import parallel  # pylint: disable=g-import-not-at-top
+  from contrastjax import train as train_lib  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(mesh):
+    gb = parallel.host_to_global(batch_np, mesh)
+    rng = jax.random.PRNGKey(0)
+    m = train_lib.build_machinery(config, method, mesh, rng, gb, total_steps=10)
+    state = jax.jit(m.create, out_shardings=m.state_sharding)(rng, gb)
+    for _ in range(n):
+      state, metrics = m.compiled.train_step(state, gb)
+    return jax.device_get(state), jax.device_get(metrics)

@@ -1,11 +1,12 @@
 """A ConDSeg stage-1 train step (two BN passes, on-device photometric view drawn from
 the step key) through the real spine: 8 simulated devices equal 1 device."""
 import jax
+
+import _toy
 import ml_collections
 import numpy as np
 
 from contrastjax import parallel
-from contrastjax import train as train_lib
 from contrastjax.methods.condseg import ConDSegStage1Method
 from contrastjax.data.synthetic import SyntheticPolyps
 from contrastjax.data import transforms as T
@@ -34,15 +35,7 @@ def _batch(n=8, size=32):
 
 
 def _two_steps(mesh, config, batch):
-  method = ConDSegStage1Method(config)
-  with jax.set_mesh(mesh):
-    gb = parallel.host_to_global(batch, mesh)
-    rng = jax.random.PRNGKey(0)
-    m = train_lib.build_machinery(config, method, mesh, rng, gb, total_steps=10)
-    state = jax.jit(m.create, out_shardings=m.state_sharding)(rng, gb)
-    for _ in range(2):
-      state, metrics = m.compiled.train_step(state, gb)
-    return jax.device_get(state), jax.device_get(metrics)
+  return _toy.run_steps(ConDSegStage1Method(config), config, mesh, batch)
 
 
 def test_condseg_stage1_step_8_devices_equals_1_device():

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 import _toy
@@ -19,7 +18,6 @@ from contrastjax import checkpoint as ckpt_lib
 from contrastjax import parallel
 from contrastjax import spine
 from contrastjax import train as train_lib
-from contrastjax.data import builder as data_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,15 +79,7 @@ def test_plateau_follows_torch_reduce_lr_on_plateau():
 
 # ----------------------------------------------------------------------------- sharded step
 def _one_step(mesh, config, batch_np):
-  method = _toy.ToyMethod(config)
-  with jax.set_mesh(mesh):
-    gb = parallel.host_to_global(batch_np, mesh)
-    rng = jax.random.PRNGKey(0)
-    m = train_lib.build_machinery(config, method, mesh, rng, gb, total_steps=10)
-    state = jax.jit(m.create, out_shardings=m.state_sharding)(rng, gb)
-    for _ in range(2):
-      state, metrics = m.compiled.train_step(state, gb)
-    return jax.device_get(state), jax.device_get(metrics)
+  return _toy.run_steps(_toy.ToyMethod(config), config, mesh, batch_np)
 
 
 def test_step_on_8_devices_equals_1_device():
