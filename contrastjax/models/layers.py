@@ -109,14 +109,107 @@ class Conv2d(nn.Module):
       bias_init = self.bias_init or torch_default_bias_init(k * k * in_features)
       bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    p = self.padding
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-        rhs_dilation=(self.dilation, self.dilation), dimension_numbers=_DIMENSION_NUMBERS,
-        precision=self.precision)
+    y = conv2d(x, kernel, stride=self.stride, padding=self.padding,
+               dilation=self.dilation, precision=self.precision)
     if bias is not None:
       y = y + bias
     return y
+
+
+def _conv(x: Array, kernel: Array, stride: int, padding: int, dilation: int,
+          precision: Any) -> Array:
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
+      rhs_dilation=(dilation, dilation), dimension_numbers=_DIMENSION_NUMBERS,
+      precision=precision)
+
+
+#: Input-channel count from which :func:`conv2d` computes kernel gradients with
+#: per-tap matmuls (below it, XLA's transposed convolution is as fast or faster).
+TAP_KERNEL_GRAD_MIN_FEATURES = 16
+
+
+def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
+           dilation: int = 1, precision: Any = None) -> Array:
+  """NHWC/HWIO convolution with symmetric zero padding (``torch.nn.functional.conv2d``).
+
+  The forward pass and the input gradient are XLA's. The kernel gradient of a
+  convolution with at least :data:`TAP_KERNEL_GRAD_MIN_FEATURES` input channels is
+  computed as one matmul per kernel tap,
+  ``dK[ki, kj] = sum_{b,y,x} x_pad[b, y*s + ki*d, x*s + kj*d, :]^T dy[b, y, x, :]``,
+  instead of XLA's transposed convolution: XLA:CPU runs that "weight-gradient
+  convolution" (a window as large as the feature map) several times slower than the
+  forward convolution (e.g. 4-7 s against 0.6 s for a 3x3 128->128 convolution on
+  4x256x256 maps; BENCHMARKS.md). Same sums in a different order: the results agree to
+  float32 round-off (the matmul form is, if anything, closer to a float64 reference).
+  Taps that only ever see the zero padding (large dilations on small maps) get an exact
+  zero gradient without a matmul.
+  """
+  if x.shape[-1] < TAP_KERNEL_GRAD_MIN_FEATURES:
+    return _conv(x, kernel, stride, padding, dilation, precision)
+  return _tap_grad_conv(stride, padding, dilation, precision)(x, kernel)
+
+
+def _kernel_grad_by_taps(x: Array, dy: Array, kernel: Array, stride: int, padding: int,
+                         dilation: int, precision: Any) -> Array:
+  """``d conv / d kernel`` as one matmul per tap: ``[k, k, C_in, C_out]`` like
+  ``kernel``."""
+  b, h, w, c = x.shape
+  _, ho, wo, o = dy.shape
+  k, s, d, p = kernel.shape[0], stride, dilation, padding
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+
+  def touches_data(offset: int, n_out: int, n_in: int) -> bool:
+    # Padded rows offset, offset + s, ..., offset + (n_out - 1) * s vs data rows [p, p + n_in).
+    first = max(0, -(-(p - offset) // s))
+    return first <= n_out - 1 and offset + first * s < p + n_in
+
+  # Under a mesh with explicit axes the contraction runs over the (data-sharded) batch,
+  # so the output sharding must be named: that of the kernel (replicated in the spine).
+  out_sharding = None
+  if not jax.sharding.get_abstract_mesh().empty:
+    spec = tuple(jax.typeof(kernel).sharding.spec) + (None,) * 4
+    out_sharding = jax.sharding.PartitionSpec(spec[2], spec[3])
+  taps = []
+  for ki in range(k):
+    for kj in range(k):
+      if not (touches_data(ki * d, ho, h) and touches_data(kj * d, wo, w)):
+        taps.append(jnp.zeros((c, o), dy.dtype))
+        continue
+      start = (0, ki * d, kj * d, 0)
+      limit = (b, ki * d + (ho - 1) * s + 1, kj * d + (wo - 1) * s + 1, c)
+      xs = lax.slice(xp, start, limit, (1, s, s, 1))
+      # One [N, C_in]^T [N, C_out] matmul with N = B*Ho*Wo (XLA:CPU takes the
+      # transposed operand as is; a per-image batched form makes it transpose copies).
+      taps.append(lax.dot_general(xs.reshape(-1, c), dy.reshape(-1, o),
+                                  (((0,), (0,)), ((), ())), precision=precision,
+                                  out_sharding=out_sharding))
+  return jnp.stack(taps).reshape(k, k, c, o)
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_grad_conv(stride: int, padding: int, dilation: int,
+                   precision: Any) -> Callable[[Array, Array], Array]:
+  """``(x, kernel) -> conv`` with the per-tap kernel gradient as its VJP."""
+
+  def forward(x: Array, kernel: Array) -> Array:
+    return _conv(x, kernel, stride, padding, dilation, precision)
+
+  @jax.custom_vjp
+  def conv(x: Array, kernel: Array) -> Array:
+    return forward(x, kernel)
+
+  def conv_fwd(x: Array, kernel: Array):
+    return forward(x, kernel), (x, kernel)
+
+  def conv_bwd(residuals, dy: Array):
+    x, kernel = residuals
+    (dx,) = jax.linear_transpose(lambda x_: forward(x_, kernel), x)(dy)
+    dk = _kernel_grad_by_taps(x, dy, kernel, stride, padding, dilation, precision)
+    return dx, dk.astype(kernel.dtype)
+
+  conv.defvjp(conv_fwd, conv_bwd)
+  return conv
 
 
 class BatchNorm(nn.Module):
