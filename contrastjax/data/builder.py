@@ -38,6 +38,9 @@ class Inputs:
 _MAKERS = {
     "synthetic_polyps": "contrastjax.data.medseg_inputs:synthetic_polyps",
     "medseg": "contrastjax.data.medseg_inputs:medseg",
+    "loveda": "contrastjax.data.siamseg_inputs:loveda",
+    "isprs": "contrastjax.data.siamseg_inputs:isprs",
+    "synthetic_aerial": "contrastjax.data.siamseg_inputs:synthetic_aerial",
 }
 
 

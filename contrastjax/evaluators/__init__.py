@@ -11,6 +11,7 @@ from typing import Callable
 
 _REGISTRY = {
     "binary_seg": "contrastjax.evaluators.binary_seg:BinarySegEvaluator",
+    "semseg": "contrastjax.evaluators.semseg:SemSegEvaluator",
 }
 # Keys of an eval config consumed by the trainer, not passed to the evaluator.
 _GENERIC_KEYS = ("type", "split", "prefix", "with_loss", "every_steps")

@@ -1,0 +1,256 @@
+"""Dataset makers for unsupervised domain adaptation (SiamSeg): LoveDA, ISPRS, synthetic aerial.
+
+Every maker returns a :class:`~contrastjax.data.builder.DataSpec` whose ``train`` source pairs a
+labelled source-domain example with an unlabelled target-domain example, as mmseg's
+``UDADataset`` with ``data_strategy='total'`` (SiamSeg ``mmseg/datasets/uda_dataset.py``, spec
+§4.2): the pair source has ``|S| * |T|`` entries and entry ``i`` is ``(S[i // |T|], T[i % |T|])``;
+the shuffled training stream therefore draws independent uniform source and target indices.
+Both examples go through the same mmseg train pipeline (:mod:`contrastjax.data.seg_transforms`)
+with independent random draws. Evaluation splits are on the target domain (``val``), plus the
+source domain's validation data (``source_val``) for diagnostics.
+
+Training batches (``B`` = batch size, ``c`` = crop size; leading axis ``B``)::
+
+  'source/image'  float32 [B, c, c, 3]   normalised (ImageNet mean/std on 0..255)
+  'source/label'  int32   [B, c, c]      0..C-1, 255 = ignored / padding
+  'target/image'  float32 [B, c, c, 3]
+  'target/label'  int32   [B, c, c]      only with data.carry_target_label=True (diagnostics;
+                                         the reference never loads target labels for training)
+  'source/index', 'target/index'  int32 [B]   indices into the two domain sources
+  'index'         int32   [B]            index of the pair
+
+The keys are flat because the shared pipeline keeps only top-level arrays; :func:`split_pair`
+nests them as ``{'source': {'image', 'label', 'index'}, 'target': {...}}``.
+
+Evaluation batches: ``'image'`` float32 ``[B, H, W, 3]`` (normalised, full size: LoveDA 1024,
+ISPRS 512), ``'label'`` int32 ``[B, H, W]``, ``'index'``, ``'valid'``.
+
+``config.data`` keys (all makers):
+
+* ``name``: ``'loveda'``, ``'isprs'`` or ``'synthetic_aerial'``;
+* pipeline overrides (defaults: the reference's values for the dataset): ``img_scale``,
+  ``ratio_range``, ``crop_size``, ``cat_max_ratio``, ``flip_prob``, ``photometric``;
+* ``carry_target_label`` (default False).
+
+``loveda``: ``root`` (the folder holding ``Train/`` and ``Val/``), ``source_domain``
+('Rural'), ``target_domain`` ('Urban').
+``isprs``: ``root`` (the ``data`` folder), ``source`` and ``target``: a dataset folder under
+``root`` or a path (e.g. ``'Potsdam_IRRG_DA'``, ``'Vaihingen_IRRG_DA'``), ``use_split_files``
+(None = use ``<split>.txt`` when present).
+``synthetic_aerial``: ``image_size`` (64), ``num_train`` (source), ``num_target_train``
+(default ``num_train``), ``num_val``, ``data_seed`` (1234).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from contrastjax.data import isprs as isprs_lib
+from contrastjax.data import loveda as loveda_lib
+from contrastjax.data import seg_transforms as ST
+from contrastjax.data import synthetic_aerial as aerial_lib
+from contrastjax.data.builder import DataSpec
+from contrastjax.data.errors import DatasetError
+
+
+@dataclasses.dataclass(frozen=True)
+class SegDatasetInfo:
+  """Class names, colours and ignore label of a semantic-segmentation dataset."""
+  classes: tuple[str, ...]
+  palette: tuple[tuple[int, int, int], ...]
+  ignore_index: int = 255
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+
+INFO = {
+    'loveda': SegDatasetInfo(loveda_lib.CLASSES, loveda_lib.PALETTE),
+    'isprs': SegDatasetInfo(isprs_lib.CLASSES, isprs_lib.PALETTE),
+    'synthetic_aerial': SegDatasetInfo(aerial_lib.CLASSES, aerial_lib.PALETTE),
+}
+
+
+def dataset_info(name: str) -> SegDatasetInfo:
+  """Classes and palette of the dataset made by maker ``name``."""
+  if name not in INFO:
+    raise ValueError(f'no segmentation dataset info for {name!r}; have {sorted(INFO)}')
+  return INFO[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Source/target pairs.
+# ------------------------------------------------------------------------------------------------
+
+
+class PairSource:
+  """All ``(source, target)`` pairs: entry ``i`` is ``(S[i // |T|], T[i % |T|])``."""
+
+  def __init__(self, source: Any, target: Any):
+    if len(source) < 1 or len(target) < 1:
+      raise DatasetError(f'domain adaptation needs a non-empty source and target; got '
+                         f'{len(source)} source and {len(target)} target examples '
+                         f'({source!r}, {target!r})', kind='empty_split')
+    self.source, self.target = source, target
+
+  def __len__(self) -> int:
+    return len(self.source) * len(self.target)
+
+  def __repr__(self) -> str:
+    return f'PairSource({self.source!r}, {self.target!r})'
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    n = len(self)
+    if not -n <= index < n:
+      raise IndexError(f'index {index} out of range for {self!r}')
+    s, t = divmod(int(index) % n, len(self.target))
+    return {'source': self.source[s], 'target': self.target[t],
+            'source_index': np.int32(s), 'target_index': np.int32(t)}
+
+
+class PairTrainAugment(grain.transforms.RandomMap):
+  """The mmseg train pipeline on both members of a pair (independent draws), flat keys."""
+
+  def __init__(self, cfg: ST.SegAugConfig, carry_target_label: bool = False):
+    self.cfg = cfg
+    self.carry_target_label = bool(carry_target_label)
+
+  def random_map(self, x: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    s_img, s_lab = ST.train_example(x['source']['image'], x['source']['label'], rng, self.cfg)
+    t_img, t_lab = ST.train_example(x['target']['image'], x['target']['label'], rng, self.cfg)
+    out = {'source/image': s_img, 'source/label': s_lab, 'target/image': t_img,
+           'source/index': np.int32(x['source_index']),
+           'target/index': np.int32(x['target_index'])}
+    if self.carry_target_label:
+      out['target/label'] = t_lab
+    if 'index' in x:
+      out['index'] = x['index']
+    return out
+
+
+def split_pair(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """``{'source/image': ..., 'index': ...}`` -> ``{'source': {'image': ...}, 'index': ...}``."""
+  out: dict[str, Any] = {}
+  for key, value in batch.items():
+    if '/' in key:
+      domain, field = key.split('/', 1)
+      out.setdefault(domain, {})[field] = value
+    else:
+      out[key] = value
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Makers.
+# ------------------------------------------------------------------------------------------------
+
+
+def _pair2(value, key: str):
+  if value is None:
+    return None
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return (value, value)
+  value = tuple(value)
+  if len(value) != 2:
+    raise ValueError(f'config.data.{key}={value!r}; expected a number or a pair')
+  return value
+
+
+def aug_config(dcfg, default: ST.SegAugConfig) -> ST.SegAugConfig:
+  """``default`` with the pipeline overrides found in ``config.data``."""
+  kw = {}
+  if dcfg.get('img_scale', None) is not None:
+    kw['img_scale'] = tuple(int(v) for v in _pair2(dcfg.img_scale, 'img_scale'))
+  if 'ratio_range' in dcfg:
+    rr = _pair2(dcfg.ratio_range, 'ratio_range')
+    kw['ratio_range'] = None if rr is None else tuple(float(v) for v in rr)
+  if dcfg.get('crop_size', None) is not None:
+    kw['crop_size'] = tuple(int(v) for v in _pair2(dcfg.crop_size, 'crop_size'))
+  for key, cast in (('cat_max_ratio', float), ('flip_prob', float), ('photometric', bool)):
+    if dcfg.get(key, None) is not None:
+      kw[key] = cast(dcfg[key])
+  return dataclasses.replace(default, **kw)
+
+
+def _spec(train: PairSource, evals: Mapping[str, Any], dcfg,
+          default: ST.SegAugConfig) -> DataSpec:
+  cfg = aug_config(dcfg, default)
+  sources = {'train': train, **evals}
+  return DataSpec(
+      sources=sources,
+      train_transforms=[PairTrainAugment(cfg, bool(dcfg.get('carry_target_label', False)))],
+      eval_transforms=[ST.SegEvalNormalize(cfg.mean, cfg.std)])
+
+
+def _root(dcfg, hint: str) -> str:
+  root = os.path.expandvars(os.path.expanduser(str(dcfg.get('root', '') or '')))
+  if not root or '$' in root:
+    raise DatasetError(f'config.data.root={dcfg.get("root")!r}: set it to {hint}')
+  if not os.path.isdir(root):
+    raise DatasetError(f'config.data.root={root!r} does not exist or is not a folder; expected '
+                       f'{hint}', path=root, kind='missing_folder')
+  return root
+
+
+def loveda(dcfg, seed: int) -> DataSpec:
+  """LoveDA ``source_domain`` -> ``target_domain`` (reference: Rural -> Urban)."""
+  del seed
+  root = _root(dcfg, 'the LoveDA folder holding Train/ and Val/ (e.g. data/LoveDA)')
+  src = str(dcfg.get('source_domain', 'Rural'))
+  tgt = str(dcfg.get('target_domain', 'Urban'))
+  train = PairSource(loveda_lib.LoveDASource(root, 'Train', src),
+                     loveda_lib.LoveDASource(root, 'Train', tgt))
+  evals = {'val': loveda_lib.LoveDASource(root, 'Val', tgt)}
+  if os.path.isdir(os.path.join(root, 'Val', src)):
+    evals['source_val'] = loveda_lib.LoveDASource(root, 'Val', src)
+  return _spec(train, evals, dcfg, ST.LOVEDA_AUG)
+
+
+def _isprs_folder(root: str, name: str, key: str) -> str:
+  path = os.path.expandvars(os.path.expanduser(name))
+  if not os.path.isabs(path):
+    path = os.path.join(root, path)
+  if not os.path.isdir(path):
+    raise DatasetError(f'config.data.{key}={name!r}: {path} does not exist; expected a tiled '
+                       f'ISPRS folder such as {sorted(isprs_lib.FOLDERS.values())} (make it with '
+                       '`python -m contrastjax.data.isprs_tiles`)', path=path,
+                       kind='missing_folder')
+  return path
+
+
+def isprs(dcfg, seed: int) -> DataSpec:
+  """ISPRS ``source`` -> ``target`` (e.g. Potsdam_IRRG_DA -> Vaihingen_IRRG_DA)."""
+  del seed
+  root = _root(dcfg, 'the folder holding the tiled ISPRS datasets (e.g. data)')
+  use = dcfg.get('use_split_files', None)
+  src = _isprs_folder(root, str(dcfg.get('source', 'Potsdam_IRRG_DA')), 'source')
+  tgt = _isprs_folder(root, str(dcfg.get('target', 'Vaihingen_IRRG_DA')), 'target')
+  train = PairSource(isprs_lib.ISPRSSource(src, 'train', use_split_file=use),
+                     isprs_lib.ISPRSSource(tgt, 'train', use_split_file=use))
+  evals = {'val': isprs_lib.ISPRSSource(tgt, 'val', use_split_file=use)}
+  if os.path.isdir(os.path.join(src, 'img_dir', 'val')):
+    evals['source_val'] = isprs_lib.ISPRSSource(src, 'val', use_split_file=use)
+  return _spec(train, evals, dcfg, ST.ISPRS_AUG)
+
+
+def synthetic_aerial(dcfg, seed: int) -> DataSpec:
+  """The procedural two-domain aerial dataset (source natural colour, target false colour)."""
+  del seed  # the data do not depend on the training seed
+  size = int(dcfg.get('image_size', 64))
+  data_seed = int(dcfg.get('data_seed', 1234))
+  n_src = int(dcfg.get('num_train', 256))
+  n_tgt = int(dcfg.get('num_target_train', 0) or n_src)
+  n_val = int(dcfg.get('num_val', 64))
+  train = PairSource(aerial_lib.SyntheticAerial(n_src, size, data_seed, 'source'),
+                     aerial_lib.SyntheticAerial(n_tgt, size, data_seed, 'target'))
+  evals = {'val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'target'),
+           'source_val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'source')}
+  default = ST.SegAugConfig(img_scale=(size, size), ratio_range=(1.0, 2.0),
+                            crop_size=(size, size))
+  return _spec(train, evals, dcfg, default)
