@@ -105,7 +105,7 @@ def evaluate(config, workdir: str, *, checkpoint: str = "best", splits=None,
   eval_batch = config.get("eval_batch_size", config.batch_size)
   local_eval = parallel.check_batch_size(eval_batch, mesh, "config.eval_batch_size")
   inputs = data_builder.build(config, local_batch_size=local_batch,
-                              local_eval_batch_size=local_eval)
+                              local_eval_batch_size=local_eval, workdir=workdir)
   evals_cfg = dict(config.get("evals") or {})
   if splits is None:
     splits = [e.get("split", n) for n, e in evals_cfg.items()] or ["val"]

@@ -188,6 +188,8 @@ def make_train_step(method, tx: optax.GradientTransformation) -> Callable:
     updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
+    if hasattr(method, "project_params"):  # optional hook, e.g. CLIP's logit-scale clamp
+      params = method.project_params(step, params)
     extra = method.post_update(step, params, state.extra)
     new_state = state.replace(step=step, params=params, model_state=model_state,
                               opt_state=opt_state, extra=extra)

@@ -201,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_batch = config.get("eval_batch_size", config.batch_size)
   local_eval_batch = parallel.check_batch_size(eval_batch, mesh, "config.eval_batch_size")
   inputs = data_builder.build(config, local_batch_size=local_batch,
-                              local_eval_batch_size=local_eval_batch)
+                              local_eval_batch_size=local_eval_batch, workdir=workdir)
   steps = resolve_steps(config, inputs.num_train)
   total_steps = steps["total"]
   train_iter = iter(inputs.train)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -41,6 +42,8 @@ _MAKERS = {
     "loveda": "contrastjax.data.siamseg_inputs:loveda",
     "isprs": "contrastjax.data.siamseg_inputs:isprs",
     "synthetic_aerial": "contrastjax.data.siamseg_inputs:synthetic_aerial",
+    "synthetic_pairs": "contrastjax.data.clip_inputs:synthetic_pairs",
+    "coco_captions": "contrastjax.data.clip_inputs:coco_captions",
 }
 
 
@@ -58,14 +61,20 @@ def get_maker(name: str) -> Callable[..., DataSpec]:
   return getattr(importlib.import_module(module), fn)
 
 
-def make_spec(config: ml_collections.ConfigDict) -> DataSpec:
-  return get_maker(config.data.name)(config.data, seed=int(config.seed))
+def make_spec(config: ml_collections.ConfigDict, workdir: str | None = None) -> DataSpec:
+  """Calls the maker; a maker with a ``workdir`` parameter also gets the run's workdir
+  (e.g. to save/reload a tokenizer built from the training data)."""
+  maker = get_maker(config.data.name)
+  kwargs = {}
+  if workdir is not None and "workdir" in inspect.signature(maker).parameters:
+    kwargs["workdir"] = workdir
+  return maker(config.data, seed=int(config.seed), **kwargs)
 
 
 def build(config: ml_collections.ConfigDict, *, local_batch_size: int,
-          local_eval_batch_size: int) -> Inputs:
+          local_eval_batch_size: int, workdir: str | None = None) -> Inputs:
   """Builds the train pipeline and the evaluation batch factories."""
-  spec = make_spec(config)
+  spec = make_spec(config, workdir)
   dcfg = config.data
   train_split = dcfg.get("train_split", "train")
   if train_split not in spec.sources:

@@ -12,6 +12,8 @@ from typing import Callable
 _REGISTRY = {
     "binary_seg": "contrastjax.evaluators.binary_seg:BinarySegEvaluator",
     "semseg": "contrastjax.evaluators.semseg:SemSegEvaluator",
+    "retrieval": "contrastjax.evaluators.retrieval:RetrievalEvaluator",
+    "zeroshot": "contrastjax.evaluators.retrieval:ZeroShotEvaluator",
 }
 # Keys of an eval config consumed by the trainer, not passed to the evaluator.
 _GENERIC_KEYS = ("type", "split", "prefix", "with_loss", "every_steps")

@@ -7,6 +7,7 @@ import importlib
 _REGISTRY = {
     "condseg_stage1": "contrastjax.methods.condseg:ConDSegStage1Method",
     "condseg": "contrastjax.methods.condseg:ConDSegMethod",
+    "clip": "contrastjax.methods.clip:CLIPMethod",
 }
 
 

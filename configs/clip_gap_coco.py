@@ -1,0 +1,200 @@
+r"""python -m contrastjax.train --config=configs/clip_gap_coco.py:demo --workdir=/tmp/clip_demo
+  python -m contrastjax.train --config=configs/clip_gap_coco.py:demo,ts --workdir=/tmp/clip_demo_ts
+  python -m contrastjax.train --config=configs/clip_gap_coco.py:ts,root=/data/coco \
+      --workdir=workdirs/clip_coco_ts
+
+CLIP trained from scratch on MSCOCO with the modality-gap mitigations of Yaras et al.,
+"Explaining and Mitigating the Modality Gap in Contrastive Multimodal Learning" (CPAL
+2025), §4 and App. E; notes in ``shared/specs/modality_gap.md`` §3.
+
+Variants (the ``:arg``, comma separated; at most one recipe):
+
+* (none) / ``baseline``  learnable tau, beta = exp(nu), OpenCLIP init tau = 0.07, clamp
+                       beta <= 100 (Table 2 "Baseline");
+* ``flt``              fixed tau = 4e-2 (Table 2 FLT; ``tau=`` for the Table 3 sweep);
+* ``ts`` = ``s3``      tau 1e-2 -> 5e-2 linearly per epoch (Table 2 TS); ``s0``/``s1``/
+                       ``s2``: to 2e-2/3e-2/4e-2; ``a0``/``a1``: cosine between 1e-2 and
+                       2e-2/4e-2 (Table 4);
+* ``tr`` = ``softplus``  beta = softplus(nu) (Table 2 TR); ``scale2``/``scale10``:
+                       beta = exp(nu/s) (Table 5);
+* ``slrt``             temperature learning rate x0.1 (Table 2 SLRT);
+* ``hs``               hard swap with p = 1e-3 (Table 2 HS; ``p=`` for Table 5's 1e-1, 1e-2);
+* ``ss``               soft swap with p = 5e-2 (Table 2 SS);
+* ``demo``             synthetic paired vectors and MLP towers; a few minutes on a CPU;
+* ``root=DIR``         COCO folder (else ``$CONTRASTJAX_DATA_DIR/coco``);
+* ``bpe=FILE``         CLIP BPE merges (``bpe_simple_vocab_16e6.txt.gz``) instead of the
+                       word tokenizer built from the training captions;
+* ``resnet=tv``        the torchvision-layout ResNet-50 + linear projection instead of
+                       OpenCLIP's ModifiedResNet-50 (attention pooling).
+
+Paper (Table 2; 3-seed means, RN50, COCO, 100 epochs): gap 0.294 / 0.122 / 0.088 / 0.284 /
+0.268 / 0.225 / 0.139 and text R@1 78.4 / 82.7 / 85.3 / 80.1 / 80.4 / 79.7 / 79.2 for
+baseline / FLT / TS / TR / SLRT / HS / SS.
+Sources of each number: [paper] = Yaras et al. App. E; [openclip] = OpenCLIP default
+(``RN50.json``, ``params.py``, ``model.py``); [ours] = not stated, our choice.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from contrastjax.configs.common import parse_arg
+from contrastjax.methods.clip import optimizer_groups
+
+COCO_TRAIN2017_PAIRS = 591_753   # captions_train2017.json annotations (5-7 per image)
+COCO_TRAIN2017_IMAGES = 118_287
+
+_RECIPES = ("baseline", "flt", "ts", "s0", "s1", "s2", "s3", "a0", "a1", "tr", "softplus",
+            "scale2", "scale10", "slrt", "hs", "ss")
+_TS_TAU1 = {"s0": 2e-2, "s1": 3e-2, "s2": 4e-2, "s3": 5e-2}        # [paper] App. E / Table 4
+_A_TAU1 = {"a0": 2e-2, "a1": 4e-2}                                  # [paper] Table 4
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = parse_arg(arg, demo=False, root="", bpe="", tau=0.0, p=-1.0, resnet="modified",
+                **{r: False for r in _RECIPES})
+  chosen = [r for r in _RECIPES if a[r]]
+  if len(chosen) > 1:
+    raise ValueError(f"config arguments {chosen}: choose at most one recipe of {_RECIPES}")
+  recipe = {"ts": "s3", "tr": "softplus", "baseline": "baseline"}.get(
+      chosen[0] if chosen else "baseline", chosen[0] if chosen else "baseline")
+
+  c = ml_collections.ConfigDict()
+  c.method = "clip"
+  c.seed = 0                                # [ours]; the paper averages 3 runs
+
+  # ------------------------------------------------------------------ data
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "coco_captions"
+  c.data.root = a.root or "$CONTRASTJAX_DATA_DIR/coco"
+  c.data.splits = ("train", "val")          # val2017 (5k images) serves as the test split
+  c.data.train_mode = "pairs"               # [ours] one example per (image, caption)
+  c.data.eval_caption = 0                   # [ours] first caption of each test image
+  c.data.image_size = 224                   # [paper] RandomResizedCrop 224
+  c.data.crop_scale = (0.9, 1.0)            # [openclip] image_transform scale
+  c.data.tokenizer = "bpe" if a.bpe else "word"   # [ours] no download: word vocab
+  c.data.bpe_path = a.bpe
+  c.data.context_length = 77                # [openclip] RN50.json
+  c.data.vocab_min_count = 1                # [ours]
+  c.data.max_vocab = 49408                  # = text vocab_size
+  c.data.worker_count = 0
+
+  # ------------------------------------------------------------------ model ([openclip] RN50.json)
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 1024
+  if a.resnet == "tv":
+    c.model.image = dict(name="resnet", stage_sizes=(3, 4, 6, 3), stem_width=64,
+                         base_width=64)
+  elif a.resnet == "modified":
+    c.model.image = dict(name="modified_resnet", layers=(3, 4, 6, 3), width=64, heads=32,
+                         image_size=224)
+  else:
+    raise ValueError(f"config argument resnet={a.resnet!r}: expected 'modified' or 'tv'")
+  c.model.text = dict(name="transformer", vocab_size=49408, context_length=77, width=512,
+                      layers=12, heads=8, mlp_ratio=4.0)
+
+  # ------------------------------------------------------------------ method
+  c.clip = ml_collections.ConfigDict()
+  c.clip.temperature = "learn"
+  c.clip.parameterization = "exp"           # [openclip] logit_scale.exp()
+  c.clip.scale = 1.0
+  c.clip.tau_init = 0.07                    # [openclip] init_logit_scale = log(1/0.07)
+  c.clip.beta_min = 1.0                     # [openclip] clamp_(0, ln 100)
+  c.clip.beta_max = 100.0
+  c.clip.tau0 = 0.01
+  c.clip.tau1 = 0.05
+  c.clip.schedule_horizon_steps = 0         # 0: the whole run (config.total_steps)
+  c.clip.schedule_period_steps = 0
+  c.clip.schedule_steps_per_epoch = 0
+  c.clip.swap = "none"
+  c.clip.swap_prob = 0.0
+  c.clip.swap_renormalize = False           # [ours] unstated in the paper
+
+  # ------------------------------------------------------------------ optimisation
+  c.batch_size = 1024                       # [paper] App. E.1
+  c.eval_batch_size = 1024
+  steps_per_epoch = COCO_TRAIN2017_PAIRS // c.batch_size   # as train.resolve_steps
+  epochs = 100                              # [paper]
+  c.total_steps = epochs * steps_per_epoch
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw",                         # [openclip] (the paper does not say)
+      lr=5e-4,                              # [paper] best of {1e-5,5e-5,1e-4,5e-4}; [openclip] 5e-4
+      b1=0.9, b2=0.999, eps=1e-8,           # [openclip] non-ViT defaults
+      weight_decay=0.2,                     # [openclip] default
+      schedule="warmup_cosine",             # [paper] cosine decay
+      warmup_steps=20 * steps_per_epoch,    # [paper] 20 warm-up epochs
+      groups=optimizer_groups(1.0)))        # [openclip] no wd on logit_scale and 1-D params
+  c.log_every_steps = 50
+  c.eval_every_steps = steps_per_epoch * 5  # [ours]
+  c.ckpt_every_steps = steps_per_epoch
+  c.keep_checkpoints = 3
+  c.best_metric = ""
+  c.early_stop_patience = 0
+  c.evals = ml_collections.ConfigDict(dict(
+      val=dict(type="retrieval", split="val", gap_pairs=512, seed=0)))  # [paper] 512 pairs
+  c.mesh = [("data", -1)]
+  c.progress_bar = True
+  c.plot_curves = True
+
+  if a.demo:
+    _demo(c)
+  spe = c.clip.schedule_steps_per_epoch = (
+      0 if a.demo else steps_per_epoch)     # [paper] tau changes per epoch
+  _recipe(c, recipe, a, spe)
+  return c
+
+
+def _recipe(c, recipe: str, a, spe: int) -> None:
+  """Sets the temperature / swap recipe of Table 2 (and Tables 3-5)."""
+  cc = c.clip
+  if recipe == "flt":
+    cc.temperature = "fixed"
+    cc.tau0 = a.tau or 4e-2                 # [paper] Table 2: 4e-2
+  elif recipe in _TS_TAU1:
+    cc.temperature = "linear"
+    cc.tau0, cc.tau1 = 1e-2, _TS_TAU1[recipe]
+  elif recipe in _A_TAU1:
+    cc.temperature = "cosine"
+    cc.tau0, cc.tau1 = 1e-2, _A_TAU1[recipe]
+    # [ours] period unstated: 10 epochs (demo: a fifth of the run)
+    cc.schedule_period_steps = 10 * spe if spe else max(c.total_steps // 5, 1)
+  elif recipe == "softplus":
+    cc.parameterization = "softplus"        # [paper] 1/tau = log(1 + e^nu); init [ours]
+  elif recipe in ("scale2", "scale10"):
+    cc.parameterization = "exp_scaled"      # [paper] 1/tau = exp(nu / s)
+    cc.scale = 2.0 if recipe == "scale2" else 10.0
+  elif recipe == "slrt":
+    c.optimizer.groups = optimizer_groups(0.1)   # [paper] x0.1 lr on the temperature
+  elif recipe == "hs":
+    cc.swap = "hard"
+    cc.swap_prob = a.p if a.p >= 0 else 1e-3     # [paper] Table 2: p = 1e-3
+  elif recipe == "ss":
+    cc.swap = "soft"
+    cc.swap_prob = a.p if a.p >= 0 else 5e-2     # [paper] Table 2: p = 5e-2
+  if a.tau and recipe != "flt":
+    raise ValueError("config argument tau= applies to the flt recipe only")
+  if a.p >= 0 and recipe not in ("hs", "ss"):
+    raise ValueError("config argument p= applies to the hs and ss recipes only")
+
+
+def _demo(c) -> None:
+  """Synthetic paired vectors with MLP towers: a few minutes on a 2-core CPU."""
+  c.data = ml_collections.ConfigDict(dict(
+      name="synthetic_pairs", num_train=16384, num_val=1024, num_zeroshot=1000,
+      num_classes=10, latent_dim=8, dim_x=32, dim_y=24, within=0.6, noise=0.05,
+      data_seed=1234, map_seed=0, worker_count=0))
+  c.model = ml_collections.ConfigDict(dict(
+      embed_dim=32,
+      image=dict(name="mlp", hidden=128, depth=2),
+      text=dict(name="mlp", hidden=128, depth=2)))
+  c.batch_size = 256
+  c.eval_batch_size = 512
+  c.total_steps = 1500
+  c.optimizer.lr = 2e-3
+  c.optimizer.warmup_steps = 100
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.ckpt_every_steps = 500
+  c.evals = ml_collections.ConfigDict(dict(
+      val=dict(type="retrieval", split="val", gap_pairs=512, seed=0),
+      zeroshot=dict(type="zeroshot", split="zeroshot", with_loss=False)))
+

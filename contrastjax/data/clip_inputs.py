@@ -1,0 +1,121 @@
+"""Dataset makers for CLIP training: synthetic paired vectors and COCO captions.
+
+``config.data`` keys:
+
+* ``name``: ``'synthetic_pairs'`` or ``'coco_captions'``.
+* synthetic: ``num_train``, ``num_val``, ``num_zeroshot`` (0: no zero-shot split),
+  ``num_classes``, ``latent_dim``, ``dim_x``, ``dim_y``, ``within``, ``noise``,
+  ``data_seed``, ``map_seed`` (see ``contrastjax.data.synthetic_pairs``).
+* coco: ``root`` (the official layout: ``annotations/captions_{train,val}2017.json``,
+  ``train2017/``, ``val2017/``; ``~`` and ``$VARS`` expanded), ``train_mode``
+  (``'pairs'``: one example per (image, caption), the default, as an OpenCLIP CSV of
+  COCO; ``'images'``: one example per image with a caption drawn at random each time),
+  ``eval_caption`` (index of the caption per image for evaluation, default 0, the
+  first), ``image_size`` (224), ``crop_scale`` (OpenCLIP's RandomResizedCrop scale,
+  ``(0.9, 1.0)``), ``tokenizer`` (``'word'`` or ``'bpe'``), ``bpe_path`` (a
+  ``bpe_simple_vocab_16e6.txt.gz``-format file, for ``'bpe'``), ``context_length`` (77),
+  ``vocab_min_count`` (word tokenizer: words seen fewer times map to ``<unk>``),
+  ``max_vocab`` (word tokenizer cap, 0 = none).
+
+The word tokenizer is built from the training captions and saved to
+``<workdir>/tokenizer.json``; a resumed run (or ``contrastjax.evaluate``) reloads it from
+there, so the ids never change under a run.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from contrastjax.data.builder import DataSpec
+from contrastjax.data.errors import DatasetError
+from contrastjax.data.synthetic_pairs import SyntheticPairs
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def synthetic_pairs(dcfg, seed: int) -> DataSpec:
+  """Paired latent-variable vectors (the ``demo`` data): splits ``train``, ``val`` and
+  (with ``num_zeroshot > 0``) ``zeroshot``."""
+  del seed  # the dataset does not depend on the training seed
+  kw = dict(data_seed=int(dcfg.get("data_seed", 1234)),
+            map_seed=int(dcfg.get("map_seed", 0)),
+            num_classes=int(dcfg.get("num_classes", 10)),
+            latent_dim=int(dcfg.get("latent_dim", 8)),
+            dim_x=int(dcfg.get("dim_x", 32)), dim_y=int(dcfg.get("dim_y", 24)),
+            within=float(dcfg.get("within", 0.6)), noise=float(dcfg.get("noise", 0.05)))
+  sources = {"train": SyntheticPairs(int(dcfg.num_train), "train", **kw),
+             "val": SyntheticPairs(int(dcfg.num_val), "val", **kw)}
+  if int(dcfg.get("num_zeroshot", 0)):
+    sources["zeroshot"] = SyntheticPairs(int(dcfg.num_zeroshot), "zeroshot", **kw)
+  return DataSpec(sources=sources, train_transforms=[], eval_transforms=[])
+
+
+def make_tokenizer(dcfg, train_captions, workdir: str | None):
+  """The configured tokenizer: BPE from ``bpe_path``, or the word tokenizer built from
+  ``train_captions`` (a callable returning the caption list) and saved to / reloaded
+  from ``<workdir>/tokenizer.json``."""
+  from contrastjax.data import tokenizer as tok  # pylint: disable=g-import-not-at-top
+  kind = str(dcfg.get("tokenizer", "word"))
+  context = int(dcfg.get("context_length", 77))
+  if kind == "bpe":
+    path = os.path.expandvars(os.path.expanduser(str(dcfg.get("bpe_path", ""))))
+    if not path:
+      raise DatasetError("config.data.tokenizer='bpe' needs config.data.bpe_path (a "
+                         "bpe_simple_vocab_16e6.txt.gz-format merges file)")
+    return tok.BPETokenizer(path, context_length=context)
+  if kind != "word":
+    raise DatasetError(f"config.data.tokenizer={kind!r} is not known; expected 'word' or "
+                       "'bpe'")
+  saved = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
+  if saved and os.path.exists(saved):
+    t = tok.WordTokenizer.load(saved)
+    if t.context_length != context:
+      raise DatasetError(f"{saved} has context_length {t.context_length} but "
+                         f"config.data.context_length={context}", path=saved)
+    logging.info("reloaded the word tokenizer (%d tokens) from %s", t.vocab_size, saved)
+    return t
+  t = tok.WordTokenizer.build(train_captions(), context_length=context,
+                              min_count=int(dcfg.get("vocab_min_count", 1)),
+                              max_vocab=int(dcfg.get("max_vocab", 0)))
+  if saved:
+    os.makedirs(workdir, exist_ok=True)
+    t.save(saved)
+    logging.info("built a word tokenizer of %d tokens; saved to %s", t.vocab_size, saved)
+  return t
+
+
+def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
+  """MSCOCO captions (2017 release) in the official layout: splits ``train`` and
+  ``val`` (the 5k ``val2017`` images, the usual "test" split of COCO-trained CLIPs)."""
+  del seed
+  from contrastjax.data import coco  # pylint: disable=g-import-not-at-top
+  root = os.path.expandvars(os.path.expanduser(str(dcfg.get("root", ""))))
+  if not root or "$" in root:
+    raise DatasetError(f"config.data.root={dcfg.get('root')!r}: set it to the COCO folder "
+                       "(holding annotations/, train2017/, val2017/), e.g. "
+                       "--config.data.root=/data/coco")
+  if not os.path.isdir(root):
+    raise DatasetError(f"config.data.root={root!r} does not exist or is not a folder",
+                       path=root)
+  splits = {s: coco.read_captions(root, s) for s in dcfg.get("splits", ("train", "val"))}
+  if "train" not in splits:
+    raise DatasetError(f"config.data.splits={tuple(splits)} has no 'train'")
+  tokenizer = make_tokenizer(
+      dcfg, lambda: [c for caps in splits["train"].captions for c in caps], workdir)
+  size = int(dcfg.get("image_size", 224))
+  mode = str(dcfg.get("train_mode", "pairs"))
+  eval_caption = int(dcfg.get("eval_caption", 0))
+  sources = {}
+  for split, index in splits.items():
+    if split == "train":
+      sources[split] = coco.CocoCaptionsSource(index, mode=mode)
+    else:
+      sources[split] = coco.CocoCaptionsSource(index, mode="eval",
+                                               caption_index=eval_caption)
+  scale = tuple(float(s) for s in dcfg.get("crop_scale", (0.9, 1.0)))
+  train_tf = [coco.ChooseCaption(), coco.RandomResizedCrop(size, scale),
+              coco.Normalize(), coco.Tokenize(tokenizer)]
+  eval_tf = [coco.ChooseCaption(), coco.ResizeCenterCrop(size), coco.Normalize(),
+             coco.Tokenize(tokenizer)]
+  return DataSpec(sources=sources, train_transforms=train_tf, eval_transforms=eval_tf)
