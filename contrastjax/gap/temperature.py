@@ -108,9 +108,22 @@ def temperature_schedule(name: str, t, *, tau0: float, tau1: float | None = None
                          horizon: float | None = None, period: float | None = None):
   """``tau(t)`` of the named schedule (traceable in ``t``; see the module table)."""
   check_schedule(name, tau0=tau0, tau1=tau1, horizon=horizon, period=period)
+  return schedule_tau(name, t, tau0=tau0, tau1=tau1, horizon=horizon, period=period)
+
+
+def schedule_tau(name: str, t, *, tau0, tau1=None, horizon=None, period=None):
+  """``tau(t)`` without the argument checks, so that ``tau0``, ``tau1``, ``horizon`` and
+  ``period`` may be traced (differentiated through, e.g. by the gap simulator).
+
+  Call :func:`check_schedule` on concrete values first; :func:`temperature_schedule`
+  does both.
+  """
+  if name not in SCHEDULES:
+    raise ValueError(f"temperature schedule {name!r} is not known; expected one of "
+                     f"{SCHEDULES}")
   t = jnp.asarray(t)
   if name == "fixed":
-    return jnp.full(t.shape, tau0, dtype=jnp.result_type(t, float))
+    return jnp.zeros(t.shape, dtype=jnp.result_type(t, float)) + tau0
   if name == "linear":
     frac = jnp.clip(t / horizon, 0.0, 1.0)
     return tau0 + (tau1 - tau0) * frac

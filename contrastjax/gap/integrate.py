@@ -1,0 +1,125 @@
+"""diffrax solves of the gap dynamics: adaptive, float64, log-time, gamma-exit events.
+
+Horizons up to ``t = 1e12`` are integrated in *log-time* ``s = log(1 + t)`` (``t`` starts
+exactly at 0): ``dy/ds = (1 + t) f(t, y)``, ``t = expm1(s)``. Every solve is
+differentiable end to end (``RecursiveCheckpointAdjoint``, i.e. reverse mode through the
+solver's steps with checkpointing): gradients of any final-time quantity w.r.t. the
+schedule numbers in ``args``, the initial temperature and the initial features.
+
+Call with float64 enabled (``with jax.enable_x64(True):``): ``gamma`` reaches 1e-3 and
+``beta`` 35, so ``exp(-beta)`` is ~1e-15.
+
+``gamma`` leaving ``[-1, 1]`` (spec Sec. 7; the paper assumes it never does) is detected
+by a diffrax event that stops the solve; :func:`check_exit` turns it into a
+:class:`GammaExitError` naming the time and the remedy (``lift="sin_phi"``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOLVERS = {
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+    "kvaerno5": diffrax.Kvaerno5,
+}
+
+
+class GammaExitError(RuntimeError):
+  """``|gamma|`` reached 1 under the raw flow: the lifted features stop existing."""
+
+
+@dataclasses.dataclass
+class Trajectory:
+  """A solve's output. ``ts`` are flow times (not log-times); ``ys`` the state pytree
+  at ``ts`` (``inf`` after an exit); ``t_end`` where the solve stopped."""
+  ts: Any
+  ys: Any
+  t_end: Any
+  y_end: Any
+  exited: Any        # bool: the gamma event fired
+  num_steps: Any
+  num_rhs: Any
+
+
+def make_solver(name: str):
+  if name not in SOLVERS:
+    raise ValueError(f"solver {name!r} is not known; expected one of {tuple(SOLVERS)}")
+  return SOLVERS[name]()
+
+
+def log_time_field(f: Callable) -> Callable:
+  """``g(s, y, args) = (1 + t) f(t, y, args)`` with ``t = expm1(s)``."""
+  def g(s, y, args):
+    t = jnp.expm1(s)
+    return jax.tree.map(lambda v: (1.0 + t) * v, f(t, y, args))
+  return g
+
+
+def solve(f: Callable, y0, args, *, t1: float, ts=None, log_time: bool = True,
+          rtol: float = 1e-8, atol: float = 1e-10, solver: str = "tsit5",
+          max_steps: int = 100_000, gamma_fn: Callable | None = None,
+          progress: bool = False, throw: bool = True) -> Trajectory:
+  """Integrates ``dy/dt = f(t, y, args)`` from ``t = 0`` to ``t1`` (traceable).
+
+  Args:
+    f: vector field in flow time (see :mod:`contrastjax.gap.flows`).
+    y0: initial state pytree.
+    args: pytree passed to ``f`` (schedule numbers, fixed ``Z``...); differentiable.
+    t1: final flow time.
+    ts: flow times to save at (increasing, within ``[0, t1]``); default ``[t1]``.
+    log_time: integrate in ``s = log(1 + t)`` (recommended beyond t ~ 100).
+    rtol, atol: PID controller tolerances.
+    solver: one of :data:`SOLVERS`.
+    max_steps: step budget (the reverse pass checkpoints within it).
+    gamma_fn: ``y -> gamma``; when given, a diffrax event stops the solve as soon as
+      ``|gamma| >= 1`` (only needed for ``lift="gamma"``).
+    progress: show a tqdm progress bar (over solver time).
+    throw: raise on solver failure (e.g. ``max_steps`` reached).
+  """
+  if not t1 > 0:
+    raise ValueError(f"t1 must be > 0, got {t1!r}")
+  ts = jnp.asarray([t1] if ts is None else ts, dtype=jnp.result_type(float))
+  if log_time:
+    term = diffrax.ODETerm(log_time_field(f))
+    s0, s1, save = 0.0, float(np.log1p(t1)), jnp.log1p(ts)
+  else:
+    term = diffrax.ODETerm(f)
+    s0, s1, save = 0.0, float(t1), ts
+  event = None
+  if gamma_fn is not None:
+    event = diffrax.Event(lambda s, y, args, **kw: jnp.abs(gamma_fn(y)) >= 1.0)
+  sol = diffrax.diffeqsolve(
+      term, make_solver(solver), t0=s0, t1=s1, dt0=None, y0=y0, args=args,
+      saveat=diffrax.SaveAt(ts=save, t1=True),
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+      max_steps=max_steps, event=event, throw=throw,
+      progress_meter=diffrax.TqdmProgressMeter() if progress else
+      diffrax.NoProgressMeter())
+  n = ts.shape[0]
+  ys = jax.tree.map(lambda v: v[:n], sol.ys)
+  y_end = jax.tree.map(lambda v: v[n], sol.ys)
+  s_end = sol.ts[n]
+  t_end = jnp.expm1(s_end) if log_time else s_end
+  exited = (jnp.asarray(False) if event is None
+            else jnp.asarray(sol.event_mask).reshape(()))
+  return Trajectory(ts=ts, ys=ys, t_end=t_end, y_end=y_end, exited=exited,
+                    num_steps=sol.stats["num_steps"],
+                    num_rhs=sol.stats.get("num_rhs", sol.stats["num_steps"]))
+
+
+def check_exit(traj: Trajectory, *, what: str = "the full feature flow") -> None:
+  """Raises :class:`GammaExitError` if the solve stopped because ``|gamma|`` hit 1."""
+  if bool(np.asarray(traj.exited)):
+    raise GammaExitError(
+        f"{what}: gamma left [-1, 1] at t = {float(traj.t_end):.4g} (|gamma| >= 1; the "
+        "lifted features [sqrt(1-gamma^2) h, +-gamma] stop existing and 1-gamma^2 < 0 "
+        "flips every similarity). This happens under the paper's raw gamma flow while "
+        "pairs are mismatched (spec Sec. 7). Use lift='sin_phi' (gamma = sin(phi), the "
+        "gamma equation slowed by cos(phi)^2) to keep the lift on the sphere.")
