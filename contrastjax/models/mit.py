@@ -1,0 +1,612 @@
+"""Mix Transformer (MiT-B0..B5), the SegFormer encoder, in Flax linen (NHWC).
+
+SegFormer (Xie et al., NeurIPS 2021) encodes an image with four stages; stage ``i``
+is an overlapping patch embedding (a strided convolution, 7x7/4 then 3x3/2, followed by
+LayerNorm), ``depths[i]`` transformer blocks and a final LayerNorm::
+
+  block(x) = x + DropPath(EfficientSelfAttention(LN1(x)))
+             then x + DropPath(MixFFN(LN2(x)))
+  EfficientSelfAttention: q = Wq x;  k|v = Wkv LN(Conv_{sr x sr, stride sr}(x))  (no
+      reduction when sr = 1); softmax(q k^T / sqrt(d_head)) v; output projection.
+  MixFFN: fc1 (C -> 4C) -> 3x3 depthwise conv -> GELU (exact erf) -> fc2 (4C -> C).
+
+The encoder returns the four stage maps at strides 4/8/16/32 (NHWC). LayerNorm epsilon
+is 1e-6 and stochastic depth rises linearly from 0 to ``drop_path_rate`` over all
+blocks (``torch.linspace(0, rate, sum(depths))``), as in the reference (SiamSeg's
+``mmseg/models/backbones/mit.py``, the official SegFormer ``mix_transformer.py`` and
+Hugging Face's ``SegformerModel`` all compute the same function).
+
+Flax variable names follow the official SegFormer checkpoints (``mit_b*.pth``):
+``patch_embed1/proj``, ``block1_0/attn/q``, ``attn/kv`` (k and v packed in that order),
+``attn/sr``, ``attn/norm``, ``attn/proj``, ``mlp/fc1``, ``mlp/dwconv``, ``mlp/fc2``,
+``norm1`` (stage norm). :func:`load` reads that naming, the Hugging Face naming (Hub
+files ``segformer.encoder.block.0.0.attention.self.query...`` and the in-memory names of
+transformers >= 5, ``stages.0.blocks.0.attention.q_proj...``) and the mmseg naming
+(``layers.0.1.0.attn.attn.in_proj_weight``, produced by ``mit2mmseg.py`` and used by
+SiamSeg/mmseg checkpoints).
+
+Options for training large inputs: ``remat=True`` recomputes each transformer block in
+the backward pass (same numerics, less memory); ``dtype=jnp.bfloat16`` computes in
+bfloat16 with float32 parameters (LayerNorm statistics and softmax stay float32).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from contrastjax.models import layers
+
+logger = logging.getLogger(__name__)
+
+Array = jax.Array
+Dtype = Any
+PyTree = Any
+
+#: Linear init of the reference (``trunc_normal_(std=.02)``, truncated at +-2 absolute,
+#: i.e. +-100 std: a plain normal), bias zero.
+LINEAR_INIT = nn.initializers.normal(0.02)
+#: Conv init of the reference: ``normal(0, sqrt(2 / fan_out))`` with
+#: ``fan_out = k * k * out_channels / groups``, bias zero.
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+_WIDE = (64, 128, 320, 512)
+#: MiT variants (SegFormer Table 6): embedding widths and blocks per stage. All use
+#: heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1), MLP ratio 4, patch sizes (7, 3, 3, 3).
+CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
+    "b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+    "b1": dict(embed_dims=_WIDE, depths=(2, 2, 2, 2)),
+    "b2": dict(embed_dims=_WIDE, depths=(3, 4, 6, 3)),
+    "b3": dict(embed_dims=_WIDE, depths=(3, 4, 18, 3)),
+    "b4": dict(embed_dims=_WIDE, depths=(3, 8, 27, 3)),
+    "b5": dict(embed_dims=_WIDE, depths=(3, 6, 40, 3)),
+}
+
+
+def _dense(features: int, use_bias: bool, dtype: Dtype, precision: Any,
+           name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, precision=precision,
+                  kernel_init=LINEAR_INIT, bias_init=nn.initializers.zeros, name=name)
+
+
+def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  # Two-pass variance like torch (flax's fast E[x^2] - E[x]^2 loses digits).
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+class DepthwiseConv2d(nn.Module):
+  """``nn.Conv2d(C, C, k, groups=C)`` in NHWC with an HWIO ``[k, k, 1, C]`` kernel.
+
+  Attributes:
+    kernel_size: Square kernel size.
+    padding: Symmetric zero padding.
+    dilation: Kernel dilation.
+    use_bias: Whether to add a bias.
+    dtype: Compute dtype (``None``: promoted dtype of input and kernel).
+    param_dtype: Parameter dtype.
+    kernel_init: Kernel initialiser.
+    precision: ``lax`` precision.
+  """
+  kernel_size: int = 3
+  padding: int = 1
+  dilation: int = 1
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable[..., Array] = CONV_INIT
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Filters each channel of ``[B, H, W, C]`` input separately."""
+    k, p, c = self.kernel_size, self.padding, x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((p, p), (p, p)),
+        rhs_dilation=(self.dilation, self.dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
+        precision=self.precision)
+    return y + bias if bias is not None else y
+
+
+class OverlapPatchEmbed(nn.Module):
+  """Strided ``k x k`` convolution (padding ``k // 2``) followed by LayerNorm.
+
+  Attributes:
+    features: Embedding width.
+    patch_size: Kernel size (7 for stage 1, 3 after).
+    stride: Stride (4 for stage 1, 2 after).
+    eps: LayerNorm epsilon.
+    dtype: Compute dtype.
+    precision: ``lax`` precision.
+  """
+  features: int
+  patch_size: int
+  stride: int
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """``[B, H, W, C_in]`` -> ``[B, H/stride, W/stride, features]``."""
+    x = layers.Conv2d(self.features, self.patch_size, self.stride, self.patch_size // 2,
+                      use_bias=True, dtype=self.dtype, kernel_init=CONV_INIT,
+                      bias_init=nn.initializers.zeros, precision=self.precision,
+                      name="proj")(x)
+    return _layer_norm(self.eps, self.dtype, "norm")(x)
+
+
+class EfficientSelfAttention(nn.Module):
+  """SegFormer's efficient multi-head self-attention (reference ``Attention``).
+
+  Keys and values come from the input shrunk by a ``sr x sr`` convolution with stride
+  ``sr`` and a LayerNorm (sequence reduction; none when ``sr_ratio == 1``).
+
+  Attributes:
+    num_heads: Attention heads (the width must be divisible by it).
+    sr_ratio: Spatial-reduction ratio.
+    qkv_bias: Bias on the q and kv projections.
+    eps: LayerNorm epsilon.
+    dtype: Compute dtype; the softmax runs in float32.
+    precision: ``lax`` precision.
+  """
+  num_heads: int
+  sr_ratio: int = 1
+  qkv_bias: bool = True
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Attends over the positions of ``[B, H, W, C]`` input; returns the same shape."""
+    b, h, w, c = x.shape
+    heads = self.num_heads
+    if c % heads:
+      raise ValueError(f"width {c} is not divisible by num_heads {heads}")
+    head_dim = c // heads
+    q = _dense(c, self.qkv_bias, self.dtype, self.precision, "q")(x)
+    q = q.reshape(b, h * w, heads, head_dim)
+    kv_in = x
+    if self.sr_ratio > 1:
+      kv_in = layers.Conv2d(c, self.sr_ratio, self.sr_ratio, 0, use_bias=True,
+                            dtype=self.dtype, kernel_init=CONV_INIT,
+                            bias_init=nn.initializers.zeros, precision=self.precision,
+                            name="sr")(x)
+      kv_in = _layer_norm(self.eps, self.dtype, "norm")(kv_in)
+    n_kv = kv_in.shape[1] * kv_in.shape[2]
+    kv = _dense(2 * c, self.qkv_bias, self.dtype, self.precision, "kv")(kv_in)
+    kv = kv.reshape(b, n_kv, 2, heads, head_dim)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=self.precision)
+    logits = logits.astype(jnp.float32) * (head_dim ** -0.5)
+    attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v, precision=self.precision)
+    out = out.reshape(b, h, w, c)
+    return _dense(c, True, self.dtype, self.precision, "proj")(out)
+
+
+class MixFFN(nn.Module):
+  """``fc1 -> 3x3 depthwise conv -> GELU (erf) -> fc2`` (reference ``Mlp``).
+
+  Attributes:
+    hidden_features: Width of the hidden layer (``mlp_ratio * C``).
+    dtype: Compute dtype.
+    precision: ``lax`` precision.
+  """
+  hidden_features: int
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """``[B, H, W, C]`` -> ``[B, H, W, C]``."""
+    c = x.shape[-1]
+    y = _dense(self.hidden_features, True, self.dtype, self.precision, "fc1")(x)
+    y = DepthwiseConv2d(3, 1, dtype=self.dtype, precision=self.precision, name="dwconv")(y)
+    y = nn.gelu(y, approximate=False)
+    return _dense(c, True, self.dtype, self.precision, "fc2")(y)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with stochastic depth (reference ``Block``).
+
+  Attributes:
+    num_heads: Attention heads.
+    sr_ratio: Spatial-reduction ratio of the attention.
+    mlp_ratio: MixFFN hidden width / block width.
+    drop_path: Stochastic-depth rate of this block (per-sample, rescaled by
+      ``1 / (1 - rate)``; rng stream ``'dropout'``).
+    qkv_bias: Bias on the q and kv projections.
+    eps: LayerNorm epsilon.
+    dtype: Compute dtype.
+    precision: ``lax`` precision.
+  """
+  num_heads: int
+  sr_ratio: int
+  mlp_ratio: int = 4
+  drop_path: float = 0.0
+  qkv_bias: bool = True
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    """Applies the block to ``[B, H, W, C]``; ``deterministic`` disables drop path."""
+    c = x.shape[-1]
+    drop = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3))(  # noqa: E731
+        y, deterministic=deterministic)
+    y = _layer_norm(self.eps, self.dtype, "norm1")(x)
+    y = EfficientSelfAttention(self.num_heads, self.sr_ratio, self.qkv_bias, self.eps,
+                               self.dtype, self.precision, name="attn")(y)
+    x = x + drop(y)
+    y = _layer_norm(self.eps, self.dtype, "norm2")(x)
+    y = MixFFN(self.mlp_ratio * c, self.dtype, self.precision, name="mlp")(y)
+    return x + drop(y)
+
+
+class MixVisionTransformer(nn.Module):
+  """The MiT encoder (defaults: MiT-B5 as used by SiamSeg/DAFormer).
+
+  Attributes:
+    embed_dims: Width of each stage.
+    depths: Transformer blocks per stage.
+    num_heads: Attention heads per stage.
+    sr_ratios: Spatial-reduction ratio per stage.
+    patch_sizes: Patch-embedding kernel per stage (padding ``k // 2``).
+    strides: Patch-embedding stride per stage.
+    mlp_ratio: MixFFN hidden width / stage width.
+    qkv_bias: Bias on the q and kv projections.
+    drop_path_rate: Stochastic depth of the last block; block ``i`` of ``n`` uses
+      ``rate * i / (n - 1)``.
+    eps: LayerNorm epsilon (1e-6 in the reference).
+    remat: Rematerialise each block in the backward pass (``nn.remat``).
+    dtype: Compute dtype (e.g. ``jnp.bfloat16``); parameters stay ``param``-float32.
+    precision: ``lax`` precision of matmuls and convolutions.
+  """
+  embed_dims: Sequence[int] = _WIDE
+  depths: Sequence[int] = (3, 6, 40, 3)
+  num_heads: Sequence[int] = (1, 2, 5, 8)
+  sr_ratios: Sequence[int] = (8, 4, 2, 1)
+  patch_sizes: Sequence[int] = (7, 3, 3, 3)
+  strides: Sequence[int] = (4, 2, 2, 2)
+  mlp_ratio: int = 4
+  qkv_bias: bool = True
+  drop_path_rate: float = 0.1
+  eps: float = 1e-6
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  def drop_path_rates(self) -> list[float]:
+    """Per-block stochastic-depth rates, ``linspace(0, drop_path_rate, sum(depths))``."""
+    n = sum(self.depths)
+    return [self.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool,
+               deterministic: bool | None = None) -> tuple[Array, Array, Array, Array]:
+    """Encodes images.
+
+    Args:
+      x: ``[B, H, W, C]`` images.
+      train: Training mode; enables stochastic depth (needs the ``'dropout'`` rng).
+      deterministic: Overrides ``not train`` for stochastic depth (e.g. a teacher
+        forward in training mode without drop path).
+
+    Returns:
+      The four stage maps ``[B, H/4, W/4, embed_dims[0]]`` ... ``[B, H/32, W/32,
+      embed_dims[3]]`` (for H, W multiples of 32; otherwise each stride-s convolution
+      rounds as PyTorch does) in ``dtype``.
+    """
+    n_stages = len(self.depths)
+    sizes = {len(getattr(self, f)) for f in ("embed_dims", "num_heads", "sr_ratios",
+                                             "patch_sizes", "strides")}
+    if sizes != {n_stages}:
+      raise ValueError(f"embed_dims, depths, num_heads, sr_ratios, patch_sizes and "
+                       f"strides must have the same length, got {self}")
+    if x.ndim != 4:
+      raise ValueError(f"expected NHWC images [B, H, W, C], got shape {x.shape}")
+    det = (not train) if deterministic is None else deterministic
+    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    rates = self.drop_path_rates()
+    x = x.astype(self.dtype)
+    outs = []
+    cur = 0
+    for i in range(n_stages):
+      x = OverlapPatchEmbed(self.embed_dims[i], self.patch_sizes[i], self.strides[i],
+                            self.eps, self.dtype, self.precision,
+                            name=f"patch_embed{i + 1}")(x)
+      for j in range(self.depths[i]):
+        x = block_cls(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio, rates[cur + j],
+                      self.qkv_bias, self.eps, self.dtype, self.precision,
+                      name=f"block{i + 1}_{j}")(x, det)
+      cur += self.depths[i]
+      x = _layer_norm(self.eps, self.dtype, f"norm{i + 1}")(x)
+      outs.append(x)
+    return tuple(outs)
+
+
+Model = MixVisionTransformer
+
+
+def mit(variant: str = "b5", **overrides: Any) -> MixVisionTransformer:
+  """A :class:`MixVisionTransformer` of a named size (``'b0'`` .. ``'b5'``).
+
+  Args:
+    variant: Key of :data:`CONFIGS` (a leading ``'mit_'``/``'mit-'`` is accepted).
+    **overrides: Other attributes (``remat``, ``dtype``, ``drop_path_rate``, ...).
+  """
+  key = variant.lower().replace("mit_", "").replace("mit-", "")
+  if key not in CONFIGS:
+    raise ValueError(f"unknown MiT variant {variant!r}; expected one of {sorted(CONFIGS)}")
+  return MixVisionTransformer(**{**CONFIGS[key], **overrides})
+
+
+# ----------------------------------------------------------------------------- torch names
+LN_NAMES = layers.TorchNames(leaves={("params", "scale"): ("weight", "none"),
+                                     ("params", "bias"): ("bias", "none")})
+_ATTN_NAMES = layers.TorchNames(children={
+    "q": ("q", layers.LINEAR_NAMES), "kv": ("kv", layers.LINEAR_NAMES),
+    "proj": ("proj", layers.LINEAR_NAMES), "sr": ("sr", layers.CONV_NAMES),
+    "norm": ("norm", LN_NAMES)})
+_MLP_NAMES = layers.TorchNames(children={
+    "fc1": ("fc1", layers.LINEAR_NAMES), "dwconv": ("dwconv.dwconv", layers.CONV_NAMES),
+    "fc2": ("fc2", layers.LINEAR_NAMES)})
+_BLOCK_NAMES = layers.TorchNames(children={
+    "norm1": ("norm1", LN_NAMES), "attn": ("attn", _ATTN_NAMES),
+    "norm2": ("norm2", LN_NAMES), "mlp": ("mlp", _MLP_NAMES)})
+_PATCH_EMBED_NAMES = layers.TorchNames(children={
+    "proj": ("proj", layers.CONV_NAMES), "norm": ("norm", LN_NAMES)})
+_BLOCK_RE = re.compile(r"^block(\d+)_(\d+)$")
+
+
+def torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
+  """Official SegFormer naming (``mit_b*.pth``) of a :class:`MixVisionTransformer`.
+
+  Args:
+    params: The encoder's ``params`` (only the top-level names are read).
+  """
+  children: dict[str, tuple[str, layers.TorchNames]] = {}
+  for name in params:
+    match = _BLOCK_RE.match(name)
+    if match:
+      children[name] = (f"block{match.group(1)}.{match.group(2)}", _BLOCK_NAMES)
+    elif name.startswith("patch_embed"):
+      children[name] = (name, _PATCH_EMBED_NAMES)
+    elif name.startswith("norm"):
+      children[name] = (name, LN_NAMES)
+  return layers.TorchNames(children=children)
+
+
+# Each naming style: an anchor that detects it (the text before the anchor is the
+# prefix, e.g. 'segformer.' or 'backbone.'), and rules key -> official key.
+_STYLES: dict[str, re.Pattern[str]] = {
+    "official": re.compile(r"^(.*?)patch_embed1\.proj\.weight$"),
+    "hf": re.compile(r"^(.*?)encoder\.patch_embeddings\.0\.proj\.weight$"),
+    "hf_v5": re.compile(r"^(.*?)stages\.0\.patch_embeddings\.proj\.weight$"),
+    "mmseg": re.compile(r"^(.*?)layers\.0\.0\.projection\.weight$"),
+}
+
+
+def _renamer(rules: Sequence[tuple[str, Any]]) -> Callable[[str], str]:
+  compiled = [(re.compile(p), r) for p, r in rules]
+
+  def rename(key: str) -> str:
+    for pattern, repl in compiled:
+      key = pattern.sub(repl, key)
+    return key
+
+  return rename
+
+
+_HF_RULES = _renamer([
+    (r"^encoder\.patch_embeddings\.(\d+)\.", lambda m: f"patch_embed{int(m.group(1)) + 1}."),
+    (r"^(patch_embed\d+\.)layer_norm\.", r"\1norm."),
+    (r"^encoder\.block\.(\d+)\.(\d+)\.", lambda m: f"block{int(m.group(1)) + 1}.{m.group(2)}."),
+    (r"^encoder\.layer_norm\.(\d+)\.", lambda m: f"norm{int(m.group(1)) + 1}."),
+    (r"\.layer_norm_1\.", ".norm1."), (r"\.layer_norm_2\.", ".norm2."),
+    (r"\.attention\.self\.query\.", ".attn.q."), (r"\.attention\.self\.key\.", ".attn.k."),
+    (r"\.attention\.self\.value\.", ".attn.v."), (r"\.attention\.self\.sr\.", ".attn.sr."),
+    (r"\.attention\.self\.layer_norm\.", ".attn.norm."),
+    (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.mlp\.dense1\.", ".mlp.fc1."), (r"\.mlp\.dense2\.", ".mlp.fc2."),
+])
+_HF_V5_RULES = _renamer([
+    (r"^stages\.(\d+)\.patch_embeddings\.layer_norm\.",
+     lambda m: f"patch_embed{int(m.group(1)) + 1}.norm."),
+    (r"^stages\.(\d+)\.patch_embeddings\.", lambda m: f"patch_embed{int(m.group(1)) + 1}."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"block{int(m.group(1)) + 1}.{m.group(2)}."),
+    (r"^stages\.(\d+)\.layer_norm\.", lambda m: f"norm{int(m.group(1)) + 1}."),
+    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+    (r"\.attention\.q_proj\.", ".attn.q."), (r"\.attention\.k_proj\.", ".attn.k."),
+    (r"\.attention\.v_proj\.", ".attn.v."), (r"\.attention\.o_proj\.", ".attn.proj."),
+    (r"\.attention\.sequence_reduction\.sequence_reduction\.", ".attn.sr."),
+    (r"\.attention\.sequence_reduction\.layer_norm\.", ".attn.norm."),
+])
+_MMSEG_RULES = _renamer([
+    (r"^layers\.(\d+)\.0\.projection\.", lambda m: f"patch_embed{int(m.group(1)) + 1}.proj."),
+    (r"^layers\.(\d+)\.0\.norm\.", lambda m: f"patch_embed{int(m.group(1)) + 1}.norm."),
+    (r"^layers\.(\d+)\.1\.(\d+)\.", lambda m: f"block{int(m.group(1)) + 1}.{m.group(2)}."),
+    (r"^layers\.(\d+)\.2\.", lambda m: f"norm{int(m.group(1)) + 1}."),
+    (r"\.attn\.attn\.in_proj_", ".attn.in_proj."),
+    (r"\.attn\.attn\.out_proj\.", ".attn.proj."),
+    (r"\.ffn\.layers\.0\.", ".mlp.fc1."), (r"\.ffn\.layers\.1\.", ".mlp.dwconv.dwconv."),
+    (r"\.ffn\.layers\.4\.", ".mlp.fc2."),
+])
+_RULES = {"official": lambda k: k, "hf": _HF_RULES, "hf_v5": _HF_V5_RULES,
+          "mmseg": _MMSEG_RULES}
+
+
+def detect_style(state: Mapping[str, Any], prefix: str | None = None) -> tuple[str, str]:
+  """Finds the naming style and key prefix of a MiT state dict.
+
+  Args:
+    state: The state dict.
+    prefix: Expected prefix (e.g. ``'model.backbone.'``); ``None`` detects it.
+
+  Returns:
+    ``(style, prefix)`` with style in ``'official'``, ``'hf'`` (Hub files),
+    ``'hf_v5'`` (transformers >= 5 module names) or ``'mmseg'``.
+
+  Raises:
+    KeyError: No MiT found, or several MiT encoders (e.g. a UDA checkpoint holding
+      student and teacher) and no ``prefix`` to choose.
+  """
+  found = []
+  for key in state:
+    for style, pattern in _STYLES.items():
+      match = pattern.match(key)
+      if match and (prefix is None or match.group(1) == prefix):
+        found.append((style, match.group(1)))
+  if not found:
+    where = f" under prefix {prefix!r}" if prefix is not None else ""
+    raise KeyError(f"no MiT encoder found{where}: expected a key like 'patch_embed1.proj."
+                   f"weight' (official), 'encoder.patch_embeddings.0.proj.weight' (Hugging "
+                   f"Face), 'stages.0.patch_embeddings.proj.weight' (transformers >= 5) or "
+                   f"'layers.0.0.projection.weight' (mmseg); the state dict starts with "
+                   f"{sorted(state)[:3]}")
+  if len(found) > 1:
+    raise KeyError(f"several MiT encoders in the state dict (style, prefix): {found}; pass "
+                   f"prefix= to choose one")
+  return found[0]
+
+
+def to_official_state_dict(state: Mapping[str, np.ndarray], prefix: str | None = None
+                           ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str], str]:
+  """Renames a MiT state dict of any supported style to the official SegFormer naming.
+
+  Hugging Face's separate key/value projections are packed into ``attn.kv`` (k rows
+  first); mmseg's packed ``in_proj`` (q|k|v rows) is split into ``attn.q`` and
+  ``attn.kv``; mmseg's 1x1-convolution MixFFN weights become Linear weights.
+
+  Args:
+    state: ``{key: array}``.
+    prefix: Key prefix of the encoder (``None``: detected, see :func:`detect_style`).
+
+  Returns:
+    ``(official_state, origin, outside, style)``: the renamed tensors, the source key(s)
+    of every renamed key, the keys outside the encoder's prefix (not converted), and
+    the detected style.
+
+  Raises:
+    KeyError: As :func:`detect_style`, or half of a pair to merge is missing.
+    ValueError: Tensors to merge or split have incompatible shapes (keys named).
+  """
+  style, prefix = detect_style(state, prefix)
+  rename = _RULES[style]
+  out: dict[str, np.ndarray] = {}
+  origin: dict[str, str] = {}
+  outside: list[str] = []
+  pending: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
+  for key, value in state.items():
+    if not key.startswith(prefix):
+      outside.append(key)
+      continue
+    new = rename(key[len(prefix):])
+    value = np.asarray(value)
+    match = re.match(r"^(.*\.attn\.)(k|v)\.(weight|bias)$", new)
+    if match:  # Hugging Face key/value -> packed kv
+      pending.setdefault(match.group(1) + "kv." + match.group(3), {})[match.group(2)] = (
+          key, value)
+      continue
+    match = re.match(r"^(.*\.attn\.)in_proj\.(weight|bias)$", new)
+    if match:  # mmseg q|k|v -> q, kv
+      if value.shape[0] % 3:
+        raise ValueError(f"MiT ({style}): {key!r} has {value.shape[0]} rows, expected "
+                         f"3 x width (packed q|k|v)")
+      width = value.shape[0] // 3
+      for part, rows in (("q", value[:width]), ("kv", value[width:])):
+        name = f"{match.group(1)}{part}.{match.group(2)}"
+        out[name], origin[name] = rows, key
+      continue
+    if style == "mmseg" and re.search(r"\.mlp\.fc[12]\.weight$", new) and value.ndim == 4:
+      if value.shape[2:] != (1, 1):
+        raise ValueError(f"MiT ({style}): {key!r} should be a 1x1 convolution, got shape "
+                         f"{value.shape}")
+      value = value[:, :, 0, 0]
+    out[new], origin[new] = value, key
+  for name, parts in pending.items():
+    if set(parts) != {"k", "v"}:
+      have = next(iter(parts.values()))[0]
+      need = "value" if "k" in parts else "key"
+      raise KeyError(f"MiT ({style}): {have!r} has no matching {need} tensor")
+    (k_key, k), (v_key, v) = parts["k"], parts["v"]
+    if k.shape != v.shape:
+      raise ValueError(f"MiT ({style}): shape mismatch between {k_key!r} {k.shape} and "
+                       f"{v_key!r} {v.shape}")
+    out[name] = np.concatenate([k, v], axis=0)
+    origin[name] = f"{k_key} + {v_key}"
+  return out, origin, outside, style
+
+
+def _with_origin(message: str, origin: Mapping[str, str]) -> str:
+  def annotate(m: re.Match[str]) -> str:
+    key = m.group(1)
+    src = origin.get(key)
+    return f"'{key}'" if src is None or src == key else f"'{src}' (as '{key}')"
+  return re.sub(r"'([^']+)'", annotate, message)
+
+
+def load(variables: Mapping[str, PyTree],
+         path_or_state_dict: str | os.PathLike | Mapping[str, Any], *,
+         prefix: str | None = None) -> tuple[dict[str, PyTree], list[str]]:
+  """Imports SegFormer / Hugging Face / mmseg MiT weights into encoder variables.
+
+  Supported namings (detected from the keys, see :func:`detect_style`): the official
+  ``mit_b*.pth`` (``patch_embed1.proj.weight``, ``block1.0.attn.q.weight``,
+  ``attn.kv``, ``attn.sr``, ``attn.norm``, ``mlp.fc1``, ``mlp.dwconv.dwconv``,
+  ``norm1``; the ImageNet classifier ``head.*`` is ignored), Hugging Face Hub files
+  (``[segformer.]encoder.patch_embeddings.0.proj.weight``,
+  ``encoder.block.0.0.attention.self.query.weight``, separate key/value), the module
+  names of transformers >= 5 (``stages.0.blocks.0.attention.q_proj.weight``), and
+  mmseg (``[backbone.]layers.0.1.0.attn.attn.in_proj_weight``). Keys outside the
+  encoder (decode heads, classifiers, other prefixes) are ignored and returned.
+
+  Args:
+    variables: ``{'params': ...}`` of a :class:`MixVisionTransformer` (arrays or
+      ``jax.eval_shape`` structs).
+    path_or_state_dict: ``.pth``/``.pt``/``.bin`` (needs torch), ``.npz`` or
+      ``.safetensors`` file, or a mapping of arrays/tensors.
+    prefix: Key prefix of the encoder, e.g. ``'model.backbone.'`` in a SiamSeg UDA
+      checkpoint that also holds the EMA teacher (``None``: detected).
+
+  Returns:
+    ``(new_variables, ignored_keys)`` (ignored keys under their source names).
+
+  Raises:
+    KeyError: Missing or unexpected key (named in the message, with its source name).
+    ValueError: Shape mismatch (source key, expected and found shape).
+  """
+  state = layers.read_state_dict(path_or_state_dict)
+  official, origin, outside, style = to_official_state_dict(state, prefix)
+  names = torch_names(variables["params"])
+  what = f"MiT state dict ({style} naming)"
+  try:
+    new_variables, ignored = layers.load_state_dict(
+        variables, official, names, ignore=lambda key: key.startswith("head."), what=what)
+  except (KeyError, ValueError) as e:
+    raise type(e)(_with_origin(str(e.args[0]) if e.args else str(e), origin)) from e
+  ignored_source = sorted({origin.get(k, k) for k in ignored} | set(outside))
+  if outside:
+    logger.warning("%s: ignored %d keys outside the encoder (prefix %r)", what,
+                   len(outside), detect_style(state, prefix)[1])
+  return new_variables, ignored_source
+
+
+def to_torch_state_dict(variables: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
+  """Encoder variables as an official-SegFormer-named state dict (NumPy, torch layout)."""
+  return layers.to_state_dict(variables, torch_names(variables["params"]))

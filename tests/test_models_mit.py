@@ -1,0 +1,299 @@
+"""Tests of the Mix Transformer encoder (MiT-B0..B5) and its weight import.
+
+Parity is checked against Hugging Face ``transformers``' ``SegformerModel`` (random
+weights, perturbed so that LayerNorms and biases are not at their trivial init), with
+its state dict converted by :func:`contrastjax.models.mit.load` in every supported
+naming: transformers >= 5 module names, Hub files written by ``save_pretrained``
+(``encoder.block.0.0.attention.self.query``), the official ``mit_b*.pth`` naming and
+the mmseg naming (built here from the Hugging Face tensors by the rules of mmseg's
+``mit2mmseg.py``).
+"""
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contrastjax.models import mit
+
+# A small encoder with every feature of the real ones (sr 8/4/2/1, several heads).
+TINY = dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1))
+# MiT-B5 widths and heads with fewer blocks (B5's 3/6/40/3 is too slow for a CPU test).
+B5_LIKE = dict(embed_dims=(64, 128, 320, 512), depths=(1, 1, 2, 1))
+
+# Parameter counts of SegformerModel (transformers 5.24) with each MiT config; the
+# test recomputes them from transformers when it is installed.
+EXPECTED_PARAMS = {"b0": 3_319_392, "b1": 13_151_424, "b2": 24_196_288,
+                   "b3": 44_072_128, "b4": 60_842_688, "b5": 81_443_008}
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def shapes_of(model, size=64):
+  return jax.eval_shape(
+      lambda k: model.init(k, jnp.zeros((1, size, size, 3)), train=False),
+      jax.random.key(0))
+
+
+def random_variables(shapes, seed):
+  """Concrete variables for ``eval_shape`` structs (no XLA init compile)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path[-1:])
+    if "kernel" in name:
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      value = rng.normal(size=leaf.shape) / np.sqrt(fan_in)
+    elif "scale" in name:
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:
+      value = rng.normal(size=leaf.shape) * 0.1
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def images(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+# ----------------------------------------------------------------------------- configs
+def test_variants_parameter_counts_and_drop_path():
+  for name, expected in EXPECTED_PARAMS.items():
+    assert count(shapes_of(mit.mit(name))["params"]) == expected, name
+  params = shapes_of(mit.mit("b5"))["params"]
+  assert params["block3_39"]["attn"]["kv"]["kernel"].shape == (320, 640)
+  assert params["block1_0"]["attn"]["sr"]["kernel"].shape == (8, 8, 64, 64)
+  assert "sr" not in params["block4_2"]["attn"]
+  assert params["block2_0"]["mlp"]["dwconv"]["kernel"].shape == (3, 3, 1, 512)
+  assert params["patch_embed1"]["proj"]["kernel"].shape == (7, 7, 3, 64)
+  assert params["patch_embed4"]["proj"]["kernel"].shape == (3, 3, 320, 512)
+  rates = mit.mit("b5").drop_path_rates()
+  assert len(rates) == 52 and rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
+  np.testing.assert_allclose(rates, np.linspace(0, 0.1, 52), atol=1e-12)
+  with pytest.raises(ValueError, match="unknown MiT variant 'b9'"):
+    mit.mit("b9")
+  assert mit.mit("mit_b2").depths == (3, 4, 6, 3)
+
+
+def test_parameter_counts_match_transformers():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  for name, expected in EXPECTED_PARAMS.items():
+    cfg = mit.CONFIGS[name]
+    with torch.device("meta"):
+      hf = transformers.SegformerModel(transformers.SegformerConfig(
+          depths=list(cfg["depths"]), hidden_sizes=list(cfg["embed_dims"])))
+    assert sum(p.numel() for p in hf.parameters()) == expected, name
+
+
+# ----------------------------------------------------------------------------- parity
+def _hf_model(cfg, seed):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(seed)
+  config = transformers.SegformerConfig(
+      depths=list(cfg["depths"]), hidden_sizes=list(cfg["embed_dims"]),
+      num_attention_heads=[1, 2, 5, 8], sr_ratios=[8, 4, 2, 1], drop_path_rate=0.1,
+      layer_norm_eps=1e-6, hidden_act="gelu")
+  model = transformers.SegformerModel(config).eval()
+  with torch.no_grad():  # move LayerNorms and biases away from 1 / 0
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  return model
+
+
+def _hf_stages(model, x):
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    out = model(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2)),
+                output_hidden_states=True)
+  return [h.numpy().transpose(0, 2, 3, 1) for h in out.hidden_states]
+
+
+def hf_to_mmseg(state, prefix="backbone."):
+  """transformers (>= 5) SegformerModel tensors under mmseg names (``mit2mmseg.py``)."""
+  out = {}
+  for key, value in state.items():
+    value = value.numpy()
+    m = re.match(r"stages\.(\d+)\.(.*)$", key)
+    s, rest = m.group(1), m.group(2)
+    rest = re.sub(r"^patch_embeddings\.proj\.", "0.projection.", rest)
+    rest = re.sub(r"^patch_embeddings\.layer_norm\.", "0.norm.", rest)
+    rest = re.sub(r"^layer_norm\.", "2.", rest)
+    m = re.match(r"blocks\.(\d+)\.(.*)$", rest)
+    if m:
+      block, sub = m.group(1), m.group(2)
+      head = f"{prefix}layers.{s}.1.{block}."
+      if sub.startswith(("attention.k_proj", "attention.v_proj")):
+        continue
+      if sub.startswith("attention.q_proj"):
+        leaf = sub.rsplit(".", 1)[1]
+        packed = [state[f"stages.{s}.blocks.{block}.attention.{n}_proj.{leaf}"].numpy()
+                  for n in "qkv"]
+        out[f"{head}attn.attn.in_proj_{leaf}"] = np.concatenate(packed, axis=0)
+        continue
+      sub = (sub.replace("layernorm_before", "norm1").replace("layernorm_after", "norm2")
+             .replace("attention.o_proj", "attn.attn.out_proj")
+             .replace("attention.sequence_reduction.sequence_reduction", "attn.sr")
+             .replace("attention.sequence_reduction.layer_norm", "attn.norm")
+             .replace("mlp.fc1", "ffn.layers.0").replace("mlp.dwconv.dwconv", "ffn.layers.1")
+             .replace("mlp.fc2", "ffn.layers.4"))
+      if re.match(r"ffn\.layers\.[04]\.weight", sub):
+        value = value[:, :, None, None]
+      out[head + sub] = value
+    else:
+      out[f"{prefix}layers.{s}.{rest}"] = value
+  return out
+
+
+@pytest.mark.parametrize("cfg", [mit.CONFIGS["b0"], B5_LIKE], ids=["b0", "b5_reduced"])
+def test_parity_with_transformers_segformer(cfg, tmp_path, caplog):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  hf = _hf_model(cfg, seed=0)
+  model = mit.MixVisionTransformer(**cfg)
+  shapes = shapes_of(model)
+  x = images((2, 64, 64, 3))
+  expected = _hf_stages(hf, x)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+  def check(variables, label):
+    outs = apply(variables, x)
+    assert len(outs) == 4
+    for i, (a, b) in enumerate(zip(outs, expected)):
+      assert a.shape == b.shape == (2, 64 // 2**(i + 2), 64 // 2**(i + 2),
+                                    cfg["embed_dims"][i])
+      diff = float(np.abs(np.asarray(a) - b).max())
+      assert diff <= 1e-4, f"{label}: stage {i + 1} max abs diff {diff}"
+
+  # 1. transformers >= 5 module names, in memory.
+  state = hf.state_dict()
+  v5, ignored = mit.load(shapes, state)
+  assert ignored == []
+  check(v5, "hf_v5")
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  # 2. Hub naming, from the .safetensors file written by save_pretrained.
+  hf.save_pretrained(tmp_path / "hub")
+  hub, ignored = mit.load(shapes, tmp_path / "hub" / "model.safetensors")
+  assert ignored == []
+  assert mit.detect_style(load_file(str(tmp_path / "hub" / "model.safetensors")))[0] == "hf"
+  jax.tree.map(np.testing.assert_array_equal, hub, v5)
+  # 3. Official naming (+ an ImageNet classifier head), via .pth (torch) and .npz.
+  official = mit.to_torch_state_dict(v5)
+  assert "block1.0.attn.kv.weight" in official and "patch_embed2.norm.bias" in official
+  official["head.weight"] = np.zeros((1000, cfg["embed_dims"][-1]), np.float32)
+  official["head.bias"] = np.zeros((1000,), np.float32)
+  torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in official.items()}},
+             tmp_path / "mit.pth")
+  with caplog.at_level(logging.WARNING):
+    from_pth, ignored = mit.load(shapes, tmp_path / "mit.pth")
+  assert ignored == ["head.bias", "head.weight"]
+  np.savez(tmp_path / "mit.npz", **official)
+  from_npz, _ = mit.load(shapes, tmp_path / "mit.npz")
+  jax.tree.map(np.testing.assert_array_equal, from_pth, v5)
+  jax.tree.map(np.testing.assert_array_equal, from_npz, v5)
+  # 4. mmseg naming (packed q|k|v, 1x1-conv MixFFN) under a 'backbone.' prefix, with a
+  # decode head beside it.
+  mmseg = hf_to_mmseg(state)
+  assert "backbone.layers.0.1.0.attn.attn.in_proj_weight" in mmseg
+  mmseg["decode_head.conv_seg.weight"] = np.zeros((7, 256, 1, 1), np.float32)
+  from_mmseg, ignored = mit.load(shapes, mmseg)
+  assert ignored == ["decode_head.conv_seg.weight"]
+  jax.tree.map(np.testing.assert_array_equal, from_mmseg, v5)
+  check(from_mmseg, "mmseg")
+
+
+# ----------------------------------------------------------------------------- errors
+def test_load_errors_name_the_source_key():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  hf = _hf_model(TINY, seed=1)
+  shapes = shapes_of(mit.MixVisionTransformer(**TINY))
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+
+  wrong = dict(state)
+  wrong["stages.1.blocks.0.mlp.fc1.weight"] = np.zeros((128, 31), np.float32)
+  with pytest.raises(ValueError, match=r"stages\.1\.blocks\.0\.mlp\.fc1\.weight.*"
+                                       r"expected \(128, 32\), got \(128, 31\)"):
+    mit.load(shapes, wrong)
+  wrong = dict(state)
+  wrong["stages.0.blocks.0.attention.v_proj.weight"] = np.zeros((16, 15), np.float32)
+  with pytest.raises(ValueError, match=r"k_proj\.weight.*v_proj\.weight"):
+    mit.load(shapes, wrong)
+  missing = dict(state)
+  del missing["stages.2.blocks.0.attention.v_proj.bias"]
+  with pytest.raises(KeyError, match=r"stages\.2\.blocks\.0\.attention\.k_proj\.bias"
+                                     r".*no matching value"):
+    mit.load(shapes, missing)
+  missing = dict(state)
+  del missing["stages.3.layer_norm.weight"]
+  with pytest.raises(KeyError, match=r"missing key 'norm4\.weight'"):
+    mit.load(shapes, missing)
+  unexpected = dict(state)
+  unexpected["stages.0.blocks.0.mlp.fc3.weight"] = np.zeros((1,), np.float32)
+  with pytest.raises(KeyError, match=r"stages\.0\.blocks\.0\.mlp\.fc3\.weight"):
+    mit.load(shapes, unexpected)
+  deeper = shapes_of(mit.MixVisionTransformer(embed_dims=(16, 32, 40, 64),
+                                              depths=(2, 1, 1, 1)))
+  with pytest.raises(KeyError, match=r"missing key 'block1\.1\.attn\.kv\.bias'"):
+    mit.load(deeper, state)
+  with pytest.raises(KeyError, match="no MiT encoder found"):
+    mit.load(shapes, {"conv1.weight": np.zeros((1,), np.float32)})
+
+  # A UDA checkpoint with student and teacher: the prefix must be chosen.
+  two = {**{"model.backbone." + k: v for k, v in hf_to_mmseg(hf.state_dict(), "").items()},
+         **{"ema_model.backbone." + k: v for k, v in
+            hf_to_mmseg(hf.state_dict(), "").items()}}
+  with pytest.raises(KeyError, match="several MiT encoders"):
+    mit.load(shapes, two)
+  student, ignored = mit.load(shapes, two, prefix="model.backbone.")
+  assert ignored and all(k.startswith("ema_model.") for k in ignored)
+  reference, _ = mit.load(shapes, state)
+  jax.tree.map(np.testing.assert_array_equal, student, reference)
+
+
+# ----------------------------------------------------------------------------- options
+def test_drop_path_remat_and_bf16():
+  base = mit.MixVisionTransformer(**TINY, drop_path_rate=0.5)
+  rematted = mit.MixVisionTransformer(**TINY, drop_path_rate=0.5, remat=True)
+  shapes = shapes_of(base, 32)
+  assert jax.tree.structure(shapes) == jax.tree.structure(shapes_of(rematted, 32))
+  variables = random_variables(shapes, 0)
+  x = images((4, 32, 32, 3), 1)
+  rng = jax.random.key(3)
+
+  def loss_fn(module):
+    def loss(params, x):
+      outs = module.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+      return sum(jnp.mean(jnp.square(o)) for o in outs), outs
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+  (l0, outs0), g0 = loss_fn(base)(variables["params"], x)
+  (l1, outs1), g1 = loss_fn(rematted)(variables["params"], x)
+  assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+  for a, b in zip(outs0, outs1):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+
+  # Stochastic depth is active in training and off in eval / when deterministic.
+  apply = jax.jit(lambda v, x, train, det: base.apply(v, x, train=train, deterministic=det,
+                                                      rngs={"dropout": rng}),
+                  static_argnums=(2, 3))
+  evals = apply(variables, x, False, None)
+  assert any(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(outs0, evals))
+  for a, b in zip(apply(variables, x, True, True), evals):
+    np.testing.assert_array_equal(a, b)
+
+  # bfloat16 compute with float32 parameters.
+  bf16 = mit.MixVisionTransformer(**TINY, dtype=jnp.bfloat16)
+  low = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, x)
+  for a, b in zip(low, evals):
+    assert a.dtype == jnp.bfloat16
+    scale = float(jnp.abs(b).max())
+    assert float(jnp.abs(a.astype(jnp.float32) - b).max()) < 0.05 * scale
