@@ -231,3 +231,23 @@ def test_loveda_maker_pairs_and_eval(root):
   assert 'target/label' not in batch
   with pytest.raises(DatasetError, match='config.data.root'):
     builder.make_spec(ml_collections.ConfigDict(dict(seed=0, data=dict(name='loveda'))))
+
+
+def test_resize_and_hsv_agree_with_cv2_when_available():
+  """Parity with OpenCV (what mmcv runs); skipped where cv2 is not installed."""
+  cv2 = pytest.importorskip('cv2')
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)
+  lab = rng.integers(0, 7, (60, 70), dtype=np.uint8)
+  for size in ((37, 51), (96, 100), (60, 70)):
+    ref = cv2.resize(img, size[::-1], interpolation=cv2.INTER_LINEAR)
+    assert np.abs(ST.resize_bilinear(img, size).astype(int) - ref).max() <= 1
+    np.testing.assert_array_equal(ST.resize_nearest(lab, size),
+                                  cv2.resize(lab, size[::-1], interpolation=cv2.INTER_NEAREST))
+  hsv = ST.rgb_to_hsv_u8(img)
+  d = np.abs(hsv.astype(int) - cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
+  d[..., 0] = np.minimum(d[..., 0], 180 - d[..., 0])
+  assert d.max() <= 1 and (d > 0).mean() < 0.03
+  ref = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(int)
+  d = np.abs(ST.hsv_to_rgb_u8(hsv).astype(int) - ref)
+  assert d.max() <= 1 and (d > 0).mean() < 0.03
