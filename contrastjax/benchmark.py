@@ -4,16 +4,17 @@ to the reference PyTorch ConDSeg on the same batch and the same CPU.
   python -m contrastjax.benchmark --config=configs/condseg_kvasir.py \
       --config.batch_size=4 --config.data.image_size=256 --steps=10 \
       [--reference_dir=/tmp/ConDSeg] [--xla_flags='--xla_cpu_...'] [--nocpu_flags] \
-      [--json_out=/tmp/bench.json]
+      [--hugepages] [--init=host] [--json_out=/tmp/bench.json]
 
 The JAX side goes through the real spine: ``contrastjax.train.build_machinery`` builds
 the optimizer, the state shardings and ``spine.CompiledSteps``; the train step is then
 lowered and compiled ahead of time (``.lower(state, batch).compile()``, so tracing and
 XLA compilation are timed separately) and run ``--steps`` times on one synthetic batch
 of the configured size (no dataset needed). Reported: state-init time, trace/lower and
-compile time, mean/median/min step time, images/s, the peak resident memory of the
-phase (``VmHWM``, reset per phase where the kernel allows it; ``ru_maxrss`` otherwise)
-and XLA's own memory analysis of the compiled step (temporaries, arguments, outputs).
+compile time, mean/median/min step time, images/s, CPU seconds and minor page faults
+per step, the peak resident memory of the phase (``VmHWM``, reset per phase where the
+kernel allows it; ``ru_maxrss`` otherwise) and XLA's own memory analysis of the compiled
+step (temporaries, arguments, outputs).
 
 With ``--reference_dir`` (a checkout of github.com/Mengqi-Lei/ConDSeg) the reference
 ``network/model.py`` ConDSeg is imported from that checkout (``resnet50`` with
@@ -26,7 +27,8 @@ is printed.
 XLA flags are process-wide and read once, when the backend starts: ``--xla_flags`` is
 appended to ``$XLA_FLAGS`` before JAX initialises, and ``--cpu_flags`` (default on)
 adds ``contrastjax.platform.CPU_XLA_FLAGS`` as the trainer does. Compare flag settings
-by running the command once per setting.
+by running the command once per setting. ``--hugepages`` re-runs the command with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (both frameworks allocate through glibc).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from typing import Any, Callable
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -52,8 +55,11 @@ import numpy as np
 # Importing jax does not start its backend; XLA_FLAGS only has to be final before the
 # first computation (``set_xla_flags`` checks that).
 from contrastjax import parallel
+from contrastjax import spine
 from contrastjax import train as train_lib
 from contrastjax.methods import get_method_class
+
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config, e.g. configs/condseg_kvasir.py (any :ARG works).",
@@ -74,6 +80,21 @@ _THREADS = flags.DEFINE_integer(
     "is what XLA:CPU uses).")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the results to this file.")
 _DATA_SEED = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic batch.")
+_INIT = flags.DEFINE_enum(
+    "init", "spine", ["spine", "host"], "How the train state is created: 'spine' jits "
+    "the trainer's own initialiser (what training does; its XLA compile can take a "
+    "minute); 'host' fills the parameters with NumPy draws on the same shapes "
+    "(seconds; the step being timed is the same).")
+_XLA_OPT_LEVEL = flags.DEFINE_integer(
+    "xla_opt_level", None, "xla_backend_optimization_level for compiling the train step "
+    "(default: XLA's). 0 compiles faster and runs slower: for smoke tests only.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "jax_num_cpu_devices: split the host into this many XLA CPU "
+    "devices (the batch is sharded over them, as over accelerators).")
+_HUGEPAGES = flags.DEFINE_bool(
+    "hugepages", False, "Re-run this command with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: "
+    "glibc then backs its large allocations (XLA's per-step temporary buffers, "
+    "PyTorch's tensors) with transparent huge pages, which removes most page faults.")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -153,6 +174,62 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str
           "index": np.arange(batch_size, dtype=np.int32)}
 
 
+def _host_values(tree: Any, seed: int) -> Any:
+  """NumPy values for the abstract leaves of ``tree``: kernels ``U(+-1/sqrt(fan_in))``,
+  BatchNorm scales and running variances 1, everything else 0."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path[-1:]) if path else ""
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      value = np.zeros(leaf.shape)
+    elif "kernel" in name:
+      bound = 1.0 / np.sqrt(max(1, int(np.prod(leaf.shape[:-1]))))
+      value = rng.uniform(-bound, bound, leaf.shape)
+    elif "scale" in name or "var" in name:
+      value = np.ones(leaf.shape)
+    else:
+      value = np.zeros(leaf.shape)
+    return np.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, tree)
+
+
+def host_initialised_state(machinery: train_lib.Machinery, rng: jax.Array,
+                           seed: int = 0) -> spine.TrainState:
+  """A train state with the spine's structure, dtypes and shardings whose parameters
+  come from NumPy (:func:`_host_values`); optimizer and plateau states are the real
+  initial ones."""
+  abstract = machinery.abstract
+  params = _host_values(abstract.params, seed)
+  model_state = _host_values(abstract.model_state, seed + 1)
+  extra = _host_values(abstract.extra, seed + 2)
+  _, state_rng = jax.random.split(rng)
+
+  def make(params, model_state, extra, state_rng):
+    return spine.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+        opt_state=machinery.tx.init(params), plateau=machinery.plateau_tx.init(params),
+        extra=extra, rng=state_rng)
+
+  return jax.jit(make, out_shardings=machinery.state_sharding)(
+      params, model_state, extra, state_rng)
+
+
+class CpuUsage:
+  """User/system CPU seconds and minor page faults of this process between calls."""
+
+  def __init__(self):
+    self._start = resource.getrusage(resource.RUSAGE_SELF)
+
+  def per_step(self, steps: int) -> dict[str, float]:
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    n = max(steps, 1)
+    return {"user_cpu_s_per_step": (end.ru_utime - self._start.ru_utime) / n,
+            "sys_cpu_s_per_step": (end.ru_stime - self._start.ru_stime) / n,
+            "minor_faults_per_step": (end.ru_minflt - self._start.ru_minflt) / n}
+
+
 def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
   med = statistics.median(times)
   return {"step_s_mean": statistics.fmean(times), "step_s_median": med,
@@ -161,25 +238,39 @@ def _summary(times: list[float], batch_size: int) -> dict[str, Any]:
           "images_per_s": batch_size / med, "steps": len(times)}
 
 
-def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> list[float]:
-  """Runs ``step`` ``warmup`` times, then returns ``steps`` wall-clock durations.
+def time_steps(step: Callable[[], Any], steps: int, warmup: int
+               ) -> tuple[list[float], dict[str, float]]:
+  """Runs ``step`` ``warmup`` times, then times ``steps`` calls.
 
-  ``step`` must block until its work is done.
+  ``step`` must block until its work is done. Returns the wall-clock durations and the
+  per-step CPU time and page faults of the timed calls (:class:`CpuUsage`).
   """
   for _ in range(warmup):
     step()
   times = []
+  usage = CpuUsage()
   for _ in range(steps):
     t0 = time.perf_counter()
     step()
     times.append(time.perf_counter() - t0)
-  return times
+  return times, usage.per_step(steps)
 
 
 # ----------------------------------------------------------------------------- JAX
 def run_jax(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray],
-            steps: int, warmup: int) -> dict[str, Any]:
-  """Builds the configured method's train step through the spine and times it."""
+            steps: int, warmup: int, init: str = "spine",
+            xla_opt_level: int | None = None) -> dict[str, Any]:
+  """Builds the configured method's train step through the spine and times it.
+
+  Args:
+    config: The training config (method, model, optimizer, batch size, mesh).
+    batch_np: One host batch (:func:`synthetic_batch`), reused every step.
+    steps: Timed steps.
+    warmup: Untimed steps before them (the first call is timed separately).
+    init: ``'spine'`` (jit the trainer's initialiser) or ``'host'``
+      (:func:`host_initialised_state`).
+    xla_opt_level: ``xla_backend_optimization_level`` of the step's compilation.
+  """
   memory = PeakMemory()
   mesh = parallel.make_mesh(config.get("mesh"))
   jax.set_mesh(mesh)
@@ -190,33 +281,45 @@ def run_jax(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray],
 
   t0 = time.perf_counter()
   machinery = train_lib.build_machinery(config, method, mesh, rng, batch, total_steps=1000)
-  state = jax.jit(machinery.create, out_shardings=machinery.state_sharding)(rng, batch)
+  if init == "host":
+    state = host_initialised_state(machinery, rng, config.seed)
+  else:
+    state = jax.jit(machinery.create, out_shardings=machinery.state_sharding)(rng, batch)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   lowered = machinery.compiled.train_step.lower(state, batch)
   lower_s = time.perf_counter() - t0
+  options = ({} if xla_opt_level is None
+             else {"xla_backend_optimization_level": int(xla_opt_level)})
   t0 = time.perf_counter()
-  executable = lowered.compile()
+  executable = lowered.compile(compiler_options=options or None)
   compile_s = time.perf_counter() - t0
 
   box = [state]
-  losses = []
+  losses, first_metrics = [], {}
 
   def step():
     new_state, metrics = executable(box[0], batch)
     box[0] = new_state
     losses.append(metrics["loss"])
+    if not first_metrics:
+      first_metrics.update(metrics)
     jax.block_until_ready((new_state, metrics))
 
   t_first = time.perf_counter()
   step()
   first_step_s = time.perf_counter() - t_first
-  times = time_steps(step, steps, max(warmup - 1, 0))
-  out = {"init_s": init_s, "trace_lower_s": lower_s, "compile_s": compile_s,
-         "first_step_s": first_step_s, **_summary(times, config.batch_size),
-         "losses": [float(x) for x in jax.device_get(losses)], "times": times}
+  times, usage = time_steps(step, steps, max(warmup - 1, 0))
+  out = {"init": init, "init_s": init_s, "trace_lower_s": lower_s, "compile_s": compile_s,
+         "compiler_options": options, "first_step_s": first_step_s,
+         **_summary(times, config.batch_size), **usage,
+         "losses": [float(x) for x in jax.device_get(losses)], "times": times,
+         # Same batch and (with --init=host) the same parameters in every run: compare
+         # these across XLA flag settings to see whether a flag changes the numerics.
+         "first_step_metrics": {k: float(v) for k, v in
+                                jax.device_get(first_metrics).items()}}
   out.update(memory.result())
   try:
     analysis = executable.memory_analysis()
@@ -335,8 +438,8 @@ def run_reference(reference_dir: str, batch_np: dict[str, np.ndarray], steps: in
   t_first = time.perf_counter()
   step()
   first_step_s = time.perf_counter() - t_first
-  times = time_steps(step, steps, max(warmup - 1, 0))
-  out = {"first_step_s": first_step_s, **_summary(times, batch_np["image"].shape[0]),
+  times, usage = time_steps(step, steps, max(warmup - 1, 0))
+  out = {"first_step_s": first_step_s, **_summary(times, batch_np["image"].shape[0]), **usage,
          "losses": losses, "times": times, "torch_threads": torch.get_num_threads(),
          "torch": torch.__version__,
          "params": sum(p.numel() for p in net.parameters())}
@@ -388,7 +491,8 @@ def format_report(result: dict[str, Any]) -> str:
       f"(jaxlib {m['jaxlib']})" + (f", torch {result['torch']['torch']}"
                                    if "torch" in result else ""),
       f"load average before/after: {result['load_before']} / {result['load_after']}",
-      f"XLA_FLAGS: {result['xla_flags'] or '(none)'}",
+      f"XLA_FLAGS: {result['xla_flags'] or '(none)'}; GLIBC_TUNABLES: "
+      f"{result['glibc_tunables'] or '(none)'}",
       f"config: method={result['method']} batch={result['batch_size']} "
       f"image={result['image_size']} model={result['model']}",
       f"JAX ({j['devices']}): init {_fmt_s(j['init_s'])}, trace+lower "
@@ -397,6 +501,8 @@ def format_report(result: dict[str, Any]) -> str:
       f"  step: mean {_fmt_s(j['step_s_mean'])}, median {_fmt_s(j['step_s_median'])}, "
       f"min {_fmt_s(j['step_s_min'])} over {j['steps']} steps; "
       f"{j['images_per_s']:.2f} images/s",
+      f"  cpu per step: user {j['user_cpu_s_per_step']:.1f} s, sys "
+      f"{j['sys_cpu_s_per_step']:.1f} s, {j['minor_faults_per_step']:.0f} minor page faults",
       f"  memory: peak RSS {j['peak_rss_mib']} MiB (phase increase "
       f"{j['phase_rss_increase_mib']} MiB)"
       + (f"; XLA {j['xla_memory_mib']}" if "xla_memory_mib" in j else "")
@@ -411,6 +517,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"  step: mean {_fmt_s(t['step_s_mean'])}, median {_fmt_s(t['step_s_median'])}, "
         f"min {_fmt_s(t['step_s_min'])} over {t['steps']} steps; "
         f"{t['images_per_s']:.2f} images/s",
+        f"  cpu per step: user {t['user_cpu_s_per_step']:.1f} s, sys "
+        f"{t['sys_cpu_s_per_step']:.1f} s, {t['minor_faults_per_step']:.0f} minor page "
+        f"faults",
         f"  memory: peak RSS {t['peak_rss_mib']} MiB (phase increase "
         f"{t['phase_rss_increase_mib']} MiB)",
         f"ratio JAX / PyTorch (median step time): {result['ratio_jax_over_torch']:.3f}",
@@ -420,10 +529,12 @@ def format_report(result: dict[str, Any]) -> str:
 
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
         reference_dir: str = "", reference_steps: int | None = None, threads: int = 0,
-        data_seed: int = 0) -> dict[str, Any]:
+        data_seed: int = 0, init: str = "spine",
+        xla_opt_level: int | None = None) -> dict[str, Any]:
   """Runs the benchmark and returns the results as a JSON-able dict.
 
   Set XLA flags (:func:`set_xla_flags`) before calling: this starts the JAX backend.
+  The arguments are those of the command line (see the module docstring).
   """
   if steps < 1:
     raise ValueError(f"steps must be at least 1, got {steps}")
@@ -432,10 +543,11 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   batch_np = synthetic_batch(int(config.batch_size), image_size, data_seed)
   result: dict[str, Any] = {
       "machine": machine_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "method": config.method, "batch_size": int(config.batch_size),
       "image_size": image_size, "model": config.model.to_dict(),
       "load_before": [round(x, 2) for x in os.getloadavg()]}
-  result["jax"] = run_jax(config, batch_np, steps, warmup)
+  result["jax"] = run_jax(config, batch_np, steps, warmup, init, xla_opt_level)
   if reference_dir:
     if config.method != "condseg":
       raise ValueError(f"--reference_dir times the reference stage-2 ConDSeg; the config's "
@@ -453,10 +565,21 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/condseg_kvasir.py")
+  if _HUGEPAGES.value and HUGEPAGE_TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
+    # glibc reads its tunables at process start: run the same command again with it.
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(
+        t for t in (env.get("GLIBC_TUNABLES", ""), HUGEPAGE_TUNABLE) if t)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "contrastjax.benchmark", *sys.argv[1:]],
+              env)
   set_xla_flags(_XLA_FLAGS.value, _CPU_FLAGS.value)
+  if _CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                reference_dir=_REFERENCE_DIR.value, reference_steps=_REFERENCE_STEPS.value,
-               threads=_THREADS.value, data_seed=_DATA_SEED.value)
+               threads=_THREADS.value, data_seed=_DATA_SEED.value, init=_INIT.value,
+               xla_opt_level=_XLA_OPT_LEVEL.value)
   print(format_report(result), flush=True)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w", encoding="utf-8") as f:

@@ -229,10 +229,9 @@ class ContrastDrivenFeatureAggregation(nn.Module):
       return jax.nn.softmax(logits, axis=-1).astype(dt)
 
     def aggregate(values: Array, attn: Array) -> Array:
-      windows = layers.unfold(values, k, self.padding).reshape(b, h, w, heads, head_dim, k2)
-      out = jnp.einsum("bxyhij,bxyhdj->bxyhdi", attn, windows)
-      out = layers.fold(out.reshape(b, h, w, dim * k2), (h, w), k, self.padding)
-      return proj(out)
+      # fold(einsum('bxyhij,bxyhdj->bxyhdi', attn, unfold(values))), computed without
+      # the unfolded copy (layers.outlook_aggregate).
+      return proj(layers.outlook_aggregate(values, attn, k, self.padding))
 
     v = _dense(dim, dim, dt, "v")(x)
     x_fg = aggregate(v, attention(fg, "attn_fg"))

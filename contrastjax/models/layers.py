@@ -124,9 +124,26 @@ def _conv(x: Array, kernel: Array, stride: int, padding: int, dilation: int,
       precision=precision)
 
 
-#: Input-channel count from which :func:`conv2d` computes kernel gradients with
-#: per-tap matmuls (below it, XLA's transposed convolution is as fast or faster).
+#: Kernel-gradient work (``2 B Ho Wo C_in C_out k^2`` FLOPs) from which :func:`conv2d`
+#: computes a ``k > 1`` kernel gradient with per-tap matmuls; smaller ones keep XLA's
+#: transposed convolution (as fast there, and 9 slices + matmuls per convolution add
+#: XLA compile time for no gain). 1x1 convolutions always use the matmul.
+TAP_KERNEL_GRAD_MIN_FLOPS = 2e8
+#: Input channels below which XLA's kernel gradient is kept (the stem's 3 channels).
 TAP_KERNEL_GRAD_MIN_FEATURES = 16
+
+
+def _use_tap_kernel_grad(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                         stride: int, padding: int, dilation: int) -> bool:
+  b, h, w, c = x_shape
+  k, o = kernel_shape[0], kernel_shape[-1]
+  if c < TAP_KERNEL_GRAD_MIN_FEATURES:
+    return False
+  if k == 1:
+    return True
+  ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+  return 2 * b * ho * wo * c * o * k * k >= TAP_KERNEL_GRAD_MIN_FLOPS
 
 
 def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
@@ -134,18 +151,18 @@ def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
   """NHWC/HWIO convolution with symmetric zero padding (``torch.nn.functional.conv2d``).
 
   The forward pass and the input gradient are XLA's. The kernel gradient of a
-  convolution with at least :data:`TAP_KERNEL_GRAD_MIN_FEATURES` input channels is
-  computed as one matmul per kernel tap,
+  convolution with at least :data:`TAP_KERNEL_GRAD_MIN_FEATURES` input channels (and,
+  for ``k > 1``, at least :data:`TAP_KERNEL_GRAD_MIN_FLOPS` of work) is computed as one
+  matmul per kernel tap,
   ``dK[ki, kj] = sum_{b,y,x} x_pad[b, y*s + ki*d, x*s + kj*d, :]^T dy[b, y, x, :]``,
   instead of XLA's transposed convolution: XLA:CPU runs that "weight-gradient
   convolution" (a window as large as the feature map) several times slower than the
-  forward convolution (e.g. 4-7 s against 0.6 s for a 3x3 128->128 convolution on
+  forward convolution (e.g. 4-7 s against 0.6-0.9 s for a 3x3 128->128 convolution on
   4x256x256 maps; BENCHMARKS.md). Same sums in a different order: the results agree to
-  float32 round-off (the matmul form is, if anything, closer to a float64 reference).
-  Taps that only ever see the zero padding (large dilations on small maps) get an exact
-  zero gradient without a matmul.
+  float32 round-off (and to 1e-13 in float64). Taps that only ever see the zero padding
+  (large dilations on small maps) get an exact zero gradient without a matmul.
   """
-  if x.shape[-1] < TAP_KERNEL_GRAD_MIN_FEATURES:
+  if not _use_tap_kernel_grad(x.shape, kernel.shape, stride, padding, dilation):
     return _conv(x, kernel, stride, padding, dilation, precision)
   return _tap_grad_conv(stride, padding, dilation, precision)(x, kernel)
 
@@ -153,11 +170,21 @@ def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
 def _kernel_grad_by_taps(x: Array, dy: Array, kernel: Array, stride: int, padding: int,
                          dilation: int, precision: Any) -> Array:
   """``d conv / d kernel`` as one matmul per tap: ``[k, k, C_in, C_out]`` like
-  ``kernel``."""
+  ``kernel``.
+
+  Each tap is a ``[N, C_in]^T [N, C_out]`` matmul with ``N = B*Ho*Wo`` over the tap's
+  view of the padded input (XLA:CPU takes the transposed operand as is; a per-image
+  batched form makes it insert transpose copies). The views are copies as large as the
+  input, so the taps run one after the other, inside a ``scan`` (stride 1) or chained
+  by optimisation barriers (strided), which keeps one view alive at a time: left free,
+  XLA's scheduler starts all views of all convolutions early (2.5x the temporary
+  memory of the whole train step).
+  """
   b, h, w, c = x.shape
   _, ho, wo, o = dy.shape
   k, s, d, p = kernel.shape[0], stride, dilation, padding
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+  dy2 = dy.reshape(-1, o)
 
   def touches_data(offset: int, n_out: int, n_in: int) -> bool:
     # Padded rows offset, offset + s, ..., offset + (n_out - 1) * s vs data rows [p, p + n_in).
@@ -170,20 +197,39 @@ def _kernel_grad_by_taps(x: Array, dy: Array, kernel: Array, stride: int, paddin
   if not jax.sharding.get_abstract_mesh().empty:
     spec = tuple(jax.typeof(kernel).sharding.spec) + (None,) * 4
     out_sharding = jax.sharding.PartitionSpec(spec[2], spec[3])
-  taps = []
-  for ki in range(k):
-    for kj in range(k):
-      if not (touches_data(ki * d, ho, h) and touches_data(kj * d, wo, w)):
-        taps.append(jnp.zeros((c, o), dy.dtype))
-        continue
-      start = (0, ki * d, kj * d, 0)
-      limit = (b, ki * d + (ho - 1) * s + 1, kj * d + (wo - 1) * s + 1, c)
-      xs = lax.slice(xp, start, limit, (1, s, s, 1))
-      # One [N, C_in]^T [N, C_out] matmul with N = B*Ho*Wo (XLA:CPU takes the
-      # transposed operand as is; a per-image batched form makes it transpose copies).
-      taps.append(lax.dot_general(xs.reshape(-1, c), dy.reshape(-1, o),
-                                  (((0,), (0,)), ((), ())), precision=precision,
-                                  out_sharding=out_sharding))
+
+  def tap_matmul(view: Array) -> Array:
+    return lax.dot_general(view.reshape(-1, c), dy2, (((0,), (0,)), ((), ())),
+                           precision=precision, out_sharding=out_sharding)
+
+  live = [(ki, kj) for ki in range(k) for kj in range(k)
+          if touches_data(ki * d, ho, h) and touches_data(kj * d, wo, w)]
+  if len(live) == 1 and (ho, wo) == xp.shape[1:3] and s == 1:
+    parts = tap_matmul(xp)[None]  # 1x1 convolution (or a single live tap spanning xp)
+  elif s == 1 and len(live) > 1:
+    starts = jnp.asarray([(ki * d, kj * d) for ki, kj in live], jnp.int32)
+
+    def body(carry, start):
+      zero_index = jnp.zeros((), start.dtype)
+      view = lax.dynamic_slice(xp, (zero_index, start[0], start[1], zero_index),
+                               (b, ho, wo, c))
+      return carry, tap_matmul(view)
+
+    _, parts = lax.scan(body, 0, starts)
+  else:
+    outs, prev = [], None
+    for ki, kj in live:
+      src = xp if prev is None else lax.optimization_barrier((xp, prev))[0]
+      view = lax.slice(src, (0, ki * d, kj * d, 0),
+                       (b, ki * d + (ho - 1) * s + 1, kj * d + (wo - 1) * s + 1, c),
+                       (1, s, s, 1))
+      prev = tap_matmul(view)
+      outs.append(prev)
+    parts = jnp.stack(outs)
+  index = {tap: n for n, tap in enumerate(live)}
+  zero = jnp.zeros((c, o), parts.dtype)
+  taps = [parts[index[(ki, kj)]] if (ki, kj) in index else zero
+          for ki in range(k) for kj in range(k)]
   return jnp.stack(taps).reshape(k, k, c, o)
 
 
@@ -349,52 +395,118 @@ def max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 1) -> Ar
 
 
 # ----------------------------------------------------------------------------- resampling
+@dataclasses.dataclass(frozen=True)
+class _InterpPlan:
+  """Linear interpolation along one axis with ``align_corners=True`` (static indices).
+
+  ``out[o] = x[i0[o]] * w0[o] + x[i1[o]] * w1[o]``; the adjoint reads, for each input
+  position ``i``, the outputs ``t_idx[i, :]`` with weights ``t_wt[i, :]`` (zero-weight
+  padding where fewer outputs read ``i``).
+  """
+  i0: np.ndarray
+  i1: np.ndarray
+  w0: np.ndarray
+  w1: np.ndarray
+  t_idx: np.ndarray
+  t_wt: np.ndarray
+
+
 @functools.lru_cache(maxsize=256)
-def _align_corners_matrix(n_in: int, n_out: int, double: bool = False) -> np.ndarray:
-  """``[n_out, n_in]`` linear-interpolation matrix with ``align_corners=True``.
+def _align_corners_plan(n_in: int, n_out: int, double: bool = False) -> _InterpPlan:
+  """The :class:`_InterpPlan` of resizing ``n_in`` samples to ``n_out``.
 
   Mirrors PyTorch: ``scale = (n_in - 1) / (n_out - 1)`` (0 when ``n_out == 1``) and
-  ``src = scale * i``, both in float32 (float64 for double inputs, like PyTorch's
-  ``opmath`` type); the two neighbours ``floor(src)`` and ``min(floor(src) + 1,
-  n_in - 1)`` get weights ``1 - frac`` and ``frac``.
+  ``src = scale * o``, both in float32 (float64 for double inputs, like PyTorch's
+  ``opmath`` type); the neighbours ``floor(src)`` and ``min(floor(src) + 1, n_in - 1)``
+  get weights ``1 - frac`` and ``frac``.
   """
   ftype = np.float64 if double else np.float32
   scale = ftype((n_in - 1) / (n_out - 1)) if n_out > 1 else ftype(0.0)
   src = np.arange(n_out, dtype=ftype) * scale
   i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
   i1 = np.minimum(i0 + 1, n_in - 1)
-  frac = src - i0.astype(ftype)
-  mat = np.zeros((n_out, n_in), ftype)
-  rows = np.arange(n_out)
-  np.add.at(mat, (rows, i0), 1.0 - frac)
-  np.add.at(mat, (rows, i1), frac)
-  return mat
+  w1 = (src - i0.astype(ftype)).astype(ftype)
+  w0 = (ftype(1.0) - w1).astype(ftype)
+  readers: list[list[tuple[int, float]]] = [[] for _ in range(n_in)]
+  for o in range(n_out):
+    readers[i0[o]].append((o, w0[o]))
+    readers[i1[o]].append((o, w1[o]))
+  width = max(len(r) for r in readers)
+  t_idx = np.zeros((n_in, width), np.int32)
+  t_wt = np.zeros((n_in, width), ftype)
+  for i, pairs in enumerate(readers):
+    for k, (o, wt) in enumerate(pairs):
+      t_idx[i, k], t_wt[i, k] = o, wt
+  return _InterpPlan(i0.astype(np.int32), i1.astype(np.int32), w0, w1, t_idx, t_wt)
+
+
+def _along(v: np.ndarray, axis: int, ndim: int, dtype: Dtype) -> Array:
+  """Per-position weights ``v`` shaped to broadcast along ``axis``."""
+  shape = [1] * ndim
+  shape[axis] = -1
+  return jnp.asarray(v.reshape(shape), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _interp_axis_fn(axis: int, n_in: int, n_out: int,
+                    double: bool) -> Callable[[Array], Array]:
+  """Align-corners linear interpolation along ``axis`` with its exact sparse adjoint."""
+  plan = _align_corners_plan(n_in, n_out, double)
+
+  def take(x: Array, idx: np.ndarray) -> Array:
+    return jnp.take(x, idx, axis=axis, mode="clip")  # indices are in bounds
+
+  @jax.custom_vjp
+  def interp(x: Array) -> Array:
+    return (take(x, plan.i0) * _along(plan.w0, axis, x.ndim, x.dtype)
+            + take(x, plan.i1) * _along(plan.w1, axis, x.ndim, x.dtype))
+
+  def interp_fwd(x: Array):
+    return interp(x), None
+
+  def interp_bwd(_, g: Array):
+    # The transposed interpolation matrix, applied as gathers (no scatter-add).
+    dx = None
+    for k in range(plan.t_idx.shape[1]):
+      term = take(g, plan.t_idx[:, k]) * _along(plan.t_wt[:, k], axis, g.ndim, g.dtype)
+      dx = term if dx is None else dx + term
+    return (dx,)
+
+  interp.defvjp(interp_fwd, interp_bwd)
+  return interp
 
 
 def resize_bilinear_align_corners(x: Array, size: tuple[int, int],
                                   precision: Any = None) -> Array:
   """``F.interpolate(x, size, mode='bilinear', align_corners=True)`` for NHWC ``x``.
 
-  Implemented as two per-axis interpolation matrices applied with one einsum (dense
-  matmuls, which suit accelerators; ``jax.image.resize`` uses half-pixel centres and
-  differs by up to ~1 from the align-corners result).
+  Separable linear interpolation, first along the width then along the height (the
+  order of PyTorch's kernel), each output reading its two neighbours with static
+  gathers; the gradient applies the transposed interpolation the same way (gathers,
+  no scatter-add). This equals multiplying by the per-axis interpolation matrices
+  (what an einsum ``'oh,bhwc,pw->bopc'`` computes) up to float round-off, without their
+  ``O(n_in)`` work per output: 5-20x faster on CPU for the x2 upsamplings of ConDSeg.
+  ``jax.image.resize`` uses half-pixel centres and differs by up to ~1 from the
+  align-corners result.
 
   Args:
     x: ``[B, H, W, C]`` input.
     size: Output ``(H_out, W_out)``.
-    precision: ``lax`` precision of the einsum.
+    precision: Unused (the interpolation involves no matmul); kept for API
+      compatibility.
 
   Returns:
     ``[B, H_out, W_out, C]`` in the dtype of ``x``.
   """
+  del precision
   h_out, w_out = size
   _, h_in, w_in, _ = x.shape
-  if (h_in, w_in) == (h_out, w_out):
-    return x
   double = x.dtype == jnp.float64
-  mh = jnp.asarray(_align_corners_matrix(h_in, h_out, double), x.dtype)
-  mw = jnp.asarray(_align_corners_matrix(w_in, w_out, double), x.dtype)
-  return jnp.einsum("oh,bhwc,pw->bopc", mh, x, mw, precision=precision)
+  if w_in != w_out:
+    x = _interp_axis_fn(2, w_in, w_out, double)(x)
+  if h_in != h_out:
+    x = _interp_axis_fn(1, h_in, h_out, double)(x)
+  return x
 
 
 def upsample(x: Array, scale: int, precision: Any = None) -> Array:
@@ -460,6 +572,154 @@ def fold(cols: Array, output_size: tuple[int, int], kernel_size: int,
                     ((0, 0), (ki, k - 1 - ki), (kj, k - 1 - kj), (0, 0)))
             for ki in range(k) for kj in range(k))
   return out[:, padding:padding + h, padding:padding + w, :]
+
+
+def _window_offsets(kernel_size: int) -> tuple[list[tuple[int, int]],
+                                                list[tuple[int, int]],
+                                                list[list[tuple[int, int]]]]:
+  """Window positions ``o_i``, relative offsets ``r = o_j - o_i`` and, per relative
+  offset, the ``(i, j)`` pairs that have it (row-major window order)."""
+  k = kernel_size
+  offsets = [(ki, kj) for ki in range(k) for kj in range(k)]
+  rels = [(dr, dc) for dr in range(1 - k, k) for dc in range(1 - k, k)]
+  index = {r: n for n, r in enumerate(rels)}
+  pairs: list[list[tuple[int, int]]] = [[] for _ in rels]
+  for i, (ir, ic) in enumerate(offsets):
+    for j, (jr, jc) in enumerate(offsets):
+      pairs[index[(jr - ir, jc - ic)]].append((i, j))
+  return offsets, rels, pairs
+
+
+def _shifted(x: Array, dr: int, dc: int, size: tuple[int, int]) -> Array:
+  """``x[:, dr:dr + H, dc:dc + W]`` (static offsets into a padded map)."""
+  start = (0, dr, dc) + (0,) * (x.ndim - 3)
+  limit = (x.shape[0], dr + size[0], dc + size[1]) + x.shape[3:]
+  return lax.slice(x, start, limit)
+
+
+def _pad_hw(x: Array, p: int) -> Array:
+  return jnp.pad(x, ((0, 0), (p, p), (p, p)) + ((0, 0),) * (x.ndim - 3))
+
+
+@functools.lru_cache(maxsize=None)
+def _offset_sum_matrix(kernel_size: int) -> np.ndarray:
+  """``[k*k, k*k, (2k-1)**2]`` 0/1 matrix: entry ``(i, j)`` goes to offset ``o_j - o_i``."""
+  offsets, rels, _ = _window_offsets(kernel_size)
+  index = {r: n for n, r in enumerate(rels)}
+  mat = np.zeros((len(offsets), len(offsets), len(rels)), np.float32)
+  for i, (ir, ic) in enumerate(offsets):
+    for j, (jr, jc) in enumerate(offsets):
+      mat[i, j, index[(jr - ir, jc - ic)]] = 1.0
+  return mat
+
+
+def _offset_sums(attn: Array, kernel_size: int, padding: int) -> Array:
+  """``attn [B, H, W, h, k*k, k*k] -> S [B, H, W, h, (2k-1)**2]`` with
+  ``S[p, r] = sum_{(i, j): o_j - o_i = r} attn[p - o_i + padding, i, j]`` (attention
+  outside the map counts as zero).
+
+  Row ``i`` of every window is shifted by its position ``o_i`` (one shifted view per
+  row), then a 0/1 matrix adds each entry into its relative-offset slot: one small
+  matmul, exact apart from the order of the additions, and few HLO ops to compile.
+  """
+  offsets, _, _ = _window_offsets(kernel_size)
+  p = padding
+  size = attn.shape[1:3]
+  ap = _pad_hw(attn, p)
+  rows = jnp.stack([_shifted(ap[..., i, :], 2 * p - ir, 2 * p - ic, size)
+                    for i, (ir, ic) in enumerate(offsets)], axis=-2)
+  mat = jnp.asarray(_offset_sum_matrix(kernel_size), attn.dtype)
+  return jnp.einsum("...ij,ijr->...r", rows, mat, precision=lax.Precision.HIGHEST)
+
+
+@functools.lru_cache(maxsize=None)
+def _shift_sum_fn(kernel_size: int) -> Callable[[Array, Array], Array]:
+  """``(S [B, H, W, h, R], v [B, H, W, h, d]) -> sum_r S[..., r, None] * v[p + rel_r]``
+  (``v`` zero outside the map), accumulated in at least float32, with its VJP."""
+  _, rels, _ = _window_offsets(kernel_size)
+  big = kernel_size - 1  # largest |relative offset|
+
+  def shift_sum(sums: Array, v: Array) -> Array:
+    acc_dtype = jnp.promote_types(v.dtype, jnp.float32)
+    size = v.shape[1:3]
+    vp = _pad_hw(v, big).astype(acc_dtype)
+    sums = sums.astype(acc_dtype)
+    out = None
+    for n, (dr, dc) in enumerate(rels):
+      term = sums[..., n, None] * _shifted(vp, big + dr, big + dc, size)
+      out = term if out is None else out + term
+    return out.astype(v.dtype)
+
+  @jax.custom_vjp
+  def fn(sums: Array, v: Array) -> Array:
+    return shift_sum(sums, v)
+
+  def fn_fwd(sums: Array, v: Array):
+    return shift_sum(sums, v), (sums, v)
+
+  def fn_bwd(residuals, g: Array):
+    sums, v = residuals
+    acc_dtype = jnp.promote_types(v.dtype, jnp.float32)
+    size = v.shape[1:3]
+    gf = g.astype(acc_dtype)
+    vp = _pad_hw(v, big).astype(acc_dtype)
+    # d S[p, r] = <g[p], v[p + r]> over the head's channels.
+    d_sums = jnp.stack([jnp.sum(gf * _shifted(vp, big + dr, big + dc, size), axis=-1)
+                        for dr, dc in rels], axis=-1)
+    # d v[m] = sum_r S[m - r, r] g[m - r]: the same shifted sum, run backwards.
+    sp, gp = _pad_hw(sums.astype(acc_dtype), big), _pad_hw(gf, big)
+    dv = None
+    for n, (dr, dc) in enumerate(rels):
+      term = (_shifted(sp[..., n:n + 1], big - dr, big - dc, size)
+              * _shifted(gp, big - dr, big - dc, size))
+      dv = term if dv is None else dv + term
+    return d_sums.astype(sums.dtype), dv.astype(v.dtype)
+
+  fn.defvjp(fn_fwd, fn_bwd)
+  return fn
+
+
+def outlook_aggregate(values: Array, attn: Array, kernel_size: int,
+                      padding: int) -> Array:
+  """Window attention folded back onto the map (VOLO outlook attention, CDFA).
+
+  Computes ``fold(einsum('bxyhij,bxyhdj->bxyhdi', attn, unfold(values)))``: every
+  window ``q`` mixes its ``k*k`` value vectors with the weights ``attn[q, :, i, j]``
+  (output position ``i``, source position ``j``) and the overlapping windows are summed
+  back (``F.fold``). Channels are split into heads, ``values[..., c]`` with
+  ``c = head * head_dim + d``.
+
+  Since window entry ``(i, j)`` of the window at ``q`` moves the value at
+  ``q + o_j - padding`` to ``q + o_i - padding``, the result is a sum over the
+  ``(2k-1)**2`` relative offsets ``r = o_j - o_i``:
+  ``out[p] = sum_r S[p, r] * values[p + r]`` with
+  ``S[p, r] = sum_{(i, j): o_j - o_i = r} attn[p - o_i + padding, i, j]``. That is the
+  same arithmetic regrouped (equal to float round-off), but runs as fused elementwise
+  loops over shifted views: no ``k*k``-fold unfolded copy, no batched 9x9 matmuls, and
+  25 instead of 81 multiply-adds per output for ``k = 3`` (about 3x faster with its
+  gradient on CPU for the largest ConDSeg map; BENCHMARKS.md).
+
+  Args:
+    values: ``[B, H, W, heads * head_dim]``.
+    attn: ``[B, H, W, heads, k*k, k*k]``.
+    kernel_size: Window size ``k``; windows must tile the map (``k = 2*padding + 1``).
+    padding: Window padding.
+
+  Returns:
+    ``[B, H, W, heads * head_dim]`` in the dtype of ``values``.
+  """
+  k = kernel_size
+  if k != 2 * padding + 1:
+    raise ValueError(f"outlook_aggregate needs same-size windows (kernel_size = "
+                     f"2 * padding + 1), got kernel_size={k}, padding={padding}")
+  b, h, w, c = values.shape
+  heads = attn.shape[3]
+  if attn.shape != (b, h, w, heads, k * k, k * k) or c % heads:
+    raise ValueError(f"outlook_aggregate: attention {attn.shape} does not match values "
+                     f"{values.shape} and a {k}x{k} window")
+  sums = _offset_sums(attn.astype(jnp.promote_types(attn.dtype, jnp.float32)), k, padding)
+  out = _shift_sum_fn(k)(sums, values.reshape(b, h, w, heads, c // heads))
+  return out.reshape(b, h, w, c)
 
 
 # ----------------------------------------------------------------------------- torch names

@@ -1,0 +1,181 @@
+"""``contrastjax.benchmark`` and the speed paths it measures.
+
+* The CLI runs end to end on a tiny ConDSeg (demo model, batch 2, 32x32) without the
+  reference, and writes its JSON report.
+* The benchmark's PyTorch stage-2 loss equals ``condseg_losses.condseg_stage2_loss`` in
+  the reference's semantics (double sigmoid, batch-summed beta).
+* The fast formulations BENCHMARKS.md reports (per-tap kernel gradients of ``conv2d``,
+  gather-based align-corners resize, ``outlook_aggregate`` for CDFA) give the values and
+  gradients of the straightforward ones: equal to ~1e-13 in float64, to float32
+  round-off in float32.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from contrastjax import benchmark
+from contrastjax.models import layers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_smoke_demo_model(tmp_path):
+  out = tmp_path / "bench.json"
+  cmd = [sys.executable, "-m", "contrastjax.benchmark",
+         "--config=configs/condseg_kvasir.py:demo", "--config.batch_size=2",
+         "--config.data.image_size=32", "--steps=2", "--warmup=1", "--init=host",
+         "--xla_opt_level=0", f"--json_out={out}"]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for text in ("compile", "images/s", "peak RSS", "XLA_FLAGS"):
+    assert text in proc.stdout, proc.stdout
+  result = json.loads(out.read_text())
+  j = result["jax"]
+  assert result["batch_size"] == 2 and result["image_size"] == 32
+  assert j["steps"] == 2 and len(j["times"]) == 2 and all(t > 0 for t in j["times"])
+  assert j["images_per_s"] == pytest.approx(2 / j["step_s_median"])
+  assert j["compile_s"] > 0 and j["peak_rss_mib"] > 0
+  assert j["compiler_options"] == {"xla_backend_optimization_level": 0}
+  assert len(j["losses"]) == 3  # the first (separately timed) step and the two timed
+  assert "torch" not in result and result["load_before"] and result["load_after"]
+
+
+def test_synthetic_batch_contract():
+  batch = benchmark.synthetic_batch(3, 16, seed=1)
+  assert batch["image"].shape == (3, 16, 16, 3) and batch["image"].dtype == np.float32
+  assert batch["mask"].shape == (3, 16, 16, 1)
+  np.testing.assert_array_equal(batch["background"], 1.0 - batch["mask"])
+  assert 0 < batch["mask"].mean() < 1 and batch["mask"].min() >= 0
+  np.testing.assert_array_equal(benchmark.synthetic_batch(3, 16, seed=1)["mask"],
+                                batch["mask"])
+
+
+def test_reference_loss_matches_jax_stage2_loss():
+  torch = pytest.importorskip("torch")
+  from contrastjax.methods import condseg_losses  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  probs = [rng.uniform(0.02, 0.98, (2, 8, 8, 1)).astype(np.float32) for _ in range(4)]
+  y = (rng.random((2, 8, 8, 1)) > 0.6).astype(np.float32)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+  got = float(benchmark.reference_stage2_loss(torch, [nchw(p) for p in probs], nchw(y),
+                                              nchw(1 - y)))
+  outputs = dict(zip(("mask", "fg", "bg", "uc"), map(jnp.asarray, probs)))
+  want, _ = condseg_losses.condseg_stage2_loss(
+      outputs, {"mask": jnp.asarray(y), "background": jnp.asarray(1 - y)},
+      {"double_sigmoid": True, "beta_per_image": False})
+  assert got == pytest.approx(float(want), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- speed paths
+def _max_rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _grads(fn, args, cotangent):
+  out, vjp = jax.vjp(fn, *args)
+  return (out, *vjp(cotangent))
+
+
+def _check_same(fast, slow, args, rtol32=5e-6):
+  """``fast`` and ``slow`` agree in value and VJP: float64 to 1e-12, float32 to round-off
+  (both measured against the float64 result of ``slow``)."""
+  rng = np.random.default_rng(1)
+  out_shape = jax.eval_shape(slow, *args).shape
+  cot = rng.normal(size=out_shape)
+  with jax.enable_x64(True):
+    args64 = [jnp.asarray(a, jnp.float64) for a in args]
+    want = jax.jit(lambda *a: _grads(slow, a[:-1], a[-1]))(*args64, jnp.asarray(cot))
+    got = jax.jit(lambda *a: _grads(fast, a[:-1], a[-1]))(*args64, jnp.asarray(cot))
+    for g, w in zip(got, want):
+      assert _max_rel(g, w) < 1e-12
+  args32 = [jnp.asarray(a, jnp.float32) for a in args]
+  got32 = jax.jit(lambda *a: _grads(fast, a[:-1], a[-1]))(*args32,
+                                                          jnp.asarray(cot, jnp.float32))
+  for g, w in zip(got32, want):
+    assert g.dtype == jnp.float32
+    assert _max_rel(g, w) < rtol32
+
+
+@pytest.mark.parametrize("k,stride,padding,dilation,hw,c_in", [
+    (3, 1, 1, 1, (9, 11), 16), (3, 2, 1, 1, (10, 10), 32), (3, 1, 6, 6, (12, 12), 16),
+    (3, 1, 18, 18, (16, 16), 16), (1, 2, 0, 1, (12, 12), 20), (1, 1, 0, 1, (7, 5), 24),
+    (7, 2, 3, 1, (17, 15), 16)])
+def test_conv2d_tap_kernel_gradient(monkeypatch, k, stride, padding, dilation, hw, c_in):
+  monkeypatch.setattr(layers, "TAP_KERNEL_GRAD_MIN_FLOPS", 0)  # small test shapes
+  assert layers._use_tap_kernel_grad((2, *hw, c_in), (k, k, c_in, 8), stride, padding,
+                                     dilation)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, *hw, c_in))
+  w = rng.normal(size=(k, k, c_in, 8)) / np.sqrt(k * k * c_in)
+  dims = ("NHWC", "HWIO", "NHWC")
+
+  def xla(x, w):
+    return lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2,
+                                    rhs_dilation=(dilation, dilation),
+                                    dimension_numbers=dims)
+
+  def fast(x, w):
+    return layers.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+
+  _check_same(fast, xla, (x, w))
+
+
+def test_conv2d_uses_xla_gradient_for_thin_or_small_convolutions():
+  assert not layers._use_tap_kernel_grad((4, 256, 256, 3), (7, 7, 3, 64), 2, 3, 1)
+  assert not layers._use_tap_kernel_grad((2, 16, 16, 16), (3, 3, 16, 16), 1, 1, 1)
+  assert layers._use_tap_kernel_grad((2, 16, 16, 16), (1, 1, 16, 16), 1, 0, 1)
+  assert layers._use_tap_kernel_grad((4, 256, 256, 64), (3, 3, 64, 64), 1, 1, 1)
+
+
+def _resize_by_matrices(x, size):
+  """The align-corners resize as dense per-axis interpolation matrices (einsum)."""
+  def matrix(n_in, n_out):
+    plan = layers._align_corners_plan(n_in, n_out, x.dtype == jnp.float64)
+    m = np.zeros((n_out, n_in), plan.w0.dtype)
+    np.add.at(m, (np.arange(n_out), plan.i0), plan.w0)
+    np.add.at(m, (np.arange(n_out), plan.i1), plan.w1)
+    return jnp.asarray(m, x.dtype)
+  return jnp.einsum("oh,bhwc,pw->bopc", matrix(x.shape[1], size[0]), x,
+                    matrix(x.shape[2], size[1]))
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((4, 5), (8, 10)), ((3, 3), (48, 24)),
+                                          ((7, 6), (3, 4)), ((1, 4), (4, 1)),
+                                          ((5, 5), (5, 9))])
+def test_resize_gradient_is_the_transposed_interpolation(in_hw, out_hw):
+  x = np.random.default_rng(2).normal(size=(2, *in_hw, 3))
+  _check_same(lambda x: layers.resize_bilinear_align_corners(x, out_hw),
+              lambda x: _resize_by_matrices(x, out_hw), (x,))
+
+
+@pytest.mark.parametrize("k,hw,heads,head_dim", [(3, (6, 5), 2, 4), (3, (1, 3), 1, 2),
+                                                 (5, (6, 4), 2, 2)])
+def test_outlook_aggregate_is_fold_of_window_attention(k, hw, heads, head_dim):
+  pad = k // 2
+  rng = np.random.default_rng(3)
+  values = rng.normal(size=(2, *hw, heads * head_dim))
+  attn = rng.normal(size=(2, *hw, heads, k * k, k * k))
+
+  def unfolded(values, attn):
+    b, h, w, c = values.shape
+    windows = layers.unfold(values, k, pad).reshape(b, h, w, heads, head_dim, k * k)
+    out = jnp.einsum("bxyhij,bxyhdj->bxyhdi", attn, windows)
+    return layers.fold(out.reshape(b, h, w, c * k * k), (h, w), k, pad)
+
+  _check_same(lambda v, a: layers.outlook_aggregate(v, a, k, pad), unfolded,
+              (values, attn))
+  bf16 = layers.outlook_aggregate(jnp.asarray(values, jnp.bfloat16),
+                                  jnp.asarray(attn, jnp.bfloat16), k, pad)
+  assert bf16.dtype == jnp.bfloat16
+  assert _max_rel(bf16.astype(jnp.float32), unfolded(values, attn)) < 2e-2
