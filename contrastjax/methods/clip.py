@@ -121,9 +121,10 @@ def symmetric_infonce(h_x: jax.Array, h_y: jax.Array, beta: jax.Array | float,
   loss_i2t = jnp.sum(w * jnp.where(w > 0, lse_rows - positive, 0.0)) / denom
   loss_t2i = jnp.sum(w * jnp.where(w > 0, _gathered_like(lse_cols, positive) - positive,
                                    0.0)) / denom
-  # In-batch top-1: the positive is the row / column maximum.
-  acc_i2t = jnp.sum(w * (positive >= jnp.max(masked, axis=1))) / denom
-  acc_t2i = jnp.sum(w * (positive >= _gathered_like(jnp.max(masked, axis=0), positive))
+  # In-batch top-1: the row's / column's best match is its own pair.
+  ids = _gathered_like(jnp.arange(n), positive)
+  acc_i2t = jnp.sum(w * (jnp.argmax(masked, axis=1) == ids)) / denom
+  acc_t2i = jnp.sum(w * (_gathered_like(jnp.argmax(masked, axis=0), positive) == ids)
                     ) / denom
   loss = 0.5 * (loss_i2t + loss_t2i)
   return loss, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "acc_i2t": acc_i2t,
@@ -131,7 +132,8 @@ def symmetric_infonce(h_x: jax.Array, h_y: jax.Array, beta: jax.Array | float,
 
 
 def _gathered_like(col_stat: jax.Array, like: jax.Array) -> jax.Array:
-  """A per-column statistic (replicated, ``[n]``) laid out like the per-row ``like``."""
+  """A replicated array (a per-column statistic, random draws) laid out (sharded) like
+  ``like`` of the same shape, under an explicit mesh; unchanged otherwise."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     return col_stat
@@ -147,21 +149,21 @@ def modality_gap(h_x: jax.Array, h_y: jax.Array) -> jax.Array:
 def hard_swap(rng: jax.Array, h_x: jax.Array, h_y: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
   """HS: exchanges each coordinate ``(i, j)`` of ``H_X``/``H_Y`` with probability 1/2."""
-  swap = jax.random.bernoulli(rng, 0.5, h_x.shape)
+  swap = _gathered_like(jax.random.bernoulli(rng, 0.5, h_x.shape), h_x)
   return jnp.where(swap, h_y, h_x), jnp.where(swap, h_x, h_y)
 
 
 def soft_swap(rng: jax.Array, h_x: jax.Array, h_y: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
   """SS: ``lambda_ij ~ U[0,1]``; ``(lambda H_X + (1-lambda) H_Y, lambda H_Y + (1-lambda) H_X)``."""
-  lam = jax.random.uniform(rng, h_x.shape, h_x.dtype)
+  lam = _gathered_like(jax.random.uniform(rng, h_x.shape, h_x.dtype), h_x)
   return lam * h_x + (1 - lam) * h_y, lam * h_y + (1 - lam) * h_x
 
 
 def hard_swap_feature(rng: jax.Array, h_x: jax.Array, h_y: jax.Array
                       ) -> tuple[jax.Array, jax.Array]:
   """"Hard Swap Feature" ablation (Table 5): whole rows exchanged with probability 1/2."""
-  swap = jax.random.bernoulli(rng, 0.5, h_x.shape[:1])[:, None]
+  swap = _gathered_like(jax.random.bernoulli(rng, 0.5, h_x.shape[:1]), h_x[:, 0])[:, None]
   return jnp.where(swap, h_y, h_x), jnp.where(swap, h_x, h_y)
 
 
