@@ -56,9 +56,14 @@ def _param_labels(params: PyTree, groups: list[tuple[str, str]]) -> PyTree:
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, base_lr: float,
                            total_steps: int) -> optax.Schedule:
   """``cfg.schedule``: 'constant' | 'warmup_poly' (linear warm-up then poly decay)
-  | 'warmup_cosine'."""
+  | 'warmup_poly_mmcv' (:func:`mmcv_poly_schedule`) | 'warmup_cosine'."""
   sched = cfg.get("schedule", "constant")
   warmup = int(cfg.get("warmup_steps", 0))
+  if sched == "warmup_poly_mmcv":
+    return mmcv_poly_schedule(base_lr, total_steps, warmup,
+                              power=float(cfg.get("power", 1.0)),
+                              min_lr=float(cfg.get("end_lr", 0.0)),
+                              warmup_ratio=float(cfg.get("warmup_ratio", 1e-6)))
   if sched == "constant":
     main = optax.constant_schedule(base_lr)
   elif sched == "warmup_poly":
@@ -69,12 +74,37 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, base_lr: float,
     main = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
   else:
     raise ValueError(f"config.optimizer.schedule={sched!r}: expected 'constant', "
-                     "'warmup_poly' or 'warmup_cosine'")
+                     "'warmup_poly', 'warmup_poly_mmcv' or 'warmup_cosine'")
   if warmup:
     warm = optax.linear_schedule(base_lr * float(cfg.get("warmup_init_factor", 0.0)),
                                  base_lr, warmup)
     return optax.join_schedules([warm, main], [warmup])
   return main
+
+
+def mmcv_poly_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0, *,
+                       power: float = 1.0, min_lr: float = 0.0,
+                       warmup_ratio: float = 1e-6) -> optax.Schedule:
+  """mmcv's ``PolyLrUpdaterHook`` with ``warmup='linear'`` (by iteration).
+
+  At 0-based step ``t``: ``regular = (base_lr - min_lr) * (1 - t / total) ** power + min_lr``
+  (the poly decay counts from step 0, not from the end of the warm-up), and during the
+  warm-up (``t < warmup_steps``) ``lr = regular * (1 - (1 - t / warmup) * (1 -
+  warmup_ratio))``. Unlike ``'warmup_poly'`` the warm-up scales the decayed value, so the
+  learning rate at the end of the warm-up is ``regular(warmup)``, not ``base_lr``.
+  """
+  total = float(max(total_steps, 1))
+
+  def schedule(count):
+    t = jnp.minimum(jnp.asarray(count, jnp.float32), total)
+    regular = (base_lr - min_lr) * ((total - t) / total) ** power + min_lr
+    if not warmup_steps:
+      return regular
+    # = 1 - (1 - t / warmup) * (1 - ratio), written without the cancellation (float32).
+    k = warmup_ratio + (1.0 - warmup_ratio) * (t / float(warmup_steps))
+    return jnp.where(t < warmup_steps, regular * k, regular)
+
+  return schedule
 
 
 def _base_optimizer(cfg: ml_collections.ConfigDict, lr: optax.Schedule,

@@ -8,6 +8,7 @@ _REGISTRY = {
     "condseg_stage1": "contrastjax.methods.condseg:ConDSegStage1Method",
     "condseg": "contrastjax.methods.condseg:ConDSegMethod",
     "clip": "contrastjax.methods.clip:CLIPMethod",
+    "siamseg": "contrastjax.methods.siamseg:SiamSegMethod",
 }
 
 

@@ -1,0 +1,179 @@
+"""The SiamSeg recipe (Wang et al. 2024, arXiv:2410.13471), shared by ``configs/siamseg_*.py``.
+
+Source of the numbers: the reference code github.com/woldier/SiamSeg (mmseg 0.21 fork), resolved
+from its mmcv config inheritance in ``shared/specs/siamseg.md`` §3 (``configs/SiamSeg/*.py``,
+``configs/_base_/uda/dcas.py``, ``schedules/adamw.py``, ``poly_schedule_40k.py``,
+``models/daformer_sepaspp_mitb5.py``).
+
+Variants (the ``:arg`` of ``--config=configs/siamseg_<task>.py:ARG``, comma separated):
+
+* (none)        SiamSeg: DACS self-training + the SimSiam branch on target views;
+* ``dacs``      the same without the SimSiam branch (isolates the contrastive term);
+* ``source_only``  supervised source training only (no teacher, no mixing, no SimSiam);
+* ``paper``     ClassMix classes drawn from the whole batch's label set (the reference before
+                PR #5, which produced the paper's numbers); default: per image (current code);
+* ``tta``       LoveDA's 4-scale test-time augmentation (0.75/1/1.25/1.5 of 1024, the
+                reference's LoveDA evaluation); default: whole-image inference;
+* ``slide``     sliding-window inference (512 crops, stride 341; not used by the reference);
+* ``demo``      synthetic two-domain aerial data (64 px), a tiny MiT, minutes on a CPU;
+* ``root=DIR``  dataset folder; ``pretrained=FILE`` MiT ImageNet weights (``mit_b5.pth``,
+                official / Hugging Face / mmseg naming); ``init_from=DIR`` a contrastjax run
+                whose parameters initialise this one.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from contrastjax.configs.common import parse_arg
+from contrastjax.data import siamseg_inputs
+
+#: The reference segmentor: MiT-B5 + DAFormer head with separable ASPP fusion.
+FULL_BACKBONE = dict(variant="b5", drop_path_rate=0.1, remat=False, dtype="float32")
+FULL_HEAD = dict(embed_dim=256, channels=256, dilations=(1, 6, 12, 18), dropout_rate=0.1)
+#: SimSiam projector 512 -> 512 -> 2048 and predictor 2048 -> 2048 -> 2048 (``simsiam.py``:
+#: ``dim=2048``; ``pred_dim=512`` is the projector INPUT width = MiT-B5 stage-4 channels).
+FULL_SIMSIAM = dict(dim=2048, pred_hidden=2048)
+
+DEMO_BACKBONE = dict(variant="b0", embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1),
+                     num_heads=(1, 2, 4, 8), drop_path_rate=0.0, remat=False,
+                     dtype="float32")
+DEMO_HEAD = dict(embed_dim=32, channels=32, dilations=(1, 2, 3, 4), dropout_rate=0.1)
+DEMO_SIMSIAM = dict(dim=128, pred_hidden=128)
+
+#: Parameter-group rules of mmcv 1.5's ``DefaultOptimizerConstructor`` with
+#: ``custom_keys={'head': lr_mult 10, 'pos_block': decay_mult 0, 'norm': decay_mult 0}``
+#: (first key in mmcv's order that is a substring of the torch name wins). In torch names
+#: (mmseg MiT) the LayerNorms called ``*norm*`` are the patch-embedding norm, the attention's
+#: spatial-reduction norm and the blocks' ``norm1``/``norm2``; the stage-final LayerNorms are
+#: ``layers.{i}.2`` and so KEEP weight decay (here they are called ``backbone/norm{i}``, hence the
+#: explicit paths). ``decode_head`` (BatchNorms included) gets lr x10 with decay; SimSiam's
+#: projector/predictor get the base lr with decay.
+PARAM_GROUPS = (
+    (r"^decode_head/", 10.0, 1.0),
+    (r"^backbone/(patch_embed\d+/norm|block\d+_\d+/(norm1|norm2|attn/norm))/", 1.0, 0.0),
+)
+
+TASKS = {
+    # name: (data maker, maker keys, eval_every)
+    "loveda_rural2urban": ("loveda", dict(source_domain="Rural", target_domain="Urban"), 1000),
+    "loveda_urban2rural": ("loveda", dict(source_domain="Urban", target_domain="Rural"), 1000),
+    "potsdam_irrg2vaihingen_irrg": (
+        "isprs", dict(source="Potsdam_IRRG_DA", target="Vaihingen_IRRG_DA"), 1000),
+    "potsdam_rgb2vaihingen_irrg": (
+        "isprs", dict(source="Potsdam_RGB_DA", target="Vaihingen_IRRG_DA"), 1000),
+    "vaihingen_irrg2potsdam_irrg": (
+        "isprs", dict(source="Vaihingen_IRRG_DA", target="Potsdam_IRRG_DA"), 1000),
+    "vaihingen_irrg2potsdam_rgb": (
+        "isprs", dict(source="Vaihingen_IRRG_DA", target="Potsdam_RGB_DA"), 500),
+}
+#: CE class weights of the task configs (``loss_decode.class_weight``).
+CLASS_WEIGHTS = {
+    "loveda": (1.0, 1.0, 1.0, 1.25, 1.5, 1.5, 1.0),   # water 1.25, barren 1.5, forest 1.5
+    "isprs": (1.0, 1.0, 1.0, 1.25, 1.5, 1.5),          # tree 1.25, car 1.5, clutter 1.5
+}
+VARIANTS = ("siamseg", "dacs", "source_only")
+
+
+def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Builds the config of ``task`` (a key of :data:`TASKS`) with the ``:arg`` variants."""
+  if task not in TASKS:
+    raise ValueError(f"SiamSeg task {task!r} is not known; expected one of {sorted(TASKS)}")
+  a = parse_arg(arg, demo=False, dacs=False, source_only=False, paper=False, tta=False,
+                slide=False, root="", pretrained="", init_from="")
+  if a.dacs and a.source_only:
+    raise ValueError(f"config arguments 'dacs' and 'source_only' exclude each other ({arg!r})")
+  if a.tta and a.slide:
+    raise ValueError(f"config arguments 'tta' and 'slide' exclude each other ({arg!r}); "
+                     "tta runs whole-image inference per scale")
+  maker, maker_keys, eval_every = TASKS[task]
+  c = ml_collections.ConfigDict()
+  c.method = "siamseg"
+  c.seed = 0                        # reference: random unless --seed; we fix it
+
+  # ------------------------------------------------------------------ data
+  c.data = ml_collections.ConfigDict()
+  c.data.name = maker
+  default_root = "$CONTRASTJAX_DATA_DIR/LoveDA" if maker == "loveda" else "$CONTRASTJAX_DATA_DIR"
+  c.data.root = a.root or default_root
+  for k, v in maker_keys.items():
+    c.data[k] = v
+  c.data.worker_count = 0           # grain workers (reference: workers_per_gpu=3)
+  info = siamseg_inputs.dataset_info(maker)
+
+  # ------------------------------------------------------------------ model
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = ml_collections.ConfigDict(dict(FULL_BACKBONE))
+  c.model.head = ml_collections.ConfigDict(dict(FULL_HEAD))
+  c.model.simsiam = ml_collections.ConfigDict(dict(FULL_SIMSIAM))
+
+  # ------------------------------------------------------------------ method
+  s = c.siamseg = ml_collections.ConfigDict()
+  s.variant = "source_only" if a.source_only else ("dacs" if a.dacs else "siamseg")
+  s.num_classes = info.num_classes
+  s.class_weight = CLASS_WEIGHTS[maker]
+  s.alpha = 0.999                   # EMA, alpha_t = min(1 - 1/(iter+1), 0.999)
+  s.pseudo_threshold = 0.968
+  s.classmix_scope = "batch" if a.paper else "image"
+  s.color_jitter_strength = 0.2     # dcas.py: color_jitter_strength=0.2
+  s.color_jitter_probability = 0.2  # applied when U(0,1) > 0.2
+  s.blur = True
+  s.contrastive_weight = 1.0        # siam_seg.py: no coefficient
+  s.contrastive_domain = "target"   # contras_model_cfg=dict(mod="target")
+  s.inference = "tta" if a.tta else ("slide" if a.slide else "whole")
+  s.slide_crop = (512, 512)
+  s.slide_stride = (341, 341)
+  s.tta_ratios = (0.75, 1.0, 1.25, 1.5)
+  s.tta_img_scale = (1024, 1024) if maker == "loveda" else (512, 512)
+  s.pretrained = a.pretrained       # reference: pretrained/mit_b5.pth (ImageNet)
+  s.init_from = a.init_from
+  s.init_from_which = "latest"
+
+  # ------------------------------------------------------------------ optimisation
+  # Reference: samples_per_gpu=6 source + 6 target on 4 GPUs (readme dist_train.sh ... 4).
+  c.batch_size = 24                 # global: 6 per GPU x 4 GPUs
+  c.eval_batch_size = 8
+  c.total_steps = 40000             # IterBasedRunner(max_iters=40000)
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=6e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+      schedule="warmup_poly_mmcv", warmup_steps=1500, warmup_ratio=1e-6, power=1.0,
+      end_lr=0.0, groups=[list(g) for g in PARAM_GROUPS]))
+  c.eval_every_steps = eval_every   # EvalHook interval
+  c.ckpt_every_steps = eval_every   # CheckpointHook interval
+  c.log_every_steps = 50
+  c.keep_checkpoints = 3
+  c.best_metric = "val/mIoU"
+  c.best_mode = "max"
+  c.early_stop_patience = 0
+  c.eval_samples = 4
+  c.evals = ml_collections.ConfigDict(dict(
+      val=dict(type="semseg", split="val", num_classes=info.num_classes,
+               class_names=list(info.classes), with_loss=True)))
+  c.mesh = [("data", -1)]
+
+  if a.demo:
+    aerial = siamseg_inputs.dataset_info("synthetic_aerial")
+    c.data = ml_collections.ConfigDict(dict(
+        name="synthetic_aerial", image_size=64, num_train=256, num_target_train=256,
+        num_val=64, data_seed=1234, worker_count=0))
+    c.model.backbone = ml_collections.ConfigDict(dict(DEMO_BACKBONE))
+    c.model.head = ml_collections.ConfigDict(dict(DEMO_HEAD))
+    c.model.simsiam = ml_collections.ConfigDict(dict(DEMO_SIMSIAM))
+    s.num_classes = aerial.num_classes
+    s.class_weight = (1.0,) * aerial.num_classes
+    s.tta_img_scale = (64, 64)
+    s.slide_crop = (32, 32)
+    s.slide_stride = (21, 21)
+    c.batch_size = 8
+    c.eval_batch_size = 32
+    c.total_steps = 1200
+    c.optimizer.lr = 4e-4
+    c.optimizer.warmup_steps = 100
+    c.eval_every_steps = 200
+    c.ckpt_every_steps = 400
+    c.log_every_steps = 20
+    c.evals = ml_collections.ConfigDict(dict(
+        val=dict(type="semseg", split="val", num_classes=aerial.num_classes,
+                 class_names=list(aerial.classes), with_loss=True),
+        source_val=dict(type="semseg", split="source_val", num_classes=aerial.num_classes,
+                        class_names=list(aerial.classes), with_loss=False)))
+  return c

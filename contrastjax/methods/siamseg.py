@@ -1,0 +1,759 @@
+"""SiamSeg / DACS building blocks as pure, jit-able functions (explicit PRNG keys).
+
+Reference: github.com/woldier/SiamSeg (mmseg 0.21 fork with DAFormer's DACS loop), summarised
+in ``shared/specs/siamseg.md`` §2.3-§3. Images are NHWC, normalised with ImageNet mean/std on
+0..255 values (``(x - mean) / std``) as the data pipeline emits them; labels are int32 with 255 =
+ignored.
+
+* :func:`ema_update` / :func:`ema_alpha`: the EMA teacher (``teacher_model.py``),
+  ``alpha_t = min(1 - 1 / (iter + 1), alpha)`` over parameters only.
+* :func:`pseudo_label_weight`: argmax pseudo-labels and ONE scalar confidence weight, the
+  fraction of target pixels whose max softmax probability is >= the threshold.
+* :func:`class_mix_masks`, :func:`class_mix`: ClassMix (``dacs_transform.get_class_masks``,
+  ``one_mix``): per image, half (rounded up) of the classes present in the source label, chosen
+  uniformly without replacement; jit-friendly as random scores over a fixed C-vector masked by
+  presence.
+* :func:`strong_transform`: colour jitter and Gaussian blur on the mixed images: the two
+  on/off draws are made once per batch (``random.uniform`` in ``_prepare_strong_transform_param``),
+  the jitter factors, jitter order and blur sigma per image (the reference calls kornia once per
+  image; kornia samples factors per call, numpy draws sigma per call).
+* :func:`siamseg_views`: the two SimSiam views of each target image (``sim_aug_transform.py``),
+  every draw per image.
+* :func:`seg_cross_entropy`: mmseg 0.21 ``CrossEntropyLoss`` with class weights, ignore 255 and a
+  per-pixel weight, averaged over ALL pixels (ignored ones count as 0 in the numerator and 1 in
+  the denominator), not normalised by the class weights (no ``avg_non_ignore``).
+* :func:`simsiam_loss`: ``-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2``, batch means.
+
+Colour jitter follows torchvision's semantics, which kornia's ``ColorJitter`` follows since
+kornia 0.6.7 (the reference does not pin kornia; older kornia's ``ColorJitter`` is today's
+``ColorJiggle``): multiplicative brightness, contrast blended with the grey mean, saturation
+blended with grey, hue rotated in HSV, each clamped to [0, 1], in a random order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from contrastjax.data import photometric
+from contrastjax.data.siamseg_inputs import split_pair
+from contrastjax.evaluators import seg_inference
+from contrastjax.methods.base import Method, Metrics
+from contrastjax.models import mit
+
+PyTree = Any
+IGNORE_INDEX = 255
+#: ImageNet mean/std on 0..255 (mmseg ``img_norm_cfg``).
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+# ----------------------------------------------------------------------------- EMA teacher
+def ema_alpha(step: jax.Array, alpha: float) -> jax.Array:
+  """The reference's ramp ``min(1 - 1 / (iter + 1), alpha)`` (0 at iter 0: a copy)."""
+  it = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(1.0 - 1.0 / (it + 1.0), alpha)
+
+
+def ema_update(teacher: PyTree, student: PyTree, step: jax.Array, alpha: float) -> PyTree:
+  """``teacher <- a * teacher + (1 - a) * student`` with ``a = ema_alpha(step, alpha)``.
+
+  ``step`` is the reference's ``local_iter`` at which the update happens: the number of
+  optimizer steps already applied to ``student`` (the spine's ``post_update`` step).
+  """
+  a = ema_alpha(step, alpha)
+  return jax.tree.map(lambda t, s: (a * t + (1.0 - a) * s).astype(t.dtype), teacher,
+                      jax.lax.stop_gradient(student))
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+def pseudo_label_weight(logits: jax.Array, threshold: float | None
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Pseudo-labels and the scalar confidence weight of a batch of teacher logits.
+
+  Args:
+    logits: ``[B, H, W, C]`` teacher logits (at the label resolution).
+    threshold: Confidence threshold (0.968); ``None``: weight 1.
+
+  Returns:
+    ``(label int32 [B, H, W], weight float32 scalar)``: the fraction of pixels of the whole
+    batch with max softmax probability >= ``threshold``.
+  """
+  probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+  label = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  if threshold is None:
+    return label, jnp.ones((), jnp.float32)
+  weight = jnp.mean((jnp.max(probs, axis=-1) >= threshold).astype(jnp.float32))
+  return label, weight
+
+
+# ----------------------------------------------------------------------------- ClassMix
+def classes_present(labels: jax.Array, num_classes: int) -> jax.Array:
+  """``[..., C]`` bool: which of ``0..C-1`` occur in each label map ``[..., H, W]``."""
+  onehot = labels[..., None] == jnp.arange(num_classes, dtype=labels.dtype)
+  return jnp.any(onehot, axis=(-3, -2))
+
+
+def choose_half(rng: jax.Array, present: jax.Array) -> jax.Array:
+  """Chooses ``ceil(n / 2)`` of the ``n`` present classes uniformly without replacement.
+
+  Args:
+    rng: PRNG key.
+    present: ``[C]`` bool.
+
+  Returns:
+    ``[C]`` bool, a subset of ``present``.
+  """
+  n = jnp.sum(present.astype(jnp.int32))
+  k = (n + 1) // 2
+  scores = jnp.where(present, jax.random.uniform(rng, present.shape), -1.0)
+  rank = jnp.argsort(jnp.argsort(-scores))   # 0 = highest score
+  return present & (rank < k)
+
+
+def class_mix_masks(rng: jax.Array, labels: jax.Array, num_classes: int,
+                    scope: str = "image") -> jax.Array:
+  """ClassMix masks ``[B, H, W]`` (1 = take the source pixel).
+
+  Args:
+    rng: PRNG key (one sub-key per image).
+    labels: Source labels ``[B, H, W]`` (255 never chosen).
+    num_classes: ``C``.
+    scope: ``'image'`` (reference after PR #5, per-image ``torch.unique(label)``) or
+      ``'batch'`` (before the fix, the paper's runs: the class set of the whole batch, still
+      one choice per image).
+  """
+  present = classes_present(labels, num_classes)              # [B, C]
+  if scope == "batch":
+    present = jnp.broadcast_to(jnp.any(present, axis=0, keepdims=True), present.shape)
+  elif scope != "image":
+    raise ValueError(f"class_mix scope={scope!r}; expected 'image' or 'batch'")
+  keys = jax.random.split(rng, labels.shape[0])
+  chosen = jax.vmap(choose_half)(keys, present)               # [B, C]
+  safe = jnp.clip(labels, 0, num_classes - 1)
+  picked = jnp.take_along_axis(chosen, safe.reshape(labels.shape[0], -1), axis=1)
+  valid = (labels >= 0) & (labels < num_classes)
+  return (picked.reshape(labels.shape) & valid).astype(jnp.float32)
+
+
+def class_mix(mask: jax.Array, source: jax.Array, target: jax.Array) -> jax.Array:
+  """``one_mix``: ``m * source + (1 - m) * target`` with ``mask [B, H, W]`` broadcast."""
+  m = mask.reshape(mask.shape + (1,) * (source.ndim - mask.ndim)).astype(source.dtype)
+  return m * source + (1 - m) * target
+
+
+# ----------------------------------------------------------------------------- photometric
+def denormalize(x: jax.Array, mean=MEAN, std=STD) -> jax.Array:
+  """Normalised -> [0, 1] (``denorm_``: ``(x * std + mean) / 255``)."""
+  return (x * jnp.asarray(std, x.dtype) + jnp.asarray(mean, x.dtype)) / 255.0
+
+
+def renormalize(x: jax.Array, mean=MEAN, std=STD) -> jax.Array:
+  """[0, 1] -> normalised (``renorm_``)."""
+  return (x * 255.0 - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+
+
+def blur_kernel_size(size: int) -> int:
+  """DACS's kernel size for a side of ``size`` px: about ``0.1 * size``, odd (51 at 512)."""
+  c = math.ceil(0.1 * size)
+  return int(math.floor(c - 0.5 + c % 2))
+
+
+def _jitter_one(x01: jax.Array, params: photometric.StrongAugmentParams) -> jax.Array:
+  branches = (
+      lambda x: photometric.adjust_brightness(x, params.brightness),
+      lambda x: photometric.adjust_contrast(x, params.contrast),
+      lambda x: photometric.adjust_saturation(x, params.saturation),
+      lambda x: photometric.adjust_hue(x, params.hue),
+  )
+  return jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(params.order[i], branches, x),
+                           x01)
+
+
+def color_jitter(rng: jax.Array, images: jax.Array, strength: float,
+                 apply: jax.Array, mean=MEAN, std=STD) -> jax.Array:
+  """kornia ``ColorJitter(s, s, s, s)`` per image on de-normalised images, re-normalised.
+
+  Args:
+    rng: PRNG key (factors and order drawn per image).
+    images: Normalised ``[B, H, W, 3]``.
+    strength: ``s`` (brightness/contrast/saturation factors in ``[1 - s, 1 + s]``, hue shift
+      in ``[-s, s]``).
+    apply: bool, scalar (one draw for the batch) or ``[B]``: where False the image is returned
+      unchanged (not even clamped).
+  """
+  params = photometric.sample_strong_augment_params(
+      rng, brightness=strength, contrast=strength, saturation=strength, hue=strength,
+      grayscale_p=0.0, batch_shape=(images.shape[0],))
+  out = jax.vmap(_jitter_one)(denormalize(images, mean, std), params)
+  out = renormalize(out, mean, std)
+  apply = jnp.broadcast_to(jnp.asarray(apply), (images.shape[0],))
+  return jnp.where(apply[:, None, None, None], out, images).astype(images.dtype)
+
+
+def gaussian_blur(rng: jax.Array, images: jax.Array, apply: jax.Array,
+                  sigma_range: tuple[float, float] = (0.15, 1.15)) -> jax.Array:
+  """DACS ``gaussian_blur``: kornia ``GaussianBlur2d`` (reflect border), kernel
+  :func:`blur_kernel_size` of the image's height/width, sigma ~ U(0.15, 1.15) per image."""
+  b, h, w = images.shape[:3]
+  sigma = jax.random.uniform(rng, (b,), minval=sigma_range[0], maxval=sigma_range[1])
+  kernel = (blur_kernel_size(h), blur_kernel_size(w))
+  out = jax.vmap(lambda x, s: photometric.gaussian_blur(x, s, kernel))(images, sigma)
+  apply = jnp.broadcast_to(jnp.asarray(apply), (b,))
+  return jnp.where(apply[:, None, None, None], out, images).astype(images.dtype)
+
+
+def strong_transform(rng: jax.Array, images: jax.Array, *, color_jitter_strength: float = 0.2,
+                     color_jitter_probability: float = 0.2, blur: bool = True,
+                     mean=MEAN, std=STD) -> jax.Array:
+  """DACS's strong augmentation of the mixed images (after ``one_mix``).
+
+  Jitter is applied to the whole batch when one ``U(0, 1) > color_jitter_probability`` (the
+  reference's ``color_jitter > p``, i.e. with probability 0.8), blur when one ``U(0, 1) > 0.5``;
+  factors, order and sigma are per image.
+  """
+  k_flag_j, k_flag_b, k_j, k_b = jax.random.split(rng, 4)
+  do_jitter = jax.random.uniform(k_flag_j) > color_jitter_probability
+  do_blur = (jax.random.uniform(k_flag_b) > 0.5) & blur
+  x = color_jitter(k_j, images, color_jitter_strength, do_jitter, mean, std)
+  return gaussian_blur(k_b, x, do_blur)
+
+
+def random_resized_crop(rng: jax.Array, images: jax.Array,
+                        scale: tuple[float, float] = (0.6, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> jax.Array:
+  """kornia ``RandomResizedCrop(size=(H, W), scale, ratio)`` per image, bilinear.
+
+  Area ~ U(scale) * H * W and log aspect ratio ~ U(log ratio); the box is clipped to the image
+  (kornia retries up to 10 times and falls back to a centre crop instead) and placed uniformly.
+  Resampling uses half-pixel centres (kornia's default is ``align_corners=True``; a sub-pixel
+  difference).
+  """
+  b, h, w, _ = images.shape
+  k_area, k_ratio, k_y, k_x = jax.random.split(rng, 4)
+  area = jax.random.uniform(k_area, (b,), minval=scale[0], maxval=scale[1]) * (h * w)
+  log_r = jax.random.uniform(k_ratio, (b,), minval=math.log(ratio[0]),
+                             maxval=math.log(ratio[1]))
+  r = jnp.exp(log_r)
+  cw = jnp.clip(jnp.round(jnp.sqrt(area * r)), 1.0, float(w))
+  ch = jnp.clip(jnp.round(jnp.sqrt(area / r)), 1.0, float(h))
+  y0 = jnp.floor(jax.random.uniform(k_y, (b,)) * (h - ch + 1.0))
+  x0 = jnp.floor(jax.random.uniform(k_x, (b,)) * (w - cw + 1.0))
+
+  def one(img, y0, x0, ch, cw):
+    sy, sx = h / ch, w / cw
+    return jax.image.scale_and_translate(
+        img, (h, w, img.shape[-1]), (0, 1), jnp.stack([sy, sx]),
+        jnp.stack([-y0 * sy, -x0 * sx]), method="linear", antialias=False)
+
+  return jax.vmap(one)(images, y0, x0, ch, cw).astype(images.dtype)
+
+
+def simsiam_view(rng: jax.Array, images: jax.Array, *, color_jitter_strength: float = 0.25,
+                 color_jitter_p: float = 0.4, grayscale_p: float = 0.1, blur_p: float = 0.5,
+                 flip_p: float = 0.5, crop_scale: tuple[float, float] = (0.6, 1.0),
+                 mean=MEAN, std=STD) -> jax.Array:
+  """One SimSiam view per image (``sim_aug_transform.augment_transform``), draws per image.
+
+  RandomResizedCrop(scale 0.6-1.0) -> colour jitter (s=0.25, p 0.4, on [0, 1]) -> grayscale
+  (p 0.1; the reference converts the NORMALISED image, luma 0.299/0.587/0.114) -> Gaussian blur
+  (p 0.5) -> horizontal flip (p 0.5) -> vertical flip (p 0.5).
+  """
+  b = images.shape[0]
+  keys = jax.random.split(rng, 7)
+  x = random_resized_crop(keys[0], images, scale=crop_scale)
+  x = color_jitter(keys[1], x, color_jitter_strength,
+                   jax.random.uniform(keys[2], (b,)) < color_jitter_p, mean, std)
+  gray = jax.random.uniform(keys[3], (b,)) < grayscale_p
+  x = jnp.where(gray[:, None, None, None], photometric.grayscale(x), x)
+  x = gaussian_blur(keys[4], x, jax.random.uniform(keys[5], (b,)) < blur_p)
+  flips = jax.random.uniform(keys[6], (2, b)) < flip_p
+  x = jnp.where(flips[0][:, None, None, None], x[:, :, ::-1], x)
+  x = jnp.where(flips[1][:, None, None, None], x[:, ::-1], x)
+  return x.astype(images.dtype)
+
+
+def siamseg_views(rng: jax.Array, images: jax.Array, **kwargs) -> tuple[jax.Array, jax.Array]:
+  """The two independent views ``(q, k)`` of ``images`` (``tow_transform``)."""
+  k1, k2 = jax.random.split(rng)
+  return simsiam_view(k1, images, **kwargs), simsiam_view(k2, images, **kwargs)
+
+
+# ----------------------------------------------------------------------------- losses
+def resize_logits(logits: jax.Array, size: Sequence[int]) -> jax.Array:
+  """``resize(..., mode='bilinear', align_corners=False)`` of ``[B, h, w, C]`` to ``size``."""
+  size = (int(size[0]), int(size[1]))
+  if tuple(logits.shape[1:3]) == size:
+    return logits
+  return jax.image.resize(logits, (logits.shape[0], *size, logits.shape[-1]),
+                          method="bilinear", antialias=False)
+
+
+def seg_cross_entropy(logits: jax.Array, labels: jax.Array,
+                      class_weight: Sequence[float] | jax.Array | None = None,
+                      pixel_weight: jax.Array | None = None,
+                      ignore_index: int = IGNORE_INDEX,
+                      avg_non_ignore: bool = False) -> jax.Array:
+  """mmseg 0.21 ``CrossEntropyLoss`` (``use_sigmoid=False``, ``reduction='mean'``).
+
+  ``l_i = -w[y_i] log softmax(x_i)[y_i]`` (0 where ``y_i == ignore_index``), times
+  ``pixel_weight_i``, then the mean over ALL pixels. ``avg_non_ignore=True`` (mmseg >= 0.24
+  option, not the reference) divides by the number of non-ignored pixels instead.
+
+  Args:
+    logits: ``[B, H, W, C]`` at the label resolution.
+    labels: ``[B, H, W]`` int.
+    class_weight: ``[C]`` or None.
+    pixel_weight: ``[B, H, W]`` (or broadcastable), or None.
+    ignore_index: Ignored label.
+    avg_non_ignore: See above.
+  """
+  c = logits.shape[-1]
+  valid = labels != ignore_index
+  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  if class_weight is not None:
+    w = jnp.asarray(class_weight, jnp.float32)
+    if w.shape != (c,):
+      raise ValueError(f"class_weight has shape {w.shape}; expected ({c},)")
+    nll = nll * w[safe]
+  nll = jnp.where(valid, nll, 0.0)
+  if pixel_weight is not None:
+    nll = nll * pixel_weight
+  if avg_non_ignore:
+    return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1)
+  return jnp.mean(nll)
+
+
+def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """``torch.nn.CosineSimilarity(dim=-1, eps)``: ``a.b / max(|a| |b|, eps)``."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  dot = jnp.sum(a * b, axis=-1)
+  return dot / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), eps)
+
+
+def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array) -> jax.Array:
+  """Symmetric negative cosine with stop-gradient on ``z``: ``-(D(p1, z2) + D(p2, z1)) / 2``."""
+  z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
+  return -0.5 * (jnp.mean(cosine_similarity(p1, z2)) + jnp.mean(cosine_similarity(p2, z1)))
+
+
+# ============================================================================= EMA teacher
+class EMATeacher:
+  """The DACS mean teacher (reference ``teacher_model.EMATeacher``), as pure functions.
+
+  Its parameters live in the train state's ``extra['teacher']`` (a copy of the student's
+  segmentor parameters at initialisation, the reference's iter-0 copy); BatchNorm running
+  statistics are never averaged (the reference's EMA loops over ``parameters()`` only) and the
+  teacher's BatchNorms normalise with the statistics of the target batch (the reference teacher
+  is put in training mode by the runner every iteration); dropout and drop path are off.
+
+  Attributes:
+    alpha: Final EMA coefficient (0.999).
+    pseudo_threshold: Confidence threshold of the pseudo-label weight (0.968).
+  """
+
+  def __init__(self, alpha: float = 0.999, pseudo_threshold: float | None = 0.968):
+    if not 0.0 <= alpha < 1.0:
+      raise ValueError(f"config.siamseg.alpha={alpha}; expected 0 <= alpha < 1")
+    if pseudo_threshold is not None and not 0.0 < pseudo_threshold <= 1.0:
+      raise ValueError(f"config.siamseg.pseudo_threshold={pseudo_threshold}; expected in (0, 1]")
+    self.alpha, self.pseudo_threshold = float(alpha), pseudo_threshold
+
+  def update(self, teacher: PyTree, student: PyTree, step: jax.Array) -> PyTree:
+    """:func:`ema_update` at ``step`` (optimizer steps applied to ``student``)."""
+    return ema_update(teacher, student, step, self.alpha)
+
+  def pseudo_label(self, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`pseudo_label_weight` of teacher logits at the label resolution."""
+    return pseudo_label_weight(logits, self.pseudo_threshold)
+
+
+# ============================================================================= the method
+_SIAMSEG_KEYS = {
+    "variant": "siamseg",
+    "num_classes": None,
+    "class_weight": None,
+    "alpha": 0.999,
+    "pseudo_threshold": 0.968,
+    "classmix_scope": "image",
+    "color_jitter_strength": 0.2,
+    "color_jitter_probability": 0.2,
+    "blur": True,
+    "contrastive_weight": 1.0,
+    "contrastive_domain": "target",
+    "views": {},
+    "avg_non_ignore": False,
+    "inference": "whole",
+    "slide_crop": (512, 512),
+    "slide_stride": (341, 341),
+    "tta_ratios": (0.75, 1.0, 1.25, 1.5),
+    "tta_img_scale": (1024, 1024),
+    "tta_flip": False,
+    "pretrained": "",
+    "pretrained_prefix": None,
+    "init_from": "",
+    "init_from_which": "latest",
+}
+VARIANTS = ("siamseg", "dacs", "source_only")
+INFERENCE_MODES = ("whole", "slide", "tta")
+#: The segmentor's parameter subtrees (what the EMA teacher averages and evaluation uses).
+SEGMENTOR = ("backbone", "decode_head")
+
+
+def _plain(value: Any) -> Any:
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def _module_kwargs(cls: type, cfg: Any, what: str, skip: Sequence[str] = ()) -> dict[str, Any]:
+  """``config.model.<what>`` as keyword arguments of the flax module ``cls``."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  out = {}
+  for key, value in dict(_plain(cfg) or {}).items():
+    if key in skip:
+      continue
+    if key not in fields:
+      raise ValueError(f"config.model.{what}.{key} is not a field of {cls.__name__}; "
+                       f"valid fields: {sorted(fields)}")
+    value = _plain(value)
+    if key == "dtype" and isinstance(value, str):
+      value = jnp.dtype(value)
+    out[key] = value
+  return out
+
+
+class SiamSegMethod(Method):
+  """SiamSeg / DACS / source-only UDA training (``config.method = 'siamseg'``).
+
+  One training step (reference ``SiamSeg.forward_train``; the reference back-propagates each
+  loss at once, which sums the gradients, so here the losses are summed):
+
+  1. source CE: student on the source crops, class-weighted CE against the labels;
+  2. (dacs, siamseg) teacher logits of the target crops -> pseudo-labels and the scalar
+     confidence weight; ClassMix of source and target (image, label, weight 1 vs pseudo
+     weight); strong colour jitter + blur; weighted CE of the student on the mixed images;
+  3. (siamseg) two views of each target crop through the student BACKBONE (shared),
+     stage-4 average pool -> projector -> predictor; ``contrastive_weight * simsiam_loss``.
+
+  The student's BatchNorm statistics (decode head, SimSiam) are threaded through the passes
+  in that order. After the optimizer update, ``post_update`` moves the EMA teacher.
+
+  Config: ``config.model.backbone`` (``variant`` of :func:`contrastjax.models.mit.mit` plus
+  MixVisionTransformer fields), ``config.model.head`` (DAFormer head fields),
+  ``config.model.simsiam`` (projector/predictor widths), and ``config.siamseg`` (keys of
+  ``_SIAMSEG_KEYS``; unknown keys are an error).
+  """
+
+  name = "siamseg"
+
+  def __init__(self, config):
+    super().__init__(config)
+    s = config.siamseg
+    unknown = sorted(set(s.keys()) - set(_SIAMSEG_KEYS))
+    if unknown:
+      raise ValueError(f"unknown key(s) config.siamseg.{unknown[0]} ({unknown}); known keys: "
+                       f"{sorted(_SIAMSEG_KEYS)}")
+    opt = lambda key: _plain(s.get(key, _SIAMSEG_KEYS[key]))  # noqa: E731
+    self.variant = str(opt("variant"))
+    if self.variant not in VARIANTS:
+      raise ValueError(f"config.siamseg.variant={self.variant!r}; expected one of {VARIANTS}")
+    if opt("num_classes") is None:
+      raise ValueError("config.siamseg.num_classes must be set")
+    self.num_classes = int(opt("num_classes"))
+    cw = opt("class_weight")
+    if cw is not None:
+      cw = tuple(float(v) for v in cw)
+      if len(cw) != self.num_classes:
+        raise ValueError(f"config.siamseg.class_weight has {len(cw)} entries for "
+                         f"num_classes={self.num_classes}")
+    self.class_weight = cw
+    self.teacher = EMATeacher(float(opt("alpha")), opt("pseudo_threshold"))
+    self.classmix_scope = str(opt("classmix_scope"))
+    if self.classmix_scope not in ("image", "batch"):
+      raise ValueError(f"config.siamseg.classmix_scope={self.classmix_scope!r}; expected "
+                       "'image' (reference after PR #5) or 'batch' (paper runs)")
+    self.strong = dict(color_jitter_strength=float(opt("color_jitter_strength")),
+                       color_jitter_probability=float(opt("color_jitter_probability")),
+                       blur=bool(opt("blur")))
+    self.contrastive_weight = float(opt("contrastive_weight"))
+    self.contrastive_domain = str(opt("contrastive_domain"))
+    if self.contrastive_domain not in ("target", "source", "all"):
+      raise ValueError(f"config.siamseg.contrastive_domain={self.contrastive_domain!r}; "
+                       "expected 'target', 'source' or 'all'")
+    self.views = dict(opt("views") or {})
+    import inspect  # pylint: disable=g-import-not-at-top
+    accepted = set(inspect.signature(simsiam_view).parameters) - {"rng", "images", "mean", "std"}
+    bad = sorted(set(self.views) - accepted)
+    if bad:
+      raise ValueError(f"config.siamseg.views has unknown key(s) {bad}; accepted: "
+                       f"{sorted(accepted)}")
+    self.views = {k: _plain(v) for k, v in self.views.items()}
+    self.avg_non_ignore = bool(opt("avg_non_ignore"))
+    self.inference = str(opt("inference"))
+    if self.inference not in INFERENCE_MODES:
+      raise ValueError(f"config.siamseg.inference={self.inference!r}; expected one of "
+                       f"{INFERENCE_MODES}")
+    self.slide_crop = tuple(int(v) for v in opt("slide_crop"))
+    self.slide_stride = tuple(int(v) for v in opt("slide_stride"))
+    self.tta_ratios = tuple(float(v) for v in opt("tta_ratios"))
+    scale = opt("tta_img_scale")
+    self.tta_img_scale = None if scale is None else tuple(int(v) for v in scale)
+    self.tta_flip = bool(opt("tta_flip"))
+    self.pretrained = str(opt("pretrained") or "")
+    self.pretrained_prefix = opt("pretrained_prefix")
+    self.init_from = str(opt("init_from") or "")
+    self.init_from_which = opt("init_from_which")
+
+    from contrastjax.models import daformer  # pylint: disable=g-import-not-at-top
+    m = config.model
+    bcfg = dict(_plain(m.get("backbone", {})) or {})
+    variant = str(bcfg.pop("variant", "b5"))
+    self.backbone = mit.mit(variant, **_module_kwargs(mit.MixVisionTransformer, bcfg,
+                                                      "backbone"))
+    self.head = daformer.DAFormerHead(
+        num_classes=self.num_classes,
+        **_module_kwargs(daformer.DAFormerHead, m.get("head", {}), "head",
+                         skip=("num_classes",)))
+    scfg = dict(_plain(m.get("simsiam", {})) or {})
+    self.simsiam = daformer.SimSiamHead(
+        **_module_kwargs(daformer.SimSiamHead, scfg, "simsiam")) if (
+            self.variant == "siamseg") else None
+
+  # ------------------------------------------------------------------ networks
+  def _features(self, params, x, *, train: bool, rng=None):
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    return self.backbone.apply({"params": params["backbone"]}, x, train=train, rngs=rngs)
+
+  def _decode(self, params, model_state, feats, *, train: bool, rng=None,
+              deterministic: bool | None = None):
+    """Decode-head logits at 1/4 resolution; in training mode also the new BN state."""
+    variables = {"params": params["decode_head"], **self._state(model_state, "decode_head")}
+    rngs = {"dropout": rng} if rng is not None else {}
+    det = (not train) if deterministic is None else deterministic
+    if train:
+      logits, new = self.head.apply(variables, feats, train=True, deterministic=det,
+                                    rngs=rngs, mutable=["batch_stats"])
+      return logits, new
+    return self.head.apply(variables, feats, train=False, deterministic=True), None
+
+  @staticmethod
+  def _state(model_state, name):
+    stats = model_state.get("batch_stats", {})
+    return {"batch_stats": stats[name]} if name in stats else {}
+
+  def _with_stats(self, model_state, name, new):
+    if not new or "batch_stats" not in new:
+      return model_state
+    stats = dict(model_state.get("batch_stats", {}))
+    stats[name] = new["batch_stats"]
+    return {**model_state, "batch_stats": stats}
+
+  def _segment(self, params, model_state, x, *, train: bool, rng=None,
+               deterministic: bool | None = None):
+    """``(logits [B, H/4, W/4, C], new model_state)`` of the segmentor."""
+    k_bb, k_head = (jax.random.split(rng) if rng is not None else (None, None))
+    det = (not train) if deterministic is None else deterministic
+    feats = self.backbone.apply({"params": params["backbone"]}, x, train=train,
+                                deterministic=det,
+                                rngs={"dropout": k_bb} if (k_bb is not None and not det) else {})
+    logits, new = self._decode(params, model_state, feats, train=train,
+                               rng=k_head if not det else None, deterministic=det)
+    return logits, self._with_stats(model_state, "decode_head", new)
+
+  def _simsiam(self, params, model_state, x, rng):
+    """``(p, z, new model_state)`` of one view batch through the shared backbone."""
+    feats = self._features(params, x, train=True, rng=rng)
+    variables = {"params": params["simsiam"], **self._state(model_state, "simsiam")}
+    (p, z), new = self.simsiam.apply(variables, feats[-1], train=True, mutable=["batch_stats"])
+    return p, z, self._with_stats(model_state, "simsiam", new)
+
+  # ------------------------------------------------------------------ set-up
+  def _images(self, batch):
+    if "source/image" in batch:
+      return batch["source/image"]
+    if "source" in batch:
+      return batch["source"]["image"]
+    return batch["image"]
+
+  def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
+    """Student parameters (backbone, decode_head[, simsiam]), BN statistics and the teacher."""
+    x = self._images(batch)
+    k_bb, k_head, k_sim = jax.random.split(rng, 3)
+    feats = self.backbone.init({"params": k_bb}, x, train=False)
+    feats_shape = self.backbone.apply(feats, x, train=False)
+    params = {"backbone": feats["params"]}
+    model_state: dict[str, Any] = {"batch_stats": {}}
+    hv = self.head.init({"params": k_head}, feats_shape, train=False, deterministic=True)
+    params["decode_head"] = hv["params"]
+    if "batch_stats" in hv:
+      model_state["batch_stats"]["decode_head"] = hv["batch_stats"]
+    if self.simsiam is not None:
+      sv = self.simsiam.init({"params": k_sim}, feats_shape[-1], train=False)
+      params["simsiam"] = sv["params"]
+      if "batch_stats" in sv:
+        model_state["batch_stats"]["simsiam"] = sv["batch_stats"]
+    extra = {}
+    if self.variant != "source_only":
+      extra["teacher"] = jax.tree.map(jnp.copy, {k: params[k] for k in SEGMENTOR})
+    return params, model_state, extra
+
+  def load_pretrained(self, params: PyTree, model_state: PyTree, extra: PyTree
+                      ) -> tuple[PyTree, PyTree, PyTree]:
+    """Imports MiT weights (``pretrained``) and/or another run's parameters (``init_from``)
+    into the student, then re-copies the teacher (the reference's iter-0 copy).
+
+    Raises:
+      FileNotFoundError: a path or workdir that does not exist.
+      KeyError / ValueError: weights that do not fit the model (names the tensor).
+    """
+    params = dict(params)
+    changed = False
+    if self.pretrained:
+      new, ignored = mit.load({"params": params["backbone"]}, self.pretrained,
+                              prefix=self.pretrained_prefix)
+      params["backbone"] = new["params"]
+      logging.info("loaded MiT weights from %s (%d keys ignored)", self.pretrained,
+                   len(ignored))
+      changed = True
+    if self.init_from:
+      from contrastjax import checkpoint  # pylint: disable=g-import-not-at-top
+      from contrastjax.methods.condseg import copy_subtree  # pylint: disable=g-import-not-at-top
+      which = self.init_from_which
+      if isinstance(which, str) and which.isdigit():
+        which = int(which)
+      source = checkpoint.load_variables(self.init_from, which=which)
+      for name in params:
+        if name in source["params"]:
+          params[name] = copy_subtree(params[name], source["params"][name],
+                                      f"{self.init_from}: params[{name!r}]")
+      stats = source.get("model_state", {}).get("batch_stats", {})
+      if stats:
+        model_state = dict(model_state)
+        bs = dict(model_state.get("batch_stats", {}))
+        for name in bs:
+          if name in stats:
+            bs[name] = copy_subtree(bs[name], stats[name],
+                                    f"{self.init_from}: batch_stats[{name!r}]")
+        model_state["batch_stats"] = bs
+      logging.info("initialised %s from %s (step %s)", sorted(params), self.init_from,
+                   source.get("step"))
+      changed = True
+    if changed and "teacher" in extra:
+      extra = dict(extra, teacher={k: jax.tree.map(jnp.copy, params[k]) for k in SEGMENTOR})
+    return params, model_state, extra
+
+  # ------------------------------------------------------------------ training
+  def _ce(self, logits, labels, pixel_weight=None):
+    up = resize_logits(logits, labels.shape[1:3])
+    return seg_cross_entropy(up, labels, self.class_weight, pixel_weight,
+                             avg_non_ignore=self.avg_non_ignore)
+
+  def loss_fn(self, params: PyTree, model_state: PyTree, extra: PyTree, batch: PyTree,
+              rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
+    """Source CE (+ ClassMix CE with pseudo-labels) (+ SimSiam); see the class docstring."""
+    del step
+    b = split_pair(batch) if "source/image" in batch else batch
+    xs, ys = b["source"]["image"], b["source"]["label"].astype(jnp.int32)
+    xt = b["target"]["image"]
+    keys = jax.random.split(rng, 8)
+
+    # 1. source
+    logits_s, state = self._segment(params, model_state, xs, train=True, rng=keys[0])
+    loss_src = self._ce(logits_s, ys)
+    metrics = {"loss_src": loss_src}
+    loss = loss_src
+    if self.variant == "source_only":
+      return loss, (state, metrics)
+
+    # 2. pseudo-labels from the EMA teacher (BN batch statistics, no dropout/drop path)
+    t_logits, _ = self._segment(extra["teacher"], model_state, xt, train=True,
+                                deterministic=True)
+    t_logits = jax.lax.stop_gradient(resize_logits(t_logits, xt.shape[1:3]))
+    pseudo, weight = self.teacher.pseudo_label(t_logits)
+    # ClassMix + strong augmentation
+    mask = class_mix_masks(keys[1], ys, self.num_classes, self.classmix_scope)
+    mixed = class_mix(mask, xs, xt)
+    mixed = strong_transform(keys[2], mixed, **self.strong)
+    mixed_label = jnp.where(mask > 0, ys, pseudo)
+    mixed_weight = class_mix(mask, jnp.ones_like(mask), jnp.broadcast_to(weight, mask.shape))
+    logits_m, state = self._segment(params, state, mixed, train=True, rng=keys[3])
+    loss_mix = self._ce(logits_m, mixed_label, mixed_weight)
+    loss = loss + loss_mix
+    metrics.update(loss_mix=loss_mix, pseudo_weight=weight, mix_fraction=jnp.mean(mask))
+
+    # 3. SimSiam on two views of each (target) image, through the student backbone
+    if self.variant == "siamseg":
+      domain = {"target": xt, "source": xs}
+      if self.contrastive_domain == "all":
+        groups = [xt, xs]
+      else:
+        groups = [domain[self.contrastive_domain]]
+      ps, zs = [], []
+      for g, x in enumerate(groups):
+        q, k = siamseg_views(jax.random.fold_in(keys[4], g), x, **self.views)
+        p1, z1, state = self._simsiam(params, state, q, jax.random.fold_in(keys[5], g))
+        p2, z2, state = self._simsiam(params, state, k, jax.random.fold_in(keys[6], g))
+        ps.append((p1, p2))
+        zs.append((z1, z2))
+      p1 = jnp.concatenate([p[0] for p in ps])
+      p2 = jnp.concatenate([p[1] for p in ps])
+      z1 = jnp.concatenate([z[0] for z in zs])
+      z2 = jnp.concatenate([z[1] for z in zs])
+      loss_con = simsiam_loss(p1, p2, z1, z2)
+      loss = loss + self.contrastive_weight * loss_con
+      metrics["loss_contrastive"] = loss_con
+    return loss, (state, metrics)
+
+  def post_update(self, step: jax.Array, params: PyTree, extra: PyTree) -> PyTree:
+    """EMA teacher update with the new student (``step`` = updates applied so far)."""
+    if "teacher" not in extra:
+      return extra
+    student = {k: params[k] for k in SEGMENTOR}
+    return dict(extra, teacher=self.teacher.update(extra["teacher"], student, step))
+
+  # ------------------------------------------------------------------ evaluation
+  def logits_fn(self, params: PyTree, model_state: PyTree):
+    """``images -> logits [B, H/4, W/4, C]`` of the student in eval mode (for inference)."""
+    def fn(images):
+      logits, _ = self._segment(params, model_state, images, train=False)
+      return logits.astype(jnp.float32)
+    return fn
+
+  def predict(self, params: PyTree, model_state: PyTree, extra: PyTree,
+              batch: PyTree) -> dict[str, jax.Array]:
+    """The STUDENT's class map ``{'pred': int32 [B, H, W]}`` (the reference evaluates the
+    student), by whole-image, sliding-window or multi-scale inference."""
+    del extra
+    fn = self.logits_fn(params, model_state)
+    images = batch["image"]
+    if self.inference == "whole":
+      scores = seg_inference.whole_inference(fn, images)
+    elif self.inference == "slide":
+      scores = seg_inference.slide_inference(fn, images, self.slide_crop, self.slide_stride)
+    else:
+      scores = seg_inference.multiscale_inference(
+          fn, images, ratios=self.tta_ratios, img_scale=self.tta_img_scale,
+          flip=self.tta_flip)
+    return {"pred": seg_inference.predict_classes(scores)}
+
+  def eval_loss(self, params: PyTree, model_state: PyTree, extra: PyTree,
+                batch: PyTree) -> jax.Array:
+    """Whole-image CE of the student over the valid examples of a padded batch."""
+    del extra
+    logits = resize_logits(self.logits_fn(params, model_state)(batch["image"]),
+                           batch["label"].shape[1:3])
+    labels = batch["label"].astype(jnp.int32)
+    valid = batch["valid"].astype(jnp.float32)
+    pixel_weight = jnp.broadcast_to(valid[:, None, None], labels.shape)
+    per = seg_cross_entropy(logits, labels, self.class_weight, pixel_weight,
+                            avg_non_ignore=self.avg_non_ignore)
+    return per * labels.shape[0] / jnp.maximum(valid.sum(), 1.0)
