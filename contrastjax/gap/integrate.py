@@ -25,6 +25,7 @@ import numpy as np
 
 SOLVERS = {
     "tsit5": diffrax.Tsit5,
+    "bosh3": diffrax.Bosh3,
     "dopri5": diffrax.Dopri5,
     "dopri8": diffrax.Dopri8,
     "kvaerno5": diffrax.Kvaerno5,
@@ -37,8 +38,9 @@ class GammaExitError(RuntimeError):
 
 @dataclasses.dataclass
 class Trajectory:
-  """A solve's output. ``ts`` are flow times (not log-times); ``ys`` the state pytree
-  at ``ts`` (``inf`` after an exit); ``t_end`` where the solve stopped."""
+  """A solve's output. ``ts`` are the flow times saved at (not log-times): the requested
+  ones, except that after a gamma exit the first unreached slot holds the exit time and
+  state and the later ones ``inf``; ``t_end``/``y_end`` where the solve stopped."""
   ts: Any
   ys: Any
   t_end: Any
@@ -103,13 +105,16 @@ def solve(f: Callable, y0, args, *, t1: float, ts=None, log_time: bool = True,
       progress_meter=diffrax.TqdmProgressMeter() if progress else
       diffrax.NoProgressMeter())
   n = ts.shape[0]
+  # After an event diffrax writes the terminal state into the first unreached save
+  # slot and inf into the later ones (t1's included): the end is the last finite slot.
+  t_all = jnp.expm1(sol.ts) if log_time else sol.ts
+  last = jnp.sum(jnp.isfinite(sol.ts)) - 1
   ys = jax.tree.map(lambda v: v[:n], sol.ys)
-  y_end = jax.tree.map(lambda v: v[n], sol.ys)
-  s_end = sol.ts[n]
-  t_end = jnp.expm1(s_end) if log_time else s_end
+  y_end = jax.tree.map(lambda v: v[last], sol.ys)
+  t_end = t_all[last]
   exited = (jnp.asarray(False) if event is None
             else jnp.asarray(sol.event_mask).reshape(()))
-  return Trajectory(ts=ts, ys=ys, t_end=t_end, y_end=y_end, exited=exited,
+  return Trajectory(ts=t_all[:n], ys=ys, t_end=t_end, y_end=y_end, exited=exited,
                     num_steps=sol.stats["num_steps"],
                     num_rhs=sol.stats.get("num_rhs", sol.stats["num_steps"]))
 

@@ -56,8 +56,8 @@ def argmin_table(num_z: int = 100, scales=SCALES):
   zs = jnp.linspace(-1.0, 1.0, num_z)
   out = {}
   for swap in (False, True):
-    losses = jax.vmap(lambda s: jax.vmap(lambda z: toy_loss(z, s, swap))(zs))(
-        jnp.asarray(scales, zs.dtype))
-    idx = jnp.argmin(losses, axis=1)
+    grid = jax.jit(jax.vmap(jax.vmap(lambda z, s: toy_loss(z, s, swap), (0, None)),
+                            (None, 0)))
+    idx = jnp.argmin(grid(zs, jnp.asarray(scales, zs.dtype)), axis=1)
     out[swap] = {float(s): float(zs[i]) for s, i in zip(scales, idx)}
   return out

@@ -109,9 +109,12 @@ def run_scalar(c: ml_collections.ConfigDict, *, args=None) -> dict[str, Any]:
                          max_steps=c.max_steps, progress=c.progress,
                          gamma_fn=(lambda y: flows.gamma_of(cfg, y))
                          if c.lift == "gamma" else None)
-  gamma = np.asarray(flows.gamma_of(cfg, traj.ys))
+  ok = np.isfinite(np.asarray(traj.ts))
+  ts = np.asarray(traj.ts)[ok]
+  ys = jax.tree.map(lambda a: a[ok], traj.ys)
+  gamma = np.asarray(flows.gamma_of(cfg, ys))
   beta = np.asarray(jax.vmap(lambda t, y: flows.beta_of(cfg, t, y, args))(
-      jnp.asarray(ts), traj.ys))
+      jnp.asarray(ts), ys))
   seconds = time.time() - t0
   _handle_exit(c, traj, "the scalar model")
   out = dict(model="scalar", t=[0.0] + _finite_list(ts),
@@ -157,9 +160,9 @@ def run_features(c: ml_collections.ConfigDict, *, args=None, u0=None,
   jax.block_until_ready(traj.ys)
   seconds = time.time() - t0
   _handle_exit(c, traj, "the full feature flow")
-  all_t = np.concatenate([[0.0], ts])
+  all_t = np.concatenate([[0.0], np.asarray(traj.ts)])
   ys = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), y0, traj.ys)
-  ok = np.isfinite(np.asarray(ys["u"]).reshape(len(all_t), -1)).all(1)
+  ok = np.isfinite(all_t)
   all_t, ys = all_t[ok], jax.tree.map(lambda a: a[ok], ys)
 
   @jax.jit
@@ -363,9 +366,15 @@ def plot_schedule_opt(res: dict[str, Any], path: str) -> None:
 
 def simulate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs :func:`run` and writes JSON + PNGs into ``workdir``."""
-  os.makedirs(workdir, exist_ok=True)
   res = run(c)
   res["config"] = c.to_dict()
+  write_outputs(res, workdir)
+  return res
+
+
+def write_outputs(res: dict[str, Any], workdir: str) -> None:
+  """``trajectory.json``, ``dynamics.png``, ``snapshots.png`` (+ schedule_opt files)."""
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "trajectory.json"), "w") as f:
     json.dump({k: v for k, v in res.items() if k != "schedule_opt"}, f, default=_jsonable)
   plot_dynamics(res, os.path.join(workdir, "dynamics.png"))
@@ -374,7 +383,6 @@ def simulate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(workdir, "schedule_opt.json"), "w") as f:
       json.dump(res["schedule_opt"], f, default=_jsonable, indent=1)
     plot_schedule_opt(res, os.path.join(workdir, "schedule_opt.png"))
-  return res
 
 
 def _jsonable(x):
