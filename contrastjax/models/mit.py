@@ -120,6 +120,45 @@ class DepthwiseConv2d(nn.Module):
     return y + bias if bias is not None else y
 
 
+class SpatialReduction(nn.Module):
+  """``nn.Conv2d(C, C_out, kernel_size=r, stride=r)`` (non-overlapping patches) as a matmul.
+
+  The input is cut into ``r x r`` patches (trailing rows/columns that do not fill a
+  patch are dropped, as PyTorch does) and each patch is projected with the HWIO kernel
+  flattened to ``[r * r * C, C_out]``: the same sums as the convolution, with a plain
+  matmul gradient (XLA:CPU's strided-convolution gradients are slow to compile and run).
+
+  Attributes:
+    features: Output channels.
+    ratio: Kernel size and stride ``r``.
+    dtype: Compute dtype (``None``: promoted dtype of input and kernel).
+    param_dtype: Parameter dtype.
+    precision: ``lax`` precision.
+  """
+  features: int
+  ratio: int
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """``[B, H, W, C]`` -> ``[B, H // r, W // r, features]``."""
+    b, h, w, c = x.shape
+    r = self.ratio
+    kernel = self.param("kernel", CONV_INIT, (r, r, c, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    ho, wo = h // r, w // r
+    if ho == 0 or wo == 0:
+      raise ValueError(f"input {h}x{w} is smaller than the spatial-reduction ratio {r}")
+    patches = x[:, :ho * r, :wo * r].reshape(b, ho, r, wo, r, c)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, r * r * c)
+    y = jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(r * r * c, self.features),
+                   precision=self.precision)
+    return y + bias
+
+
 class OverlapPatchEmbed(nn.Module):
   """Strided ``k x k`` convolution (padding ``k // 2``) followed by LayerNorm.
 
@@ -181,10 +220,8 @@ class EfficientSelfAttention(nn.Module):
     q = q.reshape(b, h * w, heads, head_dim)
     kv_in = x
     if self.sr_ratio > 1:
-      kv_in = layers.Conv2d(c, self.sr_ratio, self.sr_ratio, 0, use_bias=True,
-                            dtype=self.dtype, kernel_init=CONV_INIT,
-                            bias_init=nn.initializers.zeros, precision=self.precision,
-                            name="sr")(x)
+      kv_in = SpatialReduction(c, self.sr_ratio, dtype=self.dtype,
+                               precision=self.precision, name="sr")(x)
       kv_in = _layer_norm(self.eps, self.dtype, "norm")(kv_in)
     n_kv = kv_in.shape[1] * kv_in.shape[2]
     kv = _dense(2 * c, self.qkv_bias, self.dtype, self.precision, "kv")(kv_in)
