@@ -24,8 +24,9 @@ Variants (the ``:arg``, comma separated; at most one recipe):
 * ``root=DIR``         COCO folder (else ``$CONTRASTJAX_DATA_DIR/coco``);
 * ``bpe=FILE``         CLIP BPE merges (``bpe_simple_vocab_16e6.txt.gz``) instead of the
                        word tokenizer built from the training captions;
-* ``resnet=tv``        the torchvision-layout ResNet-50 + linear projection instead of
-                       OpenCLIP's ModifiedResNet-50 (attention pooling).
+Image tower: the torchvision-layout ResNet-50 + global average pooling + a linear
+projection to 1024, a stand-in for OpenCLIP's ModifiedResNet-50 (3-conv stem,
+anti-aliased strides, attention pooling), which is not implemented yet.
 
 Paper (Table 2; 3-seed means, RN50, COCO, 100 epochs): gap 0.294 / 0.122 / 0.088 / 0.284 /
 0.268 / 0.225 / 0.139 and text R@1 78.4 / 82.7 / 85.3 / 80.1 / 80.4 / 79.7 / 79.2 for
@@ -50,7 +51,7 @@ _A_TAU1 = {"a0": 2e-2, "a1": 4e-2}                                  # [paper] Ta
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, demo=False, root="", bpe="", tau=0.0, p=-1.0, resnet="modified",
+  a = parse_arg(arg, demo=False, root="", bpe="", tau=0.0, p=-1.0,
                 **{r: False for r in _RECIPES})
   chosen = [r for r in _RECIPES if a[r]]
   if len(chosen) > 1:
@@ -81,14 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ------------------------------------------------------------------ model ([openclip] RN50.json)
   c.model = ml_collections.ConfigDict()
   c.model.embed_dim = 1024
-  if a.resnet == "tv":
-    c.model.image = dict(name="resnet", stage_sizes=(3, 4, 6, 3), stem_width=64,
-                         base_width=64)
-  elif a.resnet == "modified":
-    c.model.image = dict(name="modified_resnet", layers=(3, 4, 6, 3), width=64, heads=32,
-                         image_size=224)
-  else:
-    raise ValueError(f"config argument resnet={a.resnet!r}: expected 'modified' or 'tv'")
+  c.model.image = dict(name="resnet", stage_sizes=(3, 4, 6, 3), stem_width=64,
+                       base_width=64)           # torchvision layout (see the docstring)
   c.model.text = dict(name="transformer", vocab_size=49408, context_length=77, width=512,
                       layers=12, heads=8, mlp_ratio=4.0)
 

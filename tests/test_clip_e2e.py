@@ -84,3 +84,23 @@ def test_temperature_schedule_ends_with_a_smaller_gap_than_learned_temperature()
   gap_ts, tau_ts = _train_gap("demo,ts", steps, train, val)
   assert tau_learn < 0.02 and abs(tau_ts - 0.05) < 1e-3   # learned tau fell to the clamp
   assert gap_ts < 0.7 * gap_learn, (gap_ts, gap_learn)
+
+
+def test_config_variants_have_the_paper_values():
+  import pytest  # pylint: disable=g-import-not-at-top
+  assert _config(None).clip.temperature == "learn" and _config(None).clip.tau_init == 0.07
+  assert _config("flt").clip.tau0 == 4e-2 and _config("flt").clip.temperature == "fixed"
+  ts = _config("ts")
+  assert (ts.clip.temperature, ts.clip.tau0, ts.clip.tau1) == ("linear", 1e-2, 5e-2)
+  assert [_config(s).clip.tau1 for s in ("s0", "s1", "s2", "a0", "a1")] == [
+      2e-2, 3e-2, 4e-2, 2e-2, 4e-2]
+  assert _config("tr").clip.parameterization == "softplus"
+  assert _config("scale10").clip.scale == 10.0
+  assert _config("slrt").optimizer.groups[0][1] == pytest.approx(0.1)
+  assert (_config("hs").clip.swap, _config("hs").clip.swap_prob) == ("hard", 1e-3)
+  assert (_config("ss").clip.swap, _config("ss").clip.swap_prob) == ("soft", 5e-2)
+  assert _config(None).batch_size == 1024 and _config(None).optimizer.weight_decay == 0.2
+  with pytest.raises(ValueError, match="at most one recipe"):
+    _config("ts,flt")
+  with pytest.raises(ValueError, match="'stage1'"):
+    _config("stage1")

@@ -1,7 +1,8 @@
 """CLIP-style two-tower models (Radford et al. 2021; OpenCLIP) for the modality-gap study.
 
 Yaras et al. (CPAL 2025, App. E.1) train OpenCLIP's ``RN50`` from scratch on MSCOCO: a
-ModifiedResNet-50 image tower (``contrastjax.models.clip_resnet``) and a 12-layer,
+ModifiedResNet-50 image tower (three-conv stem, anti-aliased strides, attention
+pooling; NOT implemented here yet) and a 12-layer,
 width-512, 8-head causal text Transformer, both projected to a 1024-d joint space, and a
 learnable inverse temperature ``logit_scale``. This module has
 
@@ -10,7 +11,8 @@ learnable inverse temperature ``logit_scale``. This module has
   projection without bias), with OpenCLIP's initialisation;
 * :class:`ResNetImageTower`: the torchvision-layout ResNet of
   ``contrastjax.models.resnet`` + global average pooling + a linear projection (a
-  lighter stand-in for the ModifiedResNet);
+  stand-in for OpenCLIP's ModifiedResNet, which differs in the stem, the strided
+  blocks and the attention pooling);
 * :class:`MLPTower`: a small MLP for vector inputs (the synthetic paired data);
 * :class:`CLIP`: two towers, L2-normalised embeddings and the raw logit-scale parameter
   ``nu`` (``logit_scale``; the method maps it to ``beta(nu)``, see
@@ -213,14 +215,6 @@ TOWERS = {
 }
 
 
-def _tower_classes(name: str | None) -> dict[str, type]:
-  classes = dict(TOWERS, modified_resnet=None)
-  if name == "modified_resnet":
-    from contrastjax.models import clip_resnet  # pylint: disable=g-import-not-at-top
-    classes["modified_resnet"] = clip_resnet.ModifiedResNet
-  return classes
-
-
 def build_tower(cfg: Mapping[str, Any], embed_dim: int, what: str) -> nn.Module:
   """A tower from ``{'name': ..., **fields}``; ``embed_dim`` is the model's.
 
@@ -229,7 +223,7 @@ def build_tower(cfg: Mapping[str, Any], embed_dim: int, what: str) -> nn.Module:
   """
   cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
   name = cfg.pop("name", None)
-  classes = _tower_classes(name)
+  classes = TOWERS
   if name not in classes:
     raise ValueError(f"config.model.{what}.name={name!r} is not a known tower; expected "
                      f"one of {sorted(classes)}")
