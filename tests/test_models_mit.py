@@ -20,9 +20,9 @@ from contrastjax.models import mit
 
 # A small encoder with every feature of the real ones (sr 8/4/2/1, several heads).
 TINY = dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1))
-# One stage of two blocks (the encoder takes any number of stages): for the tests of
+# One stage of one block (the encoder takes any number of stages): for the tests of
 # block options, which compile gradients (slow on a small CPU).
-ONE_STAGE = dict(embed_dims=(32,), depths=(2,), num_heads=(2,), sr_ratios=(2,),
+ONE_STAGE = dict(embed_dims=(32,), depths=(1,), num_heads=(2,), sr_ratios=(2,),
                  patch_sizes=(7,), strides=(4,))
 # MiT-B5 widths and heads with fewer blocks (B5's 3/6/40/3 is too slow for a CPU test).
 B5_LIKE = dict(embed_dims=(64, 128, 320, 512), depths=(1, 1, 2, 1))
