@@ -160,10 +160,10 @@ def _batch(n=16):
   return {k: np.stack([e[k] for e in ex]) for k in ("image", "text")}
 
 
-@pytest.mark.parametrize("clip", [dict(swap="hard", swap_prob=1.0),
-                                  dict(temperature="linear", swap="soft", swap_prob=1.0)])
-def test_clip_step_8_devices_equals_1_device(clip):
-  config, batch = _config(**clip), _batch()
+def test_clip_step_8_devices_equals_1_device():
+  # Learned temperature (the clamp hook), a hard swap drawn from the step key on every
+  # step: the draws and the global-batch loss do not depend on the device count.
+  config, batch = _config(swap="hard", swap_prob=1.0), _batch()
   method = clip_lib.CLIPMethod(config)
   s1, m1 = _toy.run_steps(method, config, parallel.make_mesh(devices=jax.devices()[:1]),
                           batch)
