@@ -415,3 +415,33 @@ def test_bad_names_give_clear_errors(x64):
     measures.lemma31_beta(0.1, beta0=1.0, gamma0=0.2, parameterization="softplus")
   with pytest.raises(ValueError, match="alpha"):
     bounds.thm32_constants(alpha=-0.1, n=8, beta0=10.0, gamma0=0.3)
+
+
+def test_schedules_and_knots(x64):
+  """The flow's schedules: paper TS shapes from temperature.py, and the optimiser's
+  piecewise-linear log tau in log(1 + t)."""
+  from contrastjax.gap import schedule_opt
+  knots = jnp.log(jnp.array([0.01, 0.02, 0.05]))
+  T = 99.0
+  s = np.log1p(T)
+  np.testing.assert_allclose(flows.knots_tau(0.0, knots, T), 0.01, rtol=1e-12)
+  np.testing.assert_allclose(flows.knots_tau(np.expm1(s / 2), knots, T), 0.02, rtol=1e-12)
+  np.testing.assert_allclose(flows.knots_tau(np.expm1(s / 4), knots, T),
+                             math.sqrt(0.01 * 0.02), rtol=1e-12)
+  np.testing.assert_allclose(flows.knots_tau(1e6, knots, T), 0.05, rtol=1e-12)
+  prob = schedule_opt.Problem(u0=np.zeros((2, 2)), v0=np.zeros((2, 2)))
+  theta = schedule_opt.log_tau_to_knots(jnp.log(jnp.array([0.011, 0.03, 0.049])), prob)
+  np.testing.assert_allclose(jnp.exp(schedule_opt.knots_to_log_tau(theta, prob)),
+                             [0.011, 0.03, 0.049], rtol=1e-9)
+  cos = flows.FlowConfig(temperature="schedule", schedule="cosine")
+  args = dict(tau0=0.01, tau1=0.04, period=20.0)
+  np.testing.assert_allclose(1 / flows.schedule_beta(cos, 10.0, args), 0.04, rtol=1e-12)
+  np.testing.assert_allclose(1 / flows.schedule_beta(cos, 20.0, args), 0.01, rtol=1e-12)
+  # under a schedule nu does not move and beta is 1/tau(t)
+  cfg = flows.FlowConfig(temperature="schedule", schedule="knots")
+  rng = np.random.default_rng(0)
+  y = flows.initial_state(cfg, rng.standard_normal((4, 2)), rng.standard_normal((4, 2)),
+                          tau0=0.01, gamma0=0.2)
+  dy = jax.jit(flows.feature_vector_field(cfg))(3.0, y, dict(log_tau_knots=knots,
+                                                             horizon=T))
+  assert float(dy["nu"]) == 0.0 and float(dy["gamma"]) != 0.0

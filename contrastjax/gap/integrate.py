@@ -15,8 +15,7 @@ by a diffrax event that stops the solve; :func:`check_exit` turns it into a
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import diffrax
 import jax
@@ -36,8 +35,7 @@ class GammaExitError(RuntimeError):
   """``|gamma|`` reached 1 under the raw flow: the lifted features stop existing."""
 
 
-@dataclasses.dataclass
-class Trajectory:
+class Trajectory(NamedTuple):
   """A solve's output. ``ts`` are the flow times saved at (not log-times): the requested
   ones, except that after a gamma exit the first unreached slot holds the exit time and
   state and the later ones ``inf``; ``t_end``/``y_end`` where the solve stopped."""
@@ -67,7 +65,8 @@ def log_time_field(f: Callable) -> Callable:
 def solve(f: Callable, y0, args, *, t1: float, ts=None, log_time: bool = True,
           rtol: float = 1e-8, atol: float = 1e-10, solver: str = "tsit5",
           max_steps: int = 100_000, gamma_fn: Callable | None = None,
-          progress: bool = False, throw: bool = True) -> Trajectory:
+          progress: bool = False, throw: bool = True,
+          checkpoints: int | None = None, forward_mode: bool = False) -> Trajectory:
   """Integrates ``dy/dt = f(t, y, args)`` from ``t = 0`` to ``t1`` (traceable).
 
   Args:
@@ -84,6 +83,12 @@ def solve(f: Callable, y0, args, *, t1: float, ts=None, log_time: bool = True,
       ``|gamma| >= 1`` (only needed for ``lift="gamma"``).
     progress: show a tqdm progress bar (over solver time).
     throw: raise on solver failure (e.g. ``max_steps`` reached).
+    checkpoints: steps stored for the reverse pass (``RecursiveCheckpointAdjoint``);
+      None: diffrax's default (binomial checkpointing over ``max_steps``, which costs
+      O(log max_steps) recomputation); about the number of steps taken makes a gradient
+      cost ~2-3 forward solves, at ``checkpoints x state`` memory.
+    forward_mode: use ``diffrax.ForwardMode`` instead (for ``jax.jvp``/``jax.jacfwd``:
+      cheapest when differentiating w.r.t. a few scalars, e.g. ``beta0`` or ``tau1``).
   """
   if not t1 > 0:
     raise ValueError(f"t1 must be > 0, got {t1!r}")
@@ -102,6 +107,8 @@ def solve(f: Callable, y0, args, *, t1: float, ts=None, log_time: bool = True,
       saveat=diffrax.SaveAt(ts=save, t1=True),
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
       max_steps=max_steps, event=event, throw=throw,
+      adjoint=(diffrax.ForwardMode() if forward_mode else
+               diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)),
       progress_meter=diffrax.TqdmProgressMeter() if progress else
       diffrax.NoProgressMeter())
   n = ts.shape[0]
