@@ -1,5 +1,6 @@
-"""Every config file loads in every variant, starts its docstring with its command, and
-rejects unknown variants."""
+"""Every config file starts its docstring with the command that runs it, loads with its
+default, and rejects unknown variants naming them; the ConDSeg configs in every
+variant. (Each method's own tests check its configs' variants in detail.)"""
 import glob
 import importlib.util
 import os
@@ -7,9 +8,11 @@ import os
 import pytest
 
 from contrastjax.configs.common import parse_arg
+from contrastjax.methods import get_method_class
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+CONDSEG_CONFIGS = [p for p in CONFIGS if os.path.basename(p).startswith("condseg_")]
 
 
 def _load(path):
@@ -20,10 +23,25 @@ def _load(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_config_variants_load(path):
+def test_config_docstring_default_and_unknown_variant(path):
   mod = _load(path)
-  assert mod.__doc__.lstrip().startswith("python -m contrastjax.train --config=configs/"
-                                         + os.path.basename(path))
+  first = mod.__doc__.lstrip().splitlines()[0]
+  assert first.startswith("python -m contrastjax."), first
+  assert f"--config=configs/{os.path.basename(path)}" in first, first
+  c = mod.get_config(None)
+  if first.startswith("python -m contrastjax.train "):
+    get_method_class(c.method)  # a registered method (raises naming it otherwise)
+  with pytest.raises(ValueError, match="no_such_variant"):
+    mod.get_config("no_such_variant")
+
+
+def test_condseg_configs_present():
+  assert len(CONDSEG_CONFIGS) == 5
+
+
+@pytest.mark.parametrize("path", CONDSEG_CONFIGS, ids=os.path.basename)
+def test_condseg_config_variants_load(path):
+  mod = _load(path)
   for arg in (None, "stage1", "paper", "demo", "stage1,paper", "demo,stage1",
               "init_from=/tmp/x,root=/data/x,backbone=/w/r50.pth"):
     c = mod.get_config(arg)
