@@ -440,8 +440,8 @@ Model = SiamSegNet
 
 
 def torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
-  """SiamSeg naming of :class:`SiamSegNet` params: ``model.backbone.*`` (official MiT
-  names, see :func:`load` for the others), ``model.decode_head.*`` and
+  """Naming of :class:`SiamSegNet` params: ``model.backbone.*`` (official MiT names;
+  :func:`to_torch_state_dict` also writes mmseg's), ``model.decode_head.*`` and
   ``contras_model.fc.*`` / ``contras_model.predictor.*``."""
   return layers.TorchNames(children={
       "backbone": ("model.backbone", mit.torch_names(params["backbone"])),
@@ -506,6 +506,19 @@ def load(variables: Mapping[str, PyTree],
   return new_variables, ignored
 
 
-def to_torch_state_dict(variables: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
-  """:class:`SiamSegNet` variables under SiamSeg's names (see :func:`torch_names`)."""
-  return layers.to_state_dict(variables, torch_names(variables["params"]))
+def to_torch_state_dict(variables: Mapping[str, PyTree], backbone_style: str = "mmseg"
+                        ) -> dict[str, np.ndarray]:
+  """:class:`SiamSegNet` variables under SiamSeg's names (NumPy, torch layout).
+
+  ``model.backbone.*`` in ``backbone_style`` (``'mmseg'``, SiamSeg's own naming, or
+  ``'official'``), ``model.decode_head.*`` and ``contras_model.{fc,predictor}.*``.
+  """
+  params = variables["params"]
+  rest = {c: {k: v for k, v in tree.items() if k != "backbone"}
+          for c, tree in variables.items()}
+  names = layers.TorchNames(children={k: v for k, v in torch_names(params).children.items()
+                                      if k != "backbone"})
+  state = layers.to_state_dict(rest, names)
+  backbone = mit.to_torch_state_dict({"params": params["backbone"]}, backbone_style)
+  state.update({f"model.backbone.{k}": v for k, v in backbone.items()})
+  return state

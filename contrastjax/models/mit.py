@@ -644,6 +644,43 @@ def load(variables: Mapping[str, PyTree],
   return new_variables, ignored_source
 
 
-def to_torch_state_dict(variables: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
-  """Encoder variables as an official-SegFormer-named state dict (NumPy, torch layout)."""
-  return layers.to_state_dict(variables, torch_names(variables["params"]))
+_TO_MMSEG = _renamer([
+    (r"^patch_embed(\d+)\.proj\.", lambda m: f"layers.{int(m.group(1)) - 1}.0.projection."),
+    (r"^patch_embed(\d+)\.norm\.", lambda m: f"layers.{int(m.group(1)) - 1}.0.norm."),
+    (r"^block(\d+)\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) - 1}.1.{m.group(2)}."),
+    (r"^norm(\d+)\.", lambda m: f"layers.{int(m.group(1)) - 1}.2."),
+    (r"\.attn\.proj\.", ".attn.attn.out_proj."),
+    (r"\.mlp\.fc1\.", ".ffn.layers.0."), (r"\.mlp\.dwconv\.dwconv\.", ".ffn.layers.1."),
+    (r"\.mlp\.fc2\.", ".ffn.layers.4."),
+])
+
+
+def to_torch_state_dict(variables: Mapping[str, PyTree], style: str = "official"
+                        ) -> dict[str, np.ndarray]:
+  """Encoder variables as a PyTorch state dict (NumPy, torch layout).
+
+  Args:
+    variables: ``{'params': ...}`` of a :class:`MixVisionTransformer`.
+    style: ``'official'`` (SegFormer ``mit_b*.pth`` names) or ``'mmseg'`` (mmseg /
+      SiamSeg names: packed ``attn.attn.in_proj_weight`` = q|k|v rows, MixFFN weights
+      as 1x1 convolutions).
+  """
+  official = layers.to_state_dict(variables, torch_names(variables["params"]))
+  if style == "official":
+    return official
+  if style != "mmseg":
+    raise ValueError(f"unknown style {style!r}; expected 'official' or 'mmseg'")
+  out: dict[str, np.ndarray] = {}
+  for key, value in official.items():
+    match = re.match(r"^(.*\.attn\.)(q|kv)\.(weight|bias)$", key)
+    if match:
+      if match.group(2) == "q":
+        kv = official[f"{match.group(1)}kv.{match.group(3)}"]
+        out[_TO_MMSEG(f"{match.group(1)}in_proj_{match.group(3)}").replace(
+            ".attn.in_proj_", ".attn.attn.in_proj_")] = np.concatenate([value, kv], axis=0)
+      continue
+    new = _TO_MMSEG(key)
+    if re.search(r"\.ffn\.layers\.[04]\.weight$", new):
+      value = value[:, :, None, None]
+    out[new] = value
+  return out
