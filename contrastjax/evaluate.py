@@ -6,7 +6,8 @@ r"""Evaluate a trained run: restore a checkpoint, run the evaluators, save predi
 
 Prints a metrics table and writes, under ``<workdir>/eval/<checkpoint>_<step>/``:
 ``metrics.json``, and per split ``<split>/masks/<name>.png`` (binarised predictions) and
-``<split>/overlays/<name>.png`` (image | ground truth | prediction side by side).
+``<split>/overlays/<name>.png`` (image | ground truth | prediction side by side); for
+``type='semseg'`` evaluators the masks are palette-coloured class maps.
 """
 from __future__ import annotations
 
@@ -64,6 +65,41 @@ class _PredictionSaver:
             os.path.join(self.out_dir, "overlays", name + ".png"), image,
             np.asarray(batch["mask"][r])[..., 0] > 0.5, pred)
         self.saved += 1
+
+
+class _SemSegPredictionSaver(_PredictionSaver):
+  """``on_batch`` callback of ``type='semseg'`` evaluators: class maps as palette PNGs and
+  ``image | ground truth | prediction`` panels (process 0)."""
+
+  def __init__(self, out_dir: str, source, limit: int, palette):
+    super().__init__(out_dir, source, limit, threshold=0.5, channel_order="rgb")
+    self.palette = palette
+
+  def __call__(self, batch, outputs) -> None:
+    from contrastjax.data import seg_transforms  # pylint: disable=g-import-not-at-top
+    from contrastjax.evaluators import semseg  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    valid = np.asarray(batch["valid"]).astype(bool)
+    pred = semseg.predictions_from_outputs(outputs)
+    for r in np.flatnonzero(valid):
+      name = self._name(int(batch["index"][r]))
+      Image.fromarray(semseg.colorize(pred[r], self.palette)).save(
+          os.path.join(self.out_dir, "masks", name + ".png"))
+      if self.saved < self.limit:
+        semseg.save_semseg_png(os.path.join(self.out_dir, "overlays", name + ".png"),
+                               seg_transforms.denormalize(batch["image"][r]),
+                               np.asarray(batch["label"][r]), pred[r], self.palette)
+        self.saved += 1
+
+
+def _semseg_palette(config, num_classes: int):
+  """The dataset's class colours (``data.siamseg_inputs.dataset_info``), else a fixed map."""
+  from contrastjax.data import siamseg_inputs  # pylint: disable=g-import-not-at-top
+  try:
+    return siamseg_inputs.dataset_info(config.data.name).palette
+  except ValueError:
+    rng = np.random.default_rng(0)
+    return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
 
 
 class _OriginalResolution:
@@ -139,10 +175,19 @@ def evaluate(config, workdir: str, *, checkpoint: str = "best", splits=None,
   for split in splits:
     source = inputs.spec.sources[split]
     callbacks = []
+    is_semseg = template.get("type") == "semseg"
     if save_predictions and jax.process_index() == 0:
-      callbacks.append(_PredictionSaver(
-          os.path.join(out_dir, split), source, save_predictions, threshold,
-          config.data.get("channel_order", "rgb")))
+      if is_semseg:
+        callbacks.append(_SemSegPredictionSaver(
+            os.path.join(out_dir, split), source, save_predictions,
+            _semseg_palette(config, int(template.get("num_classes", 0)))))
+      else:
+        callbacks.append(_PredictionSaver(
+            os.path.join(out_dir, split), source, save_predictions, threshold,
+            config.data.get("channel_order", "rgb")))
+    if original_resolution and is_semseg:
+      raise ValueError("--original_resolution is only for binary_seg evaluators; semseg "
+                       "evaluation data are already at their original size")
     orig = _OriginalResolution(source, threshold) if original_resolution else None
     if orig is not None:
       callbacks.append(orig)

@@ -69,17 +69,24 @@ class _SampleCollector:
   """Keeps the first evaluation examples of segmentation methods (``image``, ``mask``
   and predicted ``prob``) and writes them as overlays to TensorBoard and a PNG."""
 
-  def __init__(self, n: int):
+  def __init__(self, n: int, palette=None):
     self.n, self.rows = n, []
+    self.palette = palette  # semantic segmentation: class colours (None: binary masks)
 
   def __call__(self, batch, outputs) -> None:
-    if len(self.rows) >= self.n or "prob" not in outputs or "mask" not in batch:
+    if len(self.rows) >= self.n:
+      return
+    if self.palette is not None and "pred" in outputs and "label" in batch:
+      mask_key, out_key = "label", "pred"   # class maps (semseg evaluator)
+    elif "prob" in outputs and "mask" in batch:
+      mask_key, out_key = "mask", "prob"
+    else:
       return
     for r in np.flatnonzero(np.asarray(batch["valid"]).astype(bool)):
       if len(self.rows) >= self.n:
         break
-      self.rows.append((np.asarray(batch["image"][r]), np.asarray(batch["mask"][r]),
-                        np.asarray(outputs["prob"][r])))
+      self.rows.append((np.asarray(batch["image"][r]), np.asarray(batch[mask_key][r]),
+                        np.asarray(outputs[out_key][r])))
 
   def write(self, writer, step: int, tag: str, path: str, channel_order: str) -> None:
     if not self.rows or not writer.active:
@@ -88,6 +95,12 @@ class _SampleCollector:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     panels = []
     for image, mask, prob in self.rows:
+      if self.palette is not None:  # normalised image, label and predicted class map
+        from contrastjax.data import seg_transforms  # pylint: disable=g-import-not-at-top
+        from contrastjax.evaluators import semseg  # pylint: disable=g-import-not-at-top
+        panels.append(semseg.semseg_panel(seg_transforms.denormalize(image), mask, prob,
+                                          self.palette))
+        continue
       if channel_order == "bgr":
         image = image[..., ::-1]
       panels.append(visualize.overlay(image, mask[..., 0] > 0.5, prob[..., 0] > 0.5))
@@ -95,6 +108,20 @@ class _SampleCollector:
     writer.write_images(step, {tag: grid})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(grid).save(path)
+
+
+def _palette(config: ml_collections.ConfigDict, eval_name: str):
+  """Class colours for the sample pictures of a ``type='semseg'`` evaluator, else None."""
+  ecfg = (config.get("evals") or {}).get(eval_name, {})
+  if ecfg.get("type") != "semseg":
+    return None
+  from contrastjax.data import siamseg_inputs  # pylint: disable=g-import-not-at-top
+  try:
+    return siamseg_inputs.dataset_info(config.data.name).palette
+  except ValueError:
+    rng = np.random.default_rng(0)
+    return [tuple(int(v) for v in rng.integers(0, 256, 3))
+            for _ in range(int(ecfg.get("num_classes", 1)))]
 
 
 def resolve_steps(config: ml_collections.ConfigDict, num_train: int) -> dict[str, int]:
@@ -257,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results: dict[str, float] = {}
     for name, ev in evals.items():
       t0 = time.time()
-      samples = _SampleCollector(num_samples)
+      samples = _SampleCollector(num_samples, _palette(config, name))
       if hasattr(ev, "on_batch") and ev.on_batch is None:
         ev.on_batch = samples
       for k, v in ev.run():

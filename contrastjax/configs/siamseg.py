@@ -27,18 +27,19 @@ import ml_collections
 from contrastjax.configs.common import parse_arg
 from contrastjax.data import siamseg_inputs
 
-#: The reference segmentor: MiT-B5 + DAFormer head with separable ASPP fusion.
-FULL_BACKBONE = dict(variant="b5", drop_path_rate=0.1, remat=False, dtype="float32")
-FULL_HEAD = dict(embed_dim=256, channels=256, dilations=(1, 6, 12, 18), dropout_rate=0.1)
-#: SimSiam projector 512 -> 512 -> 2048 and predictor 2048 -> 2048 -> 2048 (``simsiam.py``:
-#: ``dim=2048``; ``pred_dim=512`` is the projector INPUT width = MiT-B5 stage-4 channels).
-FULL_SIMSIAM = dict(dim=2048, pred_hidden=2048)
-
-DEMO_BACKBONE = dict(variant="b0", embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1),
-                     num_heads=(1, 2, 4, 8), drop_path_rate=0.0, remat=False,
-                     dtype="float32")
-DEMO_HEAD = dict(embed_dim=32, channels=32, dilations=(1, 2, 3, 4), dropout_rate=0.1)
-DEMO_SIMSIAM = dict(dim=128, pred_hidden=128)
+#: The reference network (``models.daformer.SiamSegNet``): MiT-B5 (drop path 0.1) + DAFormer
+#: head with separable-ASPP fusion (embed 256, channels 256, dilations 1/6/12/18, dropout 0.1)
+#: + SimSiam projector 512 -> 512 -> 2048 and predictor 2048 -> 2048 -> 2048 (``simsiam.py``:
+#: ``dim=2048``; ``pred_dim=512`` is the projector input = MiT-B5 stage-4 width).
+FULL_MODEL = dict(variant="b5", drop_path_rate=0.1, remat=False, fusion="sep_aspp",
+                  embed_dims=256, channels=256, dropout_ratio=0.1, simsiam_dim=2048,
+                  dtype="float32")
+#: The demo network: a 4-stage MiT with one block per stage and narrow widths, head 32 wide.
+DEMO_MODEL = dict(variant="b0", drop_path_rate=0.0, remat=False, fusion="sep_aspp",
+                  embed_dims=32, channels=32, dropout_ratio=0.1, simsiam_dim=128,
+                  dtype="float32",
+                  backbone=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1),
+                                num_heads=(1, 2, 4, 8)))
 
 #: Parameter-group rules of mmcv 1.5's ``DefaultOptimizerConstructor`` with
 #: ``custom_keys={'head': lr_mult 10, 'pos_block': decay_mult 0, 'norm': decay_mult 0}``
@@ -74,12 +75,27 @@ CLASS_WEIGHTS = {
 VARIANTS = ("siamseg", "dacs", "source_only")
 
 
-def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Builds the config of ``task`` (a key of :data:`TASKS`) with the ``:arg`` variants."""
-  if task not in TASKS:
-    raise ValueError(f"SiamSeg task {task!r} is not known; expected one of {sorted(TASKS)}")
-  a = parse_arg(arg, demo=False, dacs=False, source_only=False, paper=False, tta=False,
-                slide=False, root="", pretrained="", init_from="")
+def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Builds the config of a task of ``family`` (``'loveda'`` or ``'isprs'``).
+
+  ``arg`` holds the variants of the module docstring plus the task: for LoveDA
+  ``urban2rural`` (default Rural -> Urban), for ISPRS ``task=<name>`` with a name of
+  :data:`TASKS` (default ``potsdam_irrg2vaihingen_irrg``).
+  """
+  if family == "loveda":
+    a = parse_arg(arg, demo=False, dacs=False, source_only=False, paper=False, tta=False,
+                  slide=False, root="", pretrained="", init_from="", urban2rural=False)
+    task = "loveda_urban2rural" if a.urban2rural else "loveda_rural2urban"
+  elif family == "isprs":
+    a = parse_arg(arg, demo=False, dacs=False, source_only=False, paper=False, tta=False,
+                  slide=False, root="", pretrained="", init_from="",
+                  task="potsdam_irrg2vaihingen_irrg")
+    task = a.task
+    if task not in TASKS or TASKS[task][0] != "isprs":
+      raise ValueError(f"config argument task={task!r} is not an ISPRS task; expected one of "
+                       f"{sorted(k for k, v in TASKS.items() if v[0] == 'isprs')}")
+  else:
+    raise ValueError(f"SiamSeg task family {family!r}; expected 'loveda' or 'isprs'")
   if a.dacs and a.source_only:
     raise ValueError(f"config arguments 'dacs' and 'source_only' exclude each other ({arg!r})")
   if a.tta and a.slide:
@@ -88,6 +104,7 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   maker, maker_keys, eval_every = TASKS[task]
   c = ml_collections.ConfigDict()
   c.method = "siamseg"
+  c.task = task
   c.seed = 0                        # reference: random unless --seed; we fix it
 
   # ------------------------------------------------------------------ data
@@ -101,10 +118,8 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
   info = siamseg_inputs.dataset_info(maker)
 
   # ------------------------------------------------------------------ model
-  c.model = ml_collections.ConfigDict()
-  c.model.backbone = ml_collections.ConfigDict(dict(FULL_BACKBONE))
-  c.model.head = ml_collections.ConfigDict(dict(FULL_HEAD))
-  c.model.simsiam = ml_collections.ConfigDict(dict(FULL_SIMSIAM))
+  c.model = ml_collections.ConfigDict(FULL_MODEL)
+  c.model.backbone = ml_collections.ConfigDict()   # extra MixVisionTransformer fields
 
   # ------------------------------------------------------------------ method
   s = c.siamseg = ml_collections.ConfigDict()
@@ -152,12 +167,11 @@ def get_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
   if a.demo:
     aerial = siamseg_inputs.dataset_info("synthetic_aerial")
+    c.task = "synthetic_aerial_source2target"
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic_aerial", image_size=64, num_train=256, num_target_train=256,
         num_val=64, data_seed=1234, worker_count=0))
-    c.model.backbone = ml_collections.ConfigDict(dict(DEMO_BACKBONE))
-    c.model.head = ml_collections.ConfigDict(dict(DEMO_HEAD))
-    c.model.simsiam = ml_collections.ConfigDict(dict(DEMO_SIMSIAM))
+    c.model = ml_collections.ConfigDict(DEMO_MODEL)
     s.num_classes = aerial.num_classes
     s.class_weight = (1.0,) * aerial.num_classes
     s.tta_img_scale = (64, 64)

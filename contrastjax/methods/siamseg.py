@@ -37,6 +37,9 @@ from typing import Any, Sequence
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from contrastjax import parallel
 
 from contrastjax.data import photometric
 from contrastjax.data.siamseg_inputs import split_pair
@@ -395,6 +398,7 @@ _SIAMSEG_KEYS = {
     "tta_img_scale": (1024, 1024),
     "tta_flip": False,
     "pretrained": "",
+    "pretrained_kind": "mit",
     "pretrained_prefix": None,
     "init_from": "",
     "init_from_which": "latest",
@@ -402,7 +406,7 @@ _SIAMSEG_KEYS = {
 VARIANTS = ("siamseg", "dacs", "source_only")
 INFERENCE_MODES = ("whole", "slide", "tta")
 #: The segmentor's parameter subtrees (what the EMA teacher averages and evaluation uses).
-SEGMENTOR = ("backbone", "decode_head")
+SEGMENTOR = ("backbone", "decode_head")  # "contrast": the SimSiam projector/predictor
 
 
 def _plain(value: Any) -> Any:
@@ -429,6 +433,42 @@ def _module_kwargs(cls: type, cfg: Any, what: str, skip: Sequence[str] = ()) -> 
       value = jnp.dtype(value)
     out[key] = value
   return out
+
+
+def _explicit_mesh() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return (not mesh.empty) and any(t == jax.sharding.AxisType.Explicit
+                                  for t in mesh.axis_types)
+
+
+def _auto(fn, out_spec):
+  """``fn`` traced with GSPMD sharding propagation (``jax.sharding.auto_axes``) when called
+  under an explicit-axes mesh (the spine's); unchanged otherwise. The models reshape
+  batch-sharded activations in ways explicit sharding cannot type (e.g. MiT's attention
+  heads); the numbers are the same."""
+  def wrapped(*args):
+    if not _explicit_mesh():
+      return fn(*args)
+    return jax.sharding.auto_axes(fn, out_sharding=out_spec)(*args)
+  return wrapped
+
+
+def build_net(net_cls: type, model_cfg: Any, num_classes: int):
+  """The SiamSeg network (``models.daformer.SiamSegNet``) from ``config.model``.
+
+  Keys: the network's fields (``variant``, ``drop_path_rate``, ``remat``, ``fusion``,
+  ``embed_dims``, ``channels``, ``dropout_ratio``, ``simsiam_dim``, ``dtype``) and
+  ``backbone`` (a dict of extra :class:`~contrastjax.models.mit.MixVisionTransformer` fields,
+  e.g. smaller ``embed_dims``/``depths`` for a demo). ``num_classes`` comes from
+  ``config.siamseg``.
+  """
+  cfg = dict(_plain(model_cfg) or {})
+  backbone = dict(_plain(cfg.pop("backbone", {})) or {})
+  kwargs = _module_kwargs(net_cls, cfg, "model", skip=("num_classes", "backbone_overrides"))
+  mit_fields = _module_kwargs(mit.MixVisionTransformer, backbone, "backbone")
+  overrides = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                           for k, v in mit_fields.items()))
+  return net_cls(num_classes=num_classes, backbone_overrides=overrides, **kwargs)
 
 
 class SiamSegMethod(Method):
@@ -514,67 +554,36 @@ class SiamSegMethod(Method):
     self.init_from_which = opt("init_from_which")
 
     from contrastjax.models import daformer  # pylint: disable=g-import-not-at-top
-    m = config.model
-    bcfg = dict(_plain(m.get("backbone", {})) or {})
-    variant = str(bcfg.pop("variant", "b5"))
-    self.backbone = mit.mit(variant, **_module_kwargs(mit.MixVisionTransformer, bcfg,
-                                                      "backbone"))
-    self.head = daformer.DAFormerHead(
-        num_classes=self.num_classes,
-        **_module_kwargs(daformer.DAFormerHead, m.get("head", {}), "head",
-                         skip=("num_classes",)))
-    scfg = dict(_plain(m.get("simsiam", {})) or {})
-    self.simsiam = daformer.SimSiamHead(
-        **_module_kwargs(daformer.SimSiamHead, scfg, "simsiam")) if (
-            self.variant == "siamseg") else None
+    self.net = build_net(daformer.SiamSegNet, config.model, self.num_classes)
+    self.pretrained_kind = str(opt("pretrained_kind"))
+    if self.pretrained_kind not in ("mit", "siamseg"):
+      raise ValueError(f"config.siamseg.pretrained_kind={self.pretrained_kind!r}; expected "
+                       "'mit' (ImageNet MiT weights) or 'siamseg' (a reference checkpoint)")
 
   # ------------------------------------------------------------------ networks
-  def _features(self, params, x, *, train: bool, rng=None):
-    rngs = {"dropout": rng} if (train and rng is not None) else {}
-    return self.backbone.apply({"params": params["backbone"]}, x, train=train, rngs=rngs)
-
-  def _decode(self, params, model_state, feats, *, train: bool, rng=None,
-              deterministic: bool | None = None):
-    """Decode-head logits at 1/4 resolution; in training mode also the new BN state."""
-    variables = {"params": params["decode_head"], **self._state(model_state, "decode_head")}
-    rngs = {"dropout": rng} if rng is not None else {}
-    det = (not train) if deterministic is None else deterministic
-    if train:
-      logits, new = self.head.apply(variables, feats, train=True, deterministic=det,
-                                    rngs=rngs, mutable=["batch_stats"])
-      return logits, new
-    return self.head.apply(variables, feats, train=False, deterministic=True), None
-
   @staticmethod
-  def _state(model_state, name):
-    stats = model_state.get("batch_stats", {})
-    return {"batch_stats": stats[name]} if name in stats else {}
-
-  def _with_stats(self, model_state, name, new):
-    if not new or "batch_stats" not in new:
-      return model_state
-    stats = dict(model_state.get("batch_stats", {}))
-    stats[name] = new["batch_stats"]
-    return {**model_state, "batch_stats": stats}
+  def _stats(model_state):
+    return {"batch_stats": model_state["batch_stats"]} if model_state.get("batch_stats") else {}
 
   def _segment(self, params, model_state, x, *, train: bool, rng=None,
                deterministic: bool | None = None):
     """``(logits [B, H/4, W/4, C], new model_state)`` of the segmentor."""
-    k_bb, k_head = (jax.random.split(rng) if rng is not None else (None, None))
+    variables = {"params": params, **self._stats(model_state)}
+    if not train:
+      logits, _ = self.net.apply(variables, x, train=False)
+      return logits, model_state
     det = (not train) if deterministic is None else deterministic
-    feats = self.backbone.apply({"params": params["backbone"]}, x, train=train,
-                                deterministic=det,
-                                rngs={"dropout": k_bb} if (k_bb is not None and not det) else {})
-    logits, new = self._decode(params, model_state, feats, train=train,
-                               rng=k_head if not det else None, deterministic=det)
-    return logits, self._with_stats(model_state, "decode_head", new)
+    rngs = {} if det else {"dropout": rng}
+    (logits, _), new = self.net.apply(variables, x, train=True, deterministic=det, rngs=rngs,
+                                      mutable=["batch_stats"])
+    return logits, {**model_state, **new}
 
-  def _simsiam(self, params, model_state, x, rng):
-    """``(p, z, new model_state)`` of one view batch through the shared backbone."""
-    feats = self._features(params, x, train=True, rng=rng)
-    variables = {"params": params["simsiam"], **self._state(model_state, "simsiam")}
-    (p, z), new = self.simsiam.apply(variables, feats[-1], train=True, mutable=["batch_stats"])
-    return p, z, self._with_stats(model_state, "simsiam", new)
+  def _simsiam(self, params, model_state, q, k, rng):
+    """``(p1, p2, z1, z2, new model_state)``: both views through the shared backbone."""
+    variables = {"params": params, **self._stats(model_state)}
+    out, new = self.net.apply(variables, q, k, train=True, method="simsiam",
+                              rngs={"dropout": rng}, mutable=["batch_stats"])
+    return (*out, {**model_state, **new})
 
   # ------------------------------------------------------------------ set-up
   def _images(self, batch):
@@ -586,21 +595,15 @@ class SiamSegMethod(Method):
 
   def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
     """Student parameters (backbone, decode_head[, simsiam]), BN statistics and the teacher."""
-    x = self._images(batch)
-    k_bb, k_head, k_sim = jax.random.split(rng, 3)
-    feats = self.backbone.init({"params": k_bb}, x, train=False)
-    feats_shape = self.backbone.apply(feats, x, train=False)
-    params = {"backbone": feats["params"]}
-    model_state: dict[str, Any] = {"batch_stats": {}}
-    hv = self.head.init({"params": k_head}, feats_shape, train=False, deterministic=True)
-    params["decode_head"] = hv["params"]
-    if "batch_stats" in hv:
-      model_state["batch_stats"]["decode_head"] = hv["batch_stats"]
-    if self.simsiam is not None:
-      sv = self.simsiam.init({"params": k_sim}, feats_shape[-1], train=False)
-      params["simsiam"] = sv["params"]
-      if "batch_stats" in sv:
-        model_state["batch_stats"]["simsiam"] = sv["batch_stats"]
+    return _auto(self._init, P())(rng, batch)
+
+  def _init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
+    variables = self.net.init({"params": rng}, self._images(batch), train=False)
+    params = dict(variables["params"])
+    model_state = {"batch_stats": dict(variables.get("batch_stats", {}))}
+    if self.variant != "siamseg":   # no SimSiam branch: no parameters for it
+      params.pop("contrast", None)
+      model_state["batch_stats"].pop("contrast", None)
     extra = {}
     if self.variant != "source_only":
       extra["teacher"] = jax.tree.map(jnp.copy, {k: params[k] for k in SEGMENTOR})
@@ -617,11 +620,23 @@ class SiamSegMethod(Method):
     """
     params = dict(params)
     changed = False
-    if self.pretrained:
+    if self.pretrained and self.pretrained_kind == "mit":
       new, ignored = mit.load({"params": params["backbone"]}, self.pretrained,
                               prefix=self.pretrained_prefix)
       params["backbone"] = new["params"]
       logging.info("loaded MiT weights from %s (%d keys ignored)", self.pretrained,
+                   len(ignored))
+      changed = True
+    elif self.pretrained:   # a reference SiamSeg (mmseg UDA) checkpoint: student + SimSiam
+      from contrastjax.models import daformer  # pylint: disable=g-import-not-at-top
+      variables = {"params": params, **model_state}
+      kwargs = {} if self.pretrained_prefix is None else {"prefix": self.pretrained_prefix}
+      if "contrast" not in params:
+        kwargs["contrast_prefix"] = None
+      new, ignored = daformer.load(variables, self.pretrained, **kwargs)
+      params = dict(new["params"])
+      model_state = {k: v for k, v in new.items() if k != "params"}
+      logging.info("loaded a SiamSeg checkpoint from %s (%d keys ignored)", self.pretrained,
                    len(ignored))
       changed = True
     if self.init_from:
@@ -661,6 +676,9 @@ class SiamSegMethod(Method):
               rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
     """Source CE (+ ClassMix CE with pseudo-labels) (+ SimSiam); see the class docstring."""
     del step
+    return _auto(self._loss, P())(params, model_state, extra, batch, rng)
+
+  def _loss(self, params, model_state, extra, batch, rng):
     b = split_pair(batch) if "source/image" in batch else batch
     xs, ys = b["source"]["image"], b["source"]["label"].astype(jnp.int32)
     xt = b["target"]["image"]
@@ -692,22 +710,13 @@ class SiamSegMethod(Method):
 
     # 3. SimSiam on two views of each (target) image, through the student backbone
     if self.variant == "siamseg":
-      domain = {"target": xt, "source": xs}
-      if self.contrastive_domain == "all":
-        groups = [xt, xs]
-      else:
-        groups = [domain[self.contrastive_domain]]
-      ps, zs = [], []
-      for g, x in enumerate(groups):
+      groups = {"target": [xt], "source": [xs], "all": [xt, xs]}[self.contrastive_domain]
+      outs = []
+      for g, x in enumerate(groups):   # 'all': one branch call per domain, as the reference
         q, k = siamseg_views(jax.random.fold_in(keys[4], g), x, **self.views)
-        p1, z1, state = self._simsiam(params, state, q, jax.random.fold_in(keys[5], g))
-        p2, z2, state = self._simsiam(params, state, k, jax.random.fold_in(keys[6], g))
-        ps.append((p1, p2))
-        zs.append((z1, z2))
-      p1 = jnp.concatenate([p[0] for p in ps])
-      p2 = jnp.concatenate([p[1] for p in ps])
-      z1 = jnp.concatenate([z[0] for z in zs])
-      z2 = jnp.concatenate([z[1] for z in zs])
+        *pz, state = self._simsiam(params, state, q, k, jax.random.fold_in(keys[5], g))
+        outs.append(pz)
+      p1, p2, z1, z2 = (jnp.concatenate([o[i] for o in outs]) for i in range(4))
       loss_con = simsiam_loss(p1, p2, z1, z2)
       loss = loss + self.contrastive_weight * loss_con
       metrics["loss_contrastive"] = loss_con
@@ -733,8 +742,10 @@ class SiamSegMethod(Method):
     """The STUDENT's class map ``{'pred': int32 [B, H, W]}`` (the reference evaluates the
     student), by whole-image, sliding-window or multi-scale inference."""
     del extra
+    return _auto(self._predict, P(parallel.DATA_AXIS))(params, model_state, batch["image"])
+
+  def _predict(self, params, model_state, images):
     fn = self.logits_fn(params, model_state)
-    images = batch["image"]
     if self.inference == "whole":
       scores = seg_inference.whole_inference(fn, images)
     elif self.inference == "slide":
@@ -749,6 +760,9 @@ class SiamSegMethod(Method):
                 batch: PyTree) -> jax.Array:
     """Whole-image CE of the student over the valid examples of a padded batch."""
     del extra
+    return _auto(self._eval_loss, P())(params, model_state, batch)
+
+  def _eval_loss(self, params, model_state, batch):
     logits = resize_logits(self.logits_fn(params, model_state)(batch["image"]),
                            batch["label"].shape[1:3])
     labels = batch["label"].astype(jnp.int32)

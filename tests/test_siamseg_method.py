@@ -1,0 +1,180 @@
+"""The SiamSeg method on the spine: the whole UDA step (teacher, ClassMix, strong transform,
+SimSiam views, BatchNorm threading, EMA) on 8 simulated devices equals 1 device on the same
+global batch; EMA bookkeeping; configs; errors a user can act on."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import _toy
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from contrastjax import parallel
+from contrastjax.data import synthetic_aerial
+from contrastjax.methods import siamseg as S
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = dict(variant="b0", drop_path_rate=0.1, embed_dims=8, channels=8,
+                  dropout_ratio=0.1, simsiam_dim=16,
+                  backbone=dict(embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1),
+                                num_heads=(1, 1, 1, 1)))
+
+
+def _config(variant="siamseg", **siamseg):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(TINY_MODEL)
+  c.siamseg = ml_collections.ConfigDict(dict(
+      variant=variant, num_classes=5, class_weight=(1.0, 1.0, 1.25, 1.5, 1.0), **siamseg))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, weight_decay=0.01, eps=1e-4, schedule="warmup_poly_mmcv",
+      warmup_steps=2, groups=[[r"^decode_head/", 10.0, 1.0],
+                              [r"^backbone/(patch_embed\d+/norm|block\d+_\d+/(norm1|norm2|attn/norm))/",
+                               1.0, 0.0]]))
+  c.plateau = ml_collections.ConfigDict(dict(monitor="", factor=0.1, patience=3))
+  return c
+
+
+def _batch(n=8, size=32):
+  mean, std = np.asarray(S.MEAN, np.float32), np.asarray(S.STD, np.float32)
+  src = synthetic_aerial.SyntheticAerial(n, size, 3, "source")
+  tgt = synthetic_aerial.SyntheticAerial(n, size, 3, "target")
+  norm = lambda img: (img.astype(np.float32) - mean) / std  # noqa: E731
+  return {
+      "source/image": np.stack([norm(src[i]["image"]) for i in range(n)]),
+      "source/label": np.stack([src[i]["label"].astype(np.int32) for i in range(n)]),
+      "target/image": np.stack([norm(tgt[i]["image"]) for i in range(n)]),
+      "source/index": np.arange(n, dtype=np.int32),
+      "target/index": np.arange(n, dtype=np.int32),
+      "index": np.arange(n, dtype=np.int32),
+  }
+
+
+def _assert_trees_close(a, b, what, rtol=2e-4, atol=2e-5):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
+                               err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+def test_siamseg_step_8_devices_equals_1_device():
+  config, batch = _config(), _batch()
+  s1, m1 = _toy.run_steps(S.SiamSegMethod(config), config,
+                          parallel.make_mesh(devices=jax.devices()[:1]), batch)
+  s8, m8 = _toy.run_steps(S.SiamSegMethod(config), config, parallel.make_mesh(), batch)
+  for k in ("loss", "loss_src", "loss_mix", "loss_contrastive", "pseudo_weight",
+            "mix_fraction"):
+    np.testing.assert_allclose(m1[k], m8[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  assert np.isfinite(m1["loss"]) and m1["loss_contrastive"] < 0
+  _assert_trees_close(s1.params, s8.params, "params")
+  _assert_trees_close(s1.model_state, s8.model_state, "batch_stats")
+  _assert_trees_close(s1.extra, s8.extra, "teacher")
+  assert set(s1.params) == {"backbone", "decode_head", "contrast"}
+  assert set(s1.extra["teacher"]) == {"backbone", "decode_head"}
+
+
+def test_teacher_is_the_ema_of_the_student_and_variants_drop_branches():
+  config, batch = _config(variant="dacs"), _batch(4)
+  method = S.SiamSegMethod(config)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  from contrastjax import train as train_lib  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(mesh):
+    gb = parallel.host_to_global(batch, mesh)
+    rng = jax.random.PRNGKey(0)
+    m = train_lib.build_machinery(config, method, mesh, rng, gb, total_steps=10)
+    s0 = jax.device_get(jax.jit(m.create)(rng, gb))
+    _assert_trees_close(s0.extra["teacher"], {k: s0.params[k] for k in S.SEGMENTOR},
+                        "initial copy", rtol=0, atol=0)
+    s1, met = m.compiled.train_step(jax.device_put(s0, m.state_sharding), gb)
+    s1 = jax.device_get(s1)
+    s2, _ = m.compiled.train_step(jax.device_put(s1, m.state_sharding), gb)
+    s2 = jax.device_get(s2)
+  assert "loss_contrastive" not in met and "contrast" not in s0.params
+  # step 1: alpha = min(1 - 1/2, .999) = 0.5; step 2: alpha = 2/3.
+  want1 = jax.tree.map(lambda t, p: 0.5 * t + 0.5 * p, s0.extra["teacher"],
+                       {k: s1.params[k] for k in S.SEGMENTOR})
+  want2 = jax.tree.map(lambda t, p: (2 / 3) * t + (1 / 3) * p, want1,
+                       {k: s2.params[k] for k in S.SEGMENTOR})
+  _assert_trees_close(s1.extra["teacher"], want1, "teacher@1", rtol=1e-5, atol=1e-7)
+  _assert_trees_close(s2.extra["teacher"], want2, "teacher@2", rtol=1e-5, atol=1e-7)
+  so = S.SiamSegMethod(_config(variant="source_only"))
+  params, _, extra = jax.eval_shape(so.init, jax.random.PRNGKey(0), batch)
+  assert extra == {} and set(params) == {"backbone", "decode_head"}
+
+
+def test_predict_modes_and_eval_loss():
+  batch = _batch(2)
+  ev = {"image": batch["target/image"], "label": batch["source/label"],
+        "valid": np.asarray([True, False])}
+  outs = {}
+  for mode in ("whole", "slide", "tta"):
+    method = S.SiamSegMethod(_config(inference=mode, slide_crop=(16, 16),
+                                     slide_stride=(8, 8), tta_img_scale=(32, 32)))
+    params, state, extra = method.init(jax.random.PRNGKey(0), batch)
+    outs[mode] = np.asarray(method.predict(params, state, extra, ev)["pred"])
+    assert outs[mode].shape == (2, 32, 32) and outs[mode].dtype == np.int32
+  loss = method.eval_loss(params, state, extra, ev)
+  one = method.eval_loss(params, state, extra, {k: v[:1] for k, v in ev.items()})
+  np.testing.assert_allclose(float(loss), float(one), rtol=1e-5)   # padded row ignored
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(variant="siamsegg"), "variant"),
+    (dict(variant="siamseg", classmix_scope="pixel"), "classmix_scope"),
+    (dict(variant="siamseg", inference="sliding"), "inference"),
+    (dict(variant="siamseg", views=dict(crop=1)), "views"),
+    (dict(variant="siamseg", colour_jitter=0.2), "unknown key"),
+    (dict(variant="siamseg", class_weight=(1.0, 2.0)), "class_weight"),
+])
+def test_bad_method_config_is_rejected(bad, match):
+  c = _config()
+  for k, v in bad.items():
+    c.siamseg[k] = v
+  with pytest.raises(ValueError, match=match):
+    S.SiamSegMethod(c)
+  c = _config()
+  c.model.widht = 3
+  with pytest.raises(ValueError, match="widht"):
+    S.SiamSegMethod(c)
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.parametrize("name", ["siamseg_loveda.py", "siamseg_potsdam_vaihingen.py"])
+def test_configs_load_variants_and_reject_typos(name):
+  path = os.path.join(REPO, "configs", name)
+  mod = _load(path)
+  assert mod.__doc__.lstrip().startswith(f"python -m contrastjax.train --config=configs/{name}")
+  for arg in (None, "demo", "dacs", "source_only", "paper,tta", "slide,demo",
+              "root=/data/x,pretrained=/w/mit_b5.pth,init_from=/tmp/run"):
+    c = mod.get_config(arg)
+    S.SiamSegMethod(c)  # every variant builds its method
+    assert c.method == "siamseg" and c.batch_size > 0
+  c = mod.get_config(None)
+  assert c.optimizer.lr == 6e-5 and c.total_steps == 40000 and c.batch_size == 24
+  assert c.optimizer.warmup_steps == 1500 and c.optimizer.schedule == "warmup_poly_mmcv"
+  assert c.siamseg.pseudo_threshold == 0.968 and c.siamseg.alpha == 0.999
+  assert mod.get_config("dacs").siamseg.variant == "dacs"
+  assert mod.get_config("source_only").siamseg.variant == "source_only"
+  assert mod.get_config("paper").siamseg.classmix_scope == "batch"
+  with pytest.raises(ValueError, match="dmeo"):
+    mod.get_config("dmeo")
+  with pytest.raises(ValueError, match="exclude"):
+    mod.get_config("dacs,source_only")
+  if name == "siamseg_loveda.py":
+    u2r = mod.get_config("urban2rural")
+    assert (u2r.data.source_domain, u2r.data.target_domain) == ("Urban", "Rural")
+    assert mod.get_config("tta").siamseg.inference == "tta"
+  else:
+    t = mod.get_config("task=vaihingen_irrg2potsdam_rgb")
+    assert t.data.target == "Potsdam_RGB_DA" and t.eval_every_steps == 500
+    with pytest.raises(ValueError, match="ISPRS task"):
+      mod.get_config("task=loveda_rural2urban")
