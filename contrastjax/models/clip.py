@@ -2,17 +2,18 @@
 
 Yaras et al. (CPAL 2025, App. E.1) train OpenCLIP's ``RN50`` from scratch on MSCOCO: a
 ModifiedResNet-50 image tower (three-conv stem, anti-aliased strides, attention
-pooling; NOT implemented here yet) and a 12-layer,
+pooling; ``contrastjax.models.clip_resnet``) and a 12-layer,
 width-512, 8-head causal text Transformer, both projected to a 1024-d joint space, and a
 learnable inverse temperature ``logit_scale``. This module has
 
 * :class:`TextTransformer`: OpenCLIP's text tower (token + positional embedding, causal
   pre-LN Transformer, final LayerNorm, pooling at the end-of-text token, linear
   projection without bias), with OpenCLIP's initialisation;
-* :class:`ResNetImageTower`: the torchvision-layout ResNet of
-  ``contrastjax.models.resnet`` + global average pooling + a linear projection (a
-  stand-in for OpenCLIP's ModifiedResNet, which differs in the stem, the strided
-  blocks and the attention pooling);
+* image towers: ``'modified_resnet'``, OpenCLIP's ModifiedResNet
+  (:class:`contrastjax.models.clip_resnet.ModifiedResNet`, the paper's RN50), and
+  ``'resnet'``, :class:`ResNetImageTower`: the torchvision-layout ResNet of
+  ``contrastjax.models.resnet`` + global average pooling + a linear projection (an
+  alternative that differs in the stem, the strided blocks and the pooling);
 * :class:`MLPTower`: a small MLP for vector inputs (the synthetic paired data);
 * :class:`CLIP`: two towers, L2-normalised embeddings and the raw logit-scale parameter
   ``nu`` (``logit_scale``; the method maps it to ``beta(nu)``, see
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastjax.models import clip_resnet
 from contrastjax.models import resnet
 
 Array = jax.Array
@@ -211,6 +213,7 @@ class CLIP(nn.Module):
 TOWERS = {
     "mlp": MLPTower,
     "resnet": ResNetImageTower,
+    "modified_resnet": clip_resnet.ModifiedResNet,
     "transformer": TextTransformer,
 }
 
