@@ -40,7 +40,7 @@ def test_config_docstring_and_variants():
 
 def test_cli_scalar_writes_outputs(tmp_path):
   r = _run("--config=configs/gap_dynamics.py:scalar", f"--workdir={tmp_path}",
-           "--config.t1=1e4", "--config.num_save=12", "--config.progress=False")
+           "--config.t1=1e4", "--config.num_save=4", "--config.progress=False")
   assert r.returncode == 0, r.stderr[-3000:]
   data = json.loads((tmp_path / "trajectory.json").read_text())
   assert data["model"] == "scalar" and data["config"]["t1"] == 1e4

@@ -385,13 +385,15 @@ def test_gradients_through_simulator_match_finite_differences(x64):
     fd = (f(dict(p, **{key: p[key] + e})) - f(dict(p, **{key: p[key] - e}))) / (2 * h)
     np.testing.assert_allclose(grad[key][pick], fd, rtol=1e-4, err_msg=key)
 
+  # learned temperature: forward mode (diffrax.ForwardMode) through the scalar model
   scfg = flows.FlowConfig()
   def final_gamma(beta0):
     traj = integrate.solve(flows.scalar_vector_field(scfg),
                            flows.scalar_state(scfg, beta0=beta0, gamma0=0.5), {},
-                           t1=1e4, rtol=1e-11, atol=1e-14, max_steps=4096)
+                           t1=1e4, rtol=1e-11, atol=1e-14, max_steps=4096,
+                           forward_mode=True)
     return traj.y_end["gamma"]
-  g = jax.grad(final_gamma)(2.0)
+  g = jax.jacfwd(final_gamma)(2.0)
   fd = (final_gamma(2.0 + h) - final_gamma(2.0 - h)) / (2 * h)
   np.testing.assert_allclose(g, fd, rtol=1e-4)
 

@@ -22,4 +22,4 @@ def test_gradient_flow_notebook_executes(monkeypatch, tmp_path):
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                  for o in c.get("outputs", []))
   assert "small run" in text and "S3        gap=" in text
-  assert "raw gamma flow: exited = True" in text
+  assert "fig2 final gap" in text and "d= 16: sampled" in text
