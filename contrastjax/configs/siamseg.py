@@ -160,6 +160,7 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
   c.best_mode = "max"
   c.early_stop_patience = 0
   c.eval_samples = 4
+  c.progress_bar = True
   c.evals = ml_collections.ConfigDict(dict(
       val=dict(type="semseg", split="val", num_classes=info.num_classes,
                class_names=list(info.classes), with_loss=True)))
@@ -179,11 +180,11 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
     s.slide_stride = (21, 21)
     c.batch_size = 8
     c.eval_batch_size = 32
-    c.total_steps = 1200
+    c.total_steps = 400
     c.optimizer.lr = 4e-4
-    c.optimizer.warmup_steps = 100
+    c.optimizer.warmup_steps = 40
     c.eval_every_steps = 200
-    c.ckpt_every_steps = 400
+    c.ckpt_every_steps = 200
     c.log_every_steps = 20
     c.evals = ml_collections.ConfigDict(dict(
         val=dict(type="semseg", split="val", num_classes=aerial.num_classes,

@@ -487,10 +487,27 @@ class SiamSegMethod(Method):
   The student's BatchNorm statistics (decode head, SimSiam) are threaded through the passes
   in that order. After the optimizer update, ``post_update`` moves the EMA teacher.
 
-  Config: ``config.model.backbone`` (``variant`` of :func:`contrastjax.models.mit.mit` plus
-  MixVisionTransformer fields), ``config.model.head`` (DAFormer head fields),
-  ``config.model.simsiam`` (projector/predictor widths), and ``config.siamseg`` (keys of
-  ``_SIAMSEG_KEYS``; unknown keys are an error).
+  Config: ``config.model`` (fields of ``models.daformer.SiamSegNet`` plus ``backbone``, extra
+  MiT fields; see :func:`build_net`) and ``config.siamseg`` (keys of ``_SIAMSEG_KEYS``; unknown
+  keys are an error):
+
+  * ``variant``: ``'siamseg'`` | ``'dacs'`` (no SimSiam) | ``'source_only'``;
+  * ``num_classes``, ``class_weight`` (CE class weights), ``avg_non_ignore`` (False = mmseg 0.21);
+  * ``alpha`` (0.999), ``pseudo_threshold`` (0.968): the EMA teacher;
+  * ``classmix_scope``: ``'image'`` (reference code) or ``'batch'`` (paper runs, pre PR #5);
+  * ``color_jitter_strength`` (0.2), ``color_jitter_probability`` (0.2), ``blur`` (True);
+  * ``contrastive_weight`` (1), ``contrastive_domain`` (``'target'``), ``views`` (keyword
+    arguments of :func:`simsiam_view`);
+  * ``inference``: ``'whole'`` | ``'slide'`` (``slide_crop``, ``slide_stride``) | ``'tta'``
+    (``tta_ratios``, ``tta_img_scale``, ``tta_flip``);
+  * ``pretrained`` (file), ``pretrained_kind`` (``'mit'`` ImageNet MiT weights in official /
+    Hugging Face / mmseg naming, or ``'siamseg'`` a reference UDA checkpoint),
+    ``pretrained_prefix``, ``init_from`` (a contrastjax workdir), ``init_from_which``.
+
+  Deviations from the reference (all global-batch semantics, so that 8 devices equal 1):
+  the pseudo-label weight, the SimSiam BatchNorm statistics and the contrastive gradients are
+  computed over the global batch (the reference: per GPU, and its contrastive gradients are
+  not all-reduced). ``batch``-scope ClassMix uses the global batch's class set.
   """
 
   name = "siamseg"
