@@ -24,9 +24,23 @@ Variants (the ``:arg``, comma separated; at most one recipe):
 * ``root=DIR``         COCO folder (else ``$CONTRASTJAX_DATA_DIR/coco``);
 * ``bpe=FILE``         CLIP BPE merges (``bpe_simple_vocab_16e6.txt.gz``) instead of the
                        word tokenizer built from the training captions;
-Image tower: the torchvision-layout ResNet-50 + global average pooling + a linear
-projection to 1024, a stand-in for OpenCLIP's ModifiedResNet-50 (3-conv stem,
-anti-aliased strides, attention pooling), which is not implemented yet.
+* ``cifar10=DIR``      extracted ``cifar-10-batches-py`` folder for the CIFAR-10
+                       zero-shot and linear-probe evaluations (else
+                       ``$CONTRASTJAX_DATA_DIR/cifar-10-batches-py``); ``cifar10=``
+                       (empty) leaves both evaluations out (``demo`` has none);
+* ``prompt=NAME``      zero-shot prompt: ``photo`` (default) "a photo of a {class}.";
+                       ``paper`` "A photo of the number {class}.", as printed in App. E.2
+                       (a copy-paste slip there); or a template with ``{}``;
+* ``tvresnet``         image tower = the torchvision-layout ResNet-50 + global average
+                       pooling + a linear projection to 1024, instead of the default
+                       OpenCLIP ModifiedResNet-50 (RN50: 3-conv stem, anti-aliased
+                       strides, attention pooling; ``contrastjax.models.clip_resnet``);
+
+Model ([openclip] ``RN50.json``): ModifiedResNet-50 (layers 3-4-6-3, width 64, 32
+attention-pool heads, 224 px) and a 12-layer, width-512, 8-head text Transformer with
+context 77, both embedding in 1024 dimensions; 49408 token ids (the CLIP BPE vocabulary
+with ``bpe=``; with the word tokenizer its vocabulary, capped at 49408, uses the first
+ids and the remaining embedding rows are never looked up).
 
 Paper (Table 2; 3-seed means, RN50, COCO, 100 epochs): gap 0.294 / 0.122 / 0.088 / 0.284 /
 0.268 / 0.225 / 0.139 and text R@1 78.4 / 82.7 / 85.3 / 80.1 / 80.4 / 79.7 / 79.2 for
@@ -51,7 +65,8 @@ _A_TAU1 = {"a0": 2e-2, "a1": 4e-2}                                  # [paper] Ta
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, demo=False, root="", bpe="", tau=0.0, p=-1.0,
+  a = parse_arg(arg, demo=False, root="", bpe="", tau=0.0, p=-1.0, tvresnet=False,
+                cifar10="$CONTRASTJAX_DATA_DIR/cifar-10-batches-py", prompt="photo",
                 **{r: False for r in _RECIPES})
   chosen = [r for r in _RECIPES if a[r]]
   if len(chosen) > 1:
@@ -78,12 +93,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.vocab_min_count = 1                # [ours]
   c.data.max_vocab = 49408                  # = text vocab_size
   c.data.worker_count = 0
+  c.data.cifar10_root = a.cifar10           # '' = no CIFAR-10 evaluations
+  c.data.cifar10_prompt = a.prompt          # [ours] 'photo'; 'paper' = App. E.2 as printed
 
   # ------------------------------------------------------------------ model ([openclip] RN50.json)
   c.model = ml_collections.ConfigDict()
   c.model.embed_dim = 1024
-  c.model.image = dict(name="resnet", stage_sizes=(3, 4, 6, 3), stem_width=64,
-                       base_width=64)           # torchvision layout (see the docstring)
+  if a.tvresnet:                            # [ours] torchvision layout + avg pool
+    c.model.image = dict(name="resnet", stage_sizes=(3, 4, 6, 3), stem_width=64,
+                         base_width=64)
+  else:                                     # [openclip] ModifiedResNet, heads 2048 // 64
+    c.model.image = dict(name="modified_resnet", layers=(3, 4, 6, 3), width=64, heads=32,
+                         image_size=c.data.image_size)
   c.model.text = dict(name="transformer", vocab_size=49408, context_length=77, width=512,
                       layers=12, heads=8, mlp_ratio=4.0)
 
@@ -127,6 +148,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.early_stop_patience = 0
   c.evals = ml_collections.ConfigDict(dict(
       val=dict(type="retrieval", split="val", gap_pairs=512, seed=0)))  # [paper] 512 pairs
+  if a.cifar10:
+    # [paper] App. E.2: zero-shot and linear probe on CIFAR-10, top-1 (test split).
+    c.evals.zeroshot_cifar10 = dict(type="zeroshot", split="cifar10_test", with_loss=False)
+    c.evals.linear_probe_cifar10 = dict(
+        type="linear_probe", split="cifar10_probe", with_loss=False,
+        val_fraction=0.2, seed=0,           # [ours] C chosen on 10k held-out train images
+        cs=tuple(10.0 ** e for e in range(-2, 7)), refine=4, max_iter=1000, tol=1e-6)
   c.mesh = [("data", -1)]
   c.progress_bar = True
   c.plot_curves = True

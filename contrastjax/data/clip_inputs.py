@@ -15,7 +15,10 @@
   ``(0.9, 1.0)``), ``tokenizer`` (``'word'`` or ``'bpe'``), ``bpe_path`` (a
   ``bpe_simple_vocab_16e6.txt.gz``-format file, for ``'bpe'``), ``context_length`` (77),
   ``vocab_min_count`` (word tokenizer: words seen fewer times map to ``<unk>``),
-  ``max_vocab`` (word tokenizer cap, 0 = none).
+  ``max_vocab`` (word tokenizer cap, 0 = none), ``cifar10_root`` (the extracted
+  ``cifar-10-batches-py`` folder; empty: none) and ``cifar10_prompt``: with a root, the
+  splits ``cifar10_test`` and ``cifar10_probe`` of ``contrastjax.data.cifar`` (zero-shot
+  and linear-probe evaluation) are added.
 
 The word tokenizer is built from the training captions and saved to
 ``<workdir>/tokenizer.json``; a resumed run (or ``contrastjax.evaluate``) reloads it from
@@ -113,6 +116,8 @@ def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
     else:
       sources[split] = coco.CocoCaptionsSource(index, mode="eval",
                                                caption_index=eval_caption)
+  from contrastjax.data import cifar  # pylint: disable=g-import-not-at-top
+  sources.update(cifar.clip_eval_sources(dcfg))
   scale = tuple(float(s) for s in dcfg.get("crop_scale", (0.9, 1.0)))
   train_tf = [coco.ChooseCaption(), coco.RandomResizedCrop(size, scale),
               coco.Normalize(), coco.Tokenize(tokenizer)]

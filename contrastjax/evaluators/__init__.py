@@ -14,6 +14,7 @@ _REGISTRY = {
     "semseg": "contrastjax.evaluators.semseg:SemSegEvaluator",
     "retrieval": "contrastjax.evaluators.retrieval:RetrievalEvaluator",
     "zeroshot": "contrastjax.evaluators.retrieval:ZeroShotEvaluator",
+    "linear_probe": "contrastjax.evaluators.linear_probe:LinearProbeEvaluator",
 }
 # Keys of an eval config consumed by the trainer, not passed to the evaluator.
 _GENERIC_KEYS = ("type", "split", "prefix", "with_loss", "every_steps")
