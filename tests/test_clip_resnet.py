@@ -153,7 +153,7 @@ def _randomise_bn(torch, net, seed):
       m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
 
 
-def test_matches_openclip_modified_resnet():
+def test_matches_openclip_modified_resnet(tmp_path):
   ModifiedResNet = _openclip_modified_resnet()
   import torch
   torch.manual_seed(0)
@@ -163,9 +163,12 @@ def test_matches_openclip_modified_resnet():
   net.eval()
   model = cr.ModifiedResNet(**TINY)
   shapes = _shapes(model, 64)
-  variables, ignored = cr.load(
-      shapes, {"visual." + k: v for k, v in net.state_dict().items()})
-  assert ignored == []
+  # Through a .pt file with a whole-CLIP naming (visual.* plus a text key), as an
+  # OpenCLIP checkpoint.
+  torch.save({**{"visual." + k: v for k, v in net.state_dict().items()},
+              "logit_scale": torch.tensor(2.6)}, tmp_path / "clip.pt")
+  variables, ignored = cr.load(shapes, tmp_path / "clip.pt")
+  assert ignored == ["logit_scale"]
   x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
   with torch.no_grad():
     want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()

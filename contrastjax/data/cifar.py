@@ -9,9 +9,10 @@ Layout (``cifar-10-python.tar.gz`` extracted)::
 Each batch pickle is a dict with ``data`` (uint8 ``[n, 3072]``: per row the 1024 red,
 then green, then blue values of a 32x32 image, row-major) and ``labels`` (``n`` ints
 in ``[0, 10)``); keys are bytes (Python 2 pickles) or str. The pickles are read with an
-unpickler that only resolves the NumPy array reconstructors (and ``_codecs.encode``), so a
-tampered file cannot run code. Every problem (missing file, truncated or foreign pickle, missing key, wrong
-shape, label out of range) raises ``DatasetError`` naming the file.
+unpickler that only resolves the NumPy array reconstructors (and ``_codecs.encode``),
+so a tampered file cannot run code. Every problem (missing file, truncated or foreign
+pickle, missing key, wrong shape, label out of range) raises ``DatasetError`` naming
+the file.
 
 CLIP evaluation (Yaras et al., CPAL 2025, App. E.2: zero-shot and linear probe on
 CIFAR-10) uses two sources built by :func:`clip_eval_sources` from
