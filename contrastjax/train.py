@@ -283,6 +283,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state_box[0] = state
     results: dict[str, float] = {}
     for name, ev in evals.items():
+      every = int(config.evals[name].get("every_steps", 0) or 0)
+      if every and step % every and step != total_steps:
+        continue  # an expensive eval (e.g. a linear probe) on its own, sparser cadence
       t0 = time.time()
       samples = _SampleCollector(num_samples, _palette(config, name))
       if hasattr(ev, "on_batch") and ev.on_batch is None:

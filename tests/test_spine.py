@@ -110,7 +110,10 @@ def _final_params(workdir, which="latest"):
 
 
 def test_train_loop_logs_evaluates_checkpoints(tmp_path):
-  result = train_lib.train_and_evaluate(_toy.toy_config(), str(tmp_path))
+  config = _toy.toy_config()
+  # A second, sparser evaluation (every_steps): only at its multiples and the last step.
+  config.evals.sparse = dict(type="binary_seg", split="val", every_steps=8)
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 12
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   steps_logged = [l["step"] for l in lines if "train/loss" in l]
@@ -118,6 +121,7 @@ def test_train_loop_logs_evaluates_checkpoints(tmp_path):
   evals = [l for l in lines if "val/mIoU" in l]
   assert [l["step"] for l in evals] == [4, 8, 12]
   assert all(0.0 <= l["val/mIoU"] <= 1.0 and l["val/num_images"] == 10 for l in evals)
+  assert [l["step"] for l in lines if "sparse/mIoU" in l] == [8, 12]
   losses = [l["train/loss"] for l in lines if "train/loss" in l]
   assert losses[-1] < losses[0]  # it learns
   assert json.load(open(tmp_path / "config.json"))["method"] == "_toy:ToyMethod"
