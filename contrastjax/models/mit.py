@@ -83,7 +83,13 @@ def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 class DepthwiseConv2d(nn.Module):
-  """``nn.Conv2d(C, C, k, groups=C)`` in NHWC with an HWIO ``[k, k, 1, C]`` kernel.
+  """``nn.Conv2d(C, C, k, groups=C)`` (stride 1) in NHWC with an HWIO ``[k, k, 1, C]`` kernel.
+
+  Computed as the sum of ``k * k`` shifted views of the zero-padded input times the
+  per-channel tap weights (accumulated in at least float32), which XLA fuses into one
+  elementwise loop: on XLA:CPU the grouped convolution is ~10x slower forward+backward
+  (3.7 s against 0.35 s on a 1x128x128x256 map). Taps that only ever see the padding
+  (large dilations on small maps) are skipped.
 
   Attributes:
     kernel_size: Square kernel size.
@@ -93,7 +99,7 @@ class DepthwiseConv2d(nn.Module):
     dtype: Compute dtype (``None``: promoted dtype of input and kernel).
     param_dtype: Parameter dtype.
     kernel_init: Kernel initialiser.
-    precision: ``lax`` precision.
+    precision: Unused (elementwise products); kept for a uniform signature.
   """
   kernel_size: int = 3
   padding: int = 1
@@ -107,17 +113,30 @@ class DepthwiseConv2d(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Filters each channel of ``[B, H, W, C]`` input separately."""
-    k, p, c = self.kernel_size, self.padding, x.shape[-1]
+    k, p, d, c = self.kernel_size, self.padding, self.dilation, x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), self.param_dtype)
     bias = (self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=((p, p), (p, p)),
-        rhs_dilation=(self.dilation, self.dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
-        precision=self.precision)
-    return y + bias if bias is not None else y
+    _, h, w, _ = x.shape
+    ho, wo = h + 2 * p - d * (k - 1), w + 2 * p - d * (k - 1)
+    if ho <= 0 or wo <= 0:
+      raise ValueError(f"depthwise {k}x{k} (dilation {d}, padding {p}) does not fit a "
+                       f"{h}x{w} input")
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+    out = jnp.zeros((x.shape[0], ho, wo, c), acc_dtype)
+    for i in range(k):
+      if i * d + ho <= p or i * d >= p + h:  # rows of this tap are all padding
+        continue
+      for j in range(k):
+        if j * d + wo <= p or j * d >= p + w:
+          continue
+        view = lax.slice(xp, (0, i * d, j * d, 0), (xp.shape[0], i * d + ho, j * d + wo, c))
+        out = out + view.astype(acc_dtype) * kernel[i, j, 0].astype(acc_dtype)
+    if bias is not None:
+      out = out + bias.astype(acc_dtype)
+    return out.astype(x.dtype)
 
 
 class SpatialReduction(nn.Module):
