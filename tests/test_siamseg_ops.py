@@ -138,7 +138,7 @@ def _mmcv_lr(base_lr, t, total=40000, warmup=1500, ratio=1e-6, power=1.0):
 def test_learning_rate_per_parameter_group_follows_mmcv():
   """One AdamW step at step t on a gradient of ones: the update of each parameter reveals its
   group's learning rate and weight decay (rules of the reference's ``paramwise_cfg``)."""
-  c = siamseg_cfg.get_config("loveda_rural2urban")
+  c = siamseg_cfg.get_config("loveda")
   params = {
       "backbone": {"patch_embed1": {"norm": {"scale": 1.0}, "proj": {"kernel": 1.0}},
                    "block1_0": {"norm1": {"scale": 1.0}, "norm2": {"bias": 1.0},
