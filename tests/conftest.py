@@ -20,3 +20,17 @@ if not flags.FLAGS.is_parsed():
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
   sys.path.insert(0, TESTS_DIR)
+
+
+def pytest_collection_modifyitems(config, items):
+  """``@pytest.mark.heavy`` tests (several full compilations of a large train step, or
+  training runs of many minutes) run only with ``CONTRASTJAX_HEAVY_TESTS=1``: they do
+  not fit CI's 2-core budget. ``slow`` tests do run in CI."""
+  del config
+  if os.environ.get("CONTRASTJAX_HEAVY_TESTS", "") == "1":
+    return
+  import pytest  # pylint: disable=g-import-not-at-top
+  skip = pytest.mark.skip(reason="heavy test: set CONTRASTJAX_HEAVY_TESTS=1 to run it")
+  for item in items:
+    if "heavy" in item.keywords:
+      item.add_marker(skip)

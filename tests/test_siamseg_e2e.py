@@ -30,7 +30,7 @@ def _last_eval(workdir):
   return [l for l in lines if "val/mIoU" in l][-1]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_train_then_evaluate_with_pictures(tmp_path):
   wd = tmp_path / "run"
   _run("contrastjax.train", "--config=configs/siamseg_loveda.py:demo", f"--workdir={wd}",
@@ -52,7 +52,7 @@ def test_demo_train_then_evaluate_with_pictures(tmp_path):
   assert len(os.listdir(out / "val" / "overlays")) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_siamseg_beats_source_only_on_the_target_domain(tmp_path):
   results = {}
   for variant in ("source_only", "siamseg"):
