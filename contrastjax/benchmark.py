@@ -271,9 +271,13 @@ def run_jax(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray],
       (:func:`host_initialised_state`).
     xla_opt_level: ``xla_backend_optimization_level`` of the step's compilation.
   """
-  memory = PeakMemory()
   mesh = parallel.make_mesh(config.get("mesh"))
-  jax.set_mesh(mesh)
+  with jax.set_mesh(mesh):  # scoped: callers keep their own mesh
+    return _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh)
+
+
+def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
+  memory = PeakMemory()
   parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
   method = get_method_class(config.method)(config)
   rng = jax.random.PRNGKey(config.seed)

@@ -136,7 +136,15 @@ def evaluate(config, workdir: str, *, checkpoint: str = "best", splits=None,
   """Restores ``checkpoint`` of ``workdir`` and evaluates it on ``splits``."""
   parallel.maybe_initialize_distributed()
   mesh = parallel.make_mesh(config.get("mesh"))
-  jax.set_mesh(mesh)
+  with jax.set_mesh(mesh):  # scoped: callers keep their own mesh
+    return _evaluate(config, workdir, mesh, checkpoint=checkpoint, splits=splits,
+                     save_predictions=save_predictions,
+                     original_resolution=original_resolution, output_dir=output_dir)
+
+
+def _evaluate(config, workdir: str, mesh, *, checkpoint: str, splits,
+              save_predictions: int, original_resolution: bool,
+              output_dir: str | None) -> dict[str, float]:
   local_batch = parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
   eval_batch = config.get("eval_batch_size", config.batch_size)
   local_eval = parallel.check_batch_size(eval_batch, mesh, "config.eval_batch_size")

@@ -215,7 +215,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ===================================================================== devices
   parallel.maybe_initialize_distributed()
   mesh = parallel.make_mesh(config.get("mesh"))
-  jax.set_mesh(mesh)
+  with jax.set_mesh(mesh):  # scoped: callers (notebooks, tests) keep their own mesh
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        mesh: jax.sharding.Mesh) -> dict[str, Any]:
   is_chief = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
   writer = metric_writer.MetricWriter(workdir, tensorboard=config.get("tensorboard", True))

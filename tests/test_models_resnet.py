@@ -219,3 +219,30 @@ def test_load_pth_file(tmp_path):
   loaded, _ = resnet.load(variables, tmp_path / "w.pth")
   np.testing.assert_array_equal(loaded["batch_stats"]["bn1"]["var"],
                                 other["batch_stats"]["bn1"]["var"])
+
+
+def test_load_copies_and_ignores_abstract_mesh_shardings():
+  """Loaded variables own their memory (a state dict of live ``tensor.numpy()`` views
+  that torch later updates in place must not change them), and templates from
+  ``jax.eval_shape`` under a mesh (abstract shardings) load."""
+  _, variables = _small_variables(0)
+  _, other = _small_variables(1)
+
+
+  def aligned(x):  # 64-byte aligned, as torch's buffers are: jax may alias such memory
+    buf = np.empty(x.nbytes + 64, np.uint8)
+    start = (-buf.ctypes.data) % 64
+    out = buf[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+  state = {k: aligned(np.asarray(v)) for k, v in resnet.to_torch_state_dict(other).items()}
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    template = jax.eval_shape(lambda v: v, variables)
+    loaded, _ = resnet.load(template, state)
+  before = np.array(loaded["batch_stats"]["bn1"]["var"])
+  state["bn1.running_var"] += 1.0   # what a torch BatchNorm forward does to its buffer
+  state["conv1.weight"][...] = 0.0
+  np.testing.assert_array_equal(loaded["batch_stats"]["bn1"]["var"], before)
+  assert np.abs(np.asarray(loaded["params"]["conv1"]["kernel"])).max() > 0

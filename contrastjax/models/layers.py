@@ -898,12 +898,24 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
 
 
 def _place_like(value: np.ndarray, like: Any) -> Any:
-  """``value`` with the dtype (and, for jax arrays, the sharding) of ``like``."""
+  """``value`` with the dtype (and, for concrete shardings, the sharding) of ``like``.
+
+  The value is copied first: on CPU, jax can alias a NumPy buffer without copying, and
+  a state dict's arrays are often views of live torch tensors (``tensor.numpy()``)
+  that torch updates in place (e.g. BatchNorm running statistics in a later forward
+  pass), which would change the loaded variables behind the caller's back. A sharding
+  on an abstract mesh (``jax.eval_shape`` under ``jax.set_mesh``) names no devices and
+  is not used.
+  """
   dtype = getattr(like, "dtype", value.dtype)
+  value = np.array(value, dtype=dtype, copy=True)
   sharding = getattr(like, "sharding", None)
+  if (isinstance(sharding, jax.sharding.NamedSharding)
+      and isinstance(sharding.mesh, jax.sharding.AbstractMesh)):
+    sharding = None
   if sharding is not None:
-    return jax.device_put(np.asarray(value, dtype), sharding)
-  return jnp.asarray(value, dtype)
+    return jax.device_put(value, sharding)
+  return jnp.asarray(value)
 
 
 def load_state_dict(variables: Mapping[str, PyTree], state_dict: Mapping[str, np.ndarray],
