@@ -1,5 +1,5 @@
-r"""python -m contrastjax.train --config=configs/clip_gap_coco.py:demo --workdir=/tmp/clip_demo
-  python -m contrastjax.train --config=configs/clip_gap_coco.py:demo,ts --workdir=/tmp/clip_demo_ts
+r"""python -m contrastjax.train --config=configs/clip_gap_coco.py:demo --workdir=workdirs/clip_demo
+  python -m contrastjax.train --config=configs/clip_gap_coco.py:demo,ts --workdir=workdirs/clip_demo_ts
   python -m contrastjax.train --config=configs/clip_gap_coco.py:ts,root=/data/coco \
       --workdir=workdirs/clip_coco_ts
 

@@ -1,4 +1,4 @@
-r"""python -m contrastjax.gap.simulate --config=configs/gap_dynamics.py:fig2 --workdir=/tmp/gap_fig2
+r"""python -m contrastjax.gap.simulate --config=configs/gap_dynamics.py:fig2 --workdir=workdirs/gap_fig2
 
 Modality-gap dynamics (Yaras et al., CPAL 2025) as explicit gradient-flow simulations.
 Variants (``:name``; combine with ``--config.key=value`` overrides, unknown keys fail):

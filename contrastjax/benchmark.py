@@ -3,8 +3,8 @@ to the reference PyTorch ConDSeg on the same batch and the same CPU.
 
   python -m contrastjax.benchmark --config=configs/condseg_kvasir.py \
       --config.batch_size=4 --config.data.image_size=256 --steps=10 \
-      [--reference_dir=/tmp/ConDSeg] [--xla_flags='--xla_cpu_...'] [--nocpu_flags] \
-      [--hugepages] [--init=host] [--json_out=/tmp/bench.json]
+      [--reference_dir=CONDSEG_CHECKOUT] [--xla_flags='--xla_cpu_...'] [--nocpu_flags] \
+      [--hugepages] [--init=host] [--json_out=bench.json]
 
 The JAX side goes through the real spine: ``contrastjax.train.build_machinery`` builds
 the optimizer, the state shardings and ``spine.CompiledSteps``; the train step is then

@@ -1,7 +1,7 @@
 r"""Evaluate a trained run: restore a checkpoint, run the evaluators, save predictions.
 
   python -m contrastjax.evaluate --config=configs/condseg_kvasir.py:demo \
-      --workdir=/tmp/condseg_demo [--checkpoint=best|latest|STEP] [--splits=val,test] \
+      --workdir=workdirs/condseg_demo [--checkpoint=best|latest|STEP] [--splits=val,test] \
       [--save_predictions=64] [--original_resolution]
 
 Prints a metrics table and writes, under ``<workdir>/eval/<checkpoint>_<step>/``:

@@ -5,7 +5,7 @@ compiled steps, checkpoint (auto-resume), evaluators, loop. Methods differ in
 ``contrastjax/methods/<name>.py``, not here.
 
   python -m contrastjax.train --config=configs/condseg_kvasir.py:demo \
-      --workdir=/tmp/condseg_demo [--config.batch_size=8 ...]
+      --workdir=workdirs/condseg_demo [--config.batch_size=8 ...]
 
 Restarting the same command resumes from the newest checkpoint in ``--workdir``.
 SIGTERM (e.g. a preempted Cloud TPU VM) saves a checkpoint and exits cleanly; a

@@ -2,7 +2,7 @@ r"""Gap-dynamics simulator: ``python -m contrastjax.gap.simulate --config=PATH[:
 --workdir=DIR``.
 
   python -m contrastjax.gap.simulate --config=configs/gap_dynamics.py:fig2 \
-      --workdir=/tmp/gap_fig2 [--config.t1=1e4 --config.lift=sin_phi ...]
+      --workdir=workdirs/gap_fig2 [--config.t1=1e4 --config.lift=sin_phi ...]
 
 Writes ``trajectory.json`` (times and measures), ``dynamics.png`` (gap Delta, 2 gamma,
 tau and the margin alpha on log-time axes) and ``snapshots.png`` (features on the sphere,

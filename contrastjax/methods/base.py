@@ -80,7 +80,12 @@ class Method(abc.ABC):
                 batch: PyTree) -> jax.Array:
     """Eval-mode loss of one padded batch (``batch["valid"]`` marks real examples).
 
-    Used for validation-loss driven schedules (ReduceLROnPlateau). Default: the
-    training loss is not defined in eval mode, so methods that need it override.
+    Used for validation-loss driven schedules (ReduceLROnPlateau). A method without
+    an eval-mode loss keeps this default, which tells the user which switch to turn
+    off (an evaluation asked for a loss the method cannot compute).
     """
-    raise NotImplementedError(f"method {self.name!r} defines no eval_loss")
+    del params, model_state, extra, batch
+    raise ValueError(
+        f"method {self.name!r} has no eval-mode loss: set "
+        f"config.evals.<name>.with_loss=False for its evaluations (and leave "
+        f"config.plateau.monitor off '<split>/loss')")
