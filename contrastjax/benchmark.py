@@ -174,6 +174,42 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str
           "index": np.arange(batch_size, dtype=np.int32)}
 
 
+def synthetic_pair_batch(batch_size: int, image_size: int, num_classes: int,
+                         seed: int = 0) -> dict[str, Any]:
+  """A SiamSeg training batch (``contrastjax.data.siamseg_inputs`` layout, nested):
+  normalised ``image`` ``[B, S, S, 3]`` for both domains, a source ``label`` ``[B, S, S]``
+  of random class blobs (0..C-1, some 255 ignored pixels) and the ``index`` entries."""
+  rng = np.random.default_rng(seed)
+
+  def images():
+    return rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32)
+
+  coarse = rng.integers(0, num_classes, (batch_size, 8, 8))
+  rep = -(-image_size // 8)
+  label = np.repeat(np.repeat(coarse, rep, axis=1), rep, axis=2)[:, :image_size, :image_size]
+  label = np.where(rng.random(label.shape) < 0.02, 255, label).astype(np.int32)
+  index = np.arange(batch_size, dtype=np.int32)
+  return {"source": {"image": images(), "label": label, "index": index},
+          "target": {"image": images(), "index": index}, "index": index}
+
+
+def synthetic_batch_for(config: ml_collections.ConfigDict, seed: int = 0
+                        ) -> tuple[Any, int]:
+  """``(batch, image size)`` shaped like the training pipeline of ``config.method``."""
+  data = config.get("data", {})
+  method = config.method
+  if method in ("condseg", "condseg_stage1"):
+    size = int(data.image_size)
+    return synthetic_batch(int(config.batch_size), size, seed), size
+  if method == "siamseg":
+    crop = data.get("image_size", None) or data.get("crop_size", None) or 512
+    size = int(crop if np.ndim(crop) == 0 else crop[0])
+    return synthetic_pair_batch(int(config.batch_size), size,
+                                int(config.siamseg.num_classes), seed), size
+  raise ValueError(f"contrastjax.benchmark has no synthetic batch for config.method="
+                   f"{method!r}; supported: condseg, condseg_stage1, siamseg")
+
+
 def _host_values(tree: Any, seed: int) -> Any:
   """NumPy values for the abstract leaves of ``tree``: kernels ``U(+-1/sqrt(fan_in))``,
   BatchNorm scales and running variances 1, everything else 0."""
@@ -543,8 +579,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   if steps < 1:
     raise ValueError(f"steps must be at least 1, got {steps}")
   threads = threads or _usable_cores()
-  image_size = int(config.data.image_size)
-  batch_np = synthetic_batch(int(config.batch_size), image_size, data_seed)
+  batch_np, image_size = synthetic_batch_for(config, data_seed)
   result: dict[str, Any] = {
       "machine": machine_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),

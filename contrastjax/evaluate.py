@@ -258,4 +258,5 @@ if __name__ == "__main__":
   platform.configure_cpu()
   _define_flags()
   jax.config.parse_flags_with_absl()
+  platform.configure_compilation_cache()
   app.run(main)

@@ -472,4 +472,5 @@ if __name__ == "__main__":
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
   jax.config.parse_flags_with_absl()
+  platform.configure_compilation_cache()
   app.run(main)

@@ -26,6 +26,14 @@ from contrastjax.models import layers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _load_config(rel_path, arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, rel_path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_smoke_demo_model(tmp_path):
   out = tmp_path / "bench.json"
@@ -58,6 +66,30 @@ def test_synthetic_batch_contract():
   assert 0 < batch["mask"].mean() < 1 and batch["mask"].min() >= 0
   np.testing.assert_array_equal(benchmark.synthetic_batch(3, 16, seed=1)["mask"],
                                 batch["mask"])
+
+
+@pytest.mark.parametrize("path", ["configs/condseg_kvasir.py", "configs/siamseg_loveda.py"])
+def test_synthetic_batch_matches_the_training_pipeline(path):
+  """The benchmark's batch has the keys, shapes and dtypes of the real demo pipeline's
+  (after the trainer's ``split_pair`` nesting for SiamSeg)."""
+  from contrastjax.data import builder  # pylint: disable=g-import-not-at-top
+  from contrastjax.data.siamseg_inputs import split_pair  # pylint: disable=g-import-not-at-top
+  config = _load_config(path, "demo")
+  with config.unlocked():
+    config.batch_size = 2
+  real = next(iter(builder.build(config, local_batch_size=2, local_eval_batch_size=2).train))
+  if "source/image" in real:
+    real = split_pair(real)
+  fake, size = benchmark.synthetic_batch_for(config, seed=0)
+  assert size == config.data.image_size
+  shapes = lambda tree: jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), tree)
+  assert shapes(fake) == shapes(real)
+
+
+def test_synthetic_batch_for_unknown_method_is_named():
+  config = _load_config("configs/clip_gap_coco.py", "demo")
+  with pytest.raises(ValueError, match="clip"):
+    benchmark.synthetic_batch_for(config)
 
 
 def test_reference_loss_matches_jax_stage2_loss():

@@ -66,3 +66,15 @@ def test_parse_arg_types_and_errors():
     parse_arg("n", n=1)
   with pytest.raises(ValueError, match="true/false"):
     parse_arg("demo=maybe", demo=False)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_unknown_model_key_is_named(path):
+  mod = _load(path)
+  c = mod.get_config(None)
+  if not c.get("method") or "model" not in c:
+    pytest.skip("not a training config with a model")
+  with c.unlocked():
+    c.model.no_such_field = 1
+  with pytest.raises(ValueError, match=r"config\.model\.no_such_field"):
+    get_method_class(c.method)(c)

@@ -323,6 +323,48 @@ def test_jax_grad_field_matches_numpy_gradient(x64, lift):
   np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("cfg_kw,tau0", [
+    (dict(lift="gamma"), 0.2),
+    (dict(lift="sin_phi", parameterization="softplus"), 0.07),
+    (dict(targets=(1, 0, 2, 3, 4, 6, 5), parameterization="exp_scaled", scale=2.0), 0.1),
+    (dict(temperature="schedule", schedule="linear"), 0.05),
+    (dict(train_features=False), 0.3),
+    # beta = 1000: similarities spread over 2000 > the shared-exp limit -> two-pass path
+    (dict(lift="sin_phi"), 1e-3),
+])
+def test_closed_form_field_equals_autodiff_field(x64, cfg_kw, tau0):
+  n, d = 7, 5
+  rng = np.random.default_rng(3)
+  u0, v0 = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+  cfg = flows.FlowConfig(**cfg_kw)
+  args = dict(tau0=tau0, tau1=0.5, horizon=10.0) if cfg.temperature == "schedule" else {}
+  y = flows.initial_state(cfg, u0, v0, tau0=tau0, gamma0=0.4)
+  closed = jax.jit(flows.feature_vector_field(cfg))(2.0, y, args)
+  auto = jax.jit(flows.feature_vector_field(cfg, autodiff=True))(2.0, y, args)
+  assert set(closed) == set(auto)
+  for k in auto:
+    np.testing.assert_allclose(closed[k], auto[k], rtol=1e-9, atol=1e-12, err_msg=k)
+  # Its own derivative (what a gradient through a solve uses) matches too.
+  def final(field):
+    return lambda u: jnp.sum(field(0.5, dict(y, u=u), args)["v"] ** 2)
+  np.testing.assert_allclose(jax.grad(final(flows.feature_vector_field(cfg)))(y["u"]),
+                             jax.grad(final(flows.feature_vector_field(
+                                 cfg, autodiff=True)))(y["u"]), rtol=1e-8, atol=1e-11)
+
+
+def test_shared_softmax_matches_two_pass_in_float32():
+  rng = np.random.default_rng(4)
+  M = jnp.asarray(rng.standard_normal((9, 9)) * 20, jnp.float32)
+  col, row = flows.softmax_pair(M)
+  np.testing.assert_allclose(col, jax.nn.softmax(M, axis=0), rtol=2e-6, atol=1e-7)
+  np.testing.assert_allclose(row, jax.nn.softmax(M, axis=1), rtol=2e-6, atol=1e-7)
+  wide = M * 10  # spread ~ 1000 > 80: the shared exp would underflow rows in float32
+  col, row = flows.softmax_pair(wide)
+  assert np.all(np.isfinite(np.asarray(col))) and np.all(np.isfinite(np.asarray(row)))
+  np.testing.assert_allclose(row.sum(axis=1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(col, jax.nn.softmax(wide, axis=0), rtol=2e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["exp", "softplus"])
 def test_closed_eq11_matches_frozen_feature_flow(x64, name):
   rng = np.random.default_rng(2)

@@ -19,6 +19,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- flags
+_CACHE_PROBE = """
+import os, jax, jax.numpy as jnp
+from contrastjax import platform
+print(repr(platform.configure_compilation_cache()))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.ones(5)).block_until_ready()
+"""
+
+
+def _cache_probe(env_updates):
+  env = dict(os.environ)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.update(env_updates)
+  out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300, check=True)
+  return out.stdout.strip().splitlines()[-1]
+
+
+def test_compilation_cache_dir_from_env_and_off_switch(tmp_path):
+  cache = tmp_path / "xla"
+  assert _cache_probe({"CONTRASTJAX_COMPILATION_CACHE": str(cache)}) == repr(str(cache))
+  assert any(cache.iterdir()), "the compiled program was not written to the cache"
+  assert _cache_probe({"CONTRASTJAX_COMPILATION_CACHE": "0"}) == "''"
+  # The user's own JAX setting wins.
+  own = tmp_path / "own"
+  assert _cache_probe({"CONTRASTJAX_COMPILATION_CACHE": str(cache),
+                       "JAX_COMPILATION_CACHE_DIR": str(own)}) == repr(str(own))
+
+
 def test_configure_cpu_adds_flags_once(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
   monkeypatch.delenv("CONTRASTJAX_CPU_FLAGS", raising=False)

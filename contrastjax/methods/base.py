@@ -12,12 +12,49 @@ streams (e.g. SiamSeg's source and target) simply nests them:
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 Metrics = Mapping[str, jax.Array]
+
+
+def plain_config(value: Any) -> Any:
+  """A ConfigDict / list config value as plain Python (dicts, tuples)."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def module_kwargs(cls: type, cfg: Any, where: str, skip: Sequence[str] = ()
+                  ) -> dict[str, Any]:
+  """The config dict ``cfg`` (found at ``where``, e.g. ``'config.model'``) as keyword
+  arguments of the flax module (dataclass) ``cls``.
+
+  Values become plain Python (lists -> tuples) and a ``dtype`` string a NumPy dtype;
+  keys in ``skip`` are left out.
+
+  Raises:
+    ValueError: a key that is not a field of ``cls``, naming it and the valid fields.
+  """
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  out = {}
+  for key, value in dict(plain_config(cfg) or {}).items():
+    if key in skip:
+      continue
+    if key not in fields:
+      raise ValueError(f"{where}.{key} is not a field of {cls.__name__}; "
+                       f"valid fields: {sorted(fields)}")
+    value = plain_config(value)
+    if key == "dtype" and isinstance(value, str):
+      value = jnp.dtype(value)
+    out[key] = value
+  return out
 
 
 class Method(abc.ABC):

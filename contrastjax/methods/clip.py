@@ -46,14 +46,12 @@ The paper does not say whether swapped features are renormalised before the loss
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from contrastjax.gap import temperature as temp_lib
-from contrastjax.methods.base import Method, Metrics, PyTree
+from contrastjax.methods.base import Method, Metrics, PyTree, plain_config
 from contrastjax.models import clip as clip_model
 
 TEMPERATURE_MODES = ("learn", "fixed", "linear", "cosine")
@@ -191,12 +189,6 @@ def modality_swap(rng: jax.Array, h_x: jax.Array, h_y: jax.Array, kind: str,
 
 
 # ============================================================================ method
-def _plain(value: Any) -> Any:
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  return value
-
-
 class CLIPMethod(Method):
   """``config.method = 'clip'``: see the module docstring for ``config.clip``.
 
@@ -212,7 +204,7 @@ class CLIPMethod(Method):
     if unknown:
       raise ValueError(f"unknown key(s) config.clip.{unknown[0]} ({unknown}); known keys: "
                        f"{sorted(_CLIP_KEYS)}")
-    opt = lambda k: _plain(cc.get(k, _CLIP_KEYS[k]))  # noqa: E731
+    opt = lambda k: plain_config(cc.get(k, _CLIP_KEYS[k]))  # noqa: E731
     self.mode = str(opt("temperature"))
     if self.mode not in TEMPERATURE_MODES:
       raise ValueError(f"config.clip.temperature={self.mode!r} is not known; expected one "

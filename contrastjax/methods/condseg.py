@@ -57,7 +57,6 @@ not have is an error.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any, Mapping
 
@@ -70,7 +69,7 @@ import numpy as np
 from contrastjax import checkpoint
 from contrastjax.data import photometric
 from contrastjax.methods import condseg_losses as losses
-from contrastjax.methods.base import Method, Metrics, PyTree
+from contrastjax.methods.base import Method, Metrics, PyTree, module_kwargs, plain_config
 from contrastjax.models import condseg as condseg_model
 
 _CONDSEG_KEYS = {
@@ -86,34 +85,13 @@ _CONDSEG_KEYS = {
 }
 
 
-def _plain(value: Any) -> Any:
-  """ConfigDict / list values as plain Python (dicts, tuples)."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  if isinstance(value, list):
-    return tuple(value)
-  return value
-
-
 def build_model(model_cls: type, model_cfg: Mapping[str, Any]):
   """Instantiates ``model_cls`` from ``config.model`` (``name`` ignored).
 
   Raises:
     ValueError: a key that is not a field of ``model_cls`` (names the valid fields).
   """
-  fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
-  kwargs = {}
-  for key, value in model_cfg.items():
-    if key == "name":
-      continue
-    if key not in fields:
-      raise ValueError(f"config.model.{key} is not a field of {model_cls.__name__}; "
-                       f"valid fields: {sorted(fields)}")
-    value = _plain(value)
-    if key == "dtype" and isinstance(value, str):
-      value = jnp.dtype(value)
-    kwargs[key] = value
-  return model_cls(**kwargs)
+  return model_cls(**module_kwargs(model_cls, model_cfg, "config.model", skip=("name",)))
 
 
 def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
@@ -164,7 +142,7 @@ class _ConDSegBase(Method):
     if unknown:
       raise ValueError(f"unknown key(s) config.condseg.{unknown[0]} ({unknown}); "
                        f"known keys: {sorted(_CONDSEG_KEYS)}")
-    opt = lambda key: _plain(cs.get(key, _CONDSEG_KEYS[key]))  # noqa: E731
+    opt = lambda key: plain_config(cs.get(key, _CONDSEG_KEYS[key]))  # noqa: E731
     self.model = build_model(self.model_cls, config.model)
     self.double_sigmoid = bool(opt("double_sigmoid"))
     self.beta_per_image = bool(opt("beta_per_image"))
@@ -263,7 +241,7 @@ class ConDSegStage1Method(_ConDSegBase):
     super().__init__(config)
     cs = config.condseg
     self.consistency_weight = float(cs.get("consistency_weight", 1.0))
-    self.strong_aug = dict(_plain(cs.get("strong_aug", {})) or {})
+    self.strong_aug = dict(plain_config(cs.get("strong_aug", {})) or {})
     accepted = set(inspect.signature(photometric.strong_augment).parameters) - {
         "rng", "images"}
     bad = sorted(set(self.strong_aug) - accepted)
@@ -271,7 +249,7 @@ class ConDSegStage1Method(_ConDSegBase):
       raise ValueError(f"config.condseg.strong_aug has unknown key(s) {bad}; "
                        f"strong_augment accepts {sorted(accepted)}")
     for key, value in self.strong_aug.items():
-      self.strong_aug[key] = _plain(value)
+      self.strong_aug[key] = plain_config(value)
 
   def loss_fn(self, params: PyTree, model_state: PyTree, extra: PyTree, batch: PyTree,
               rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[PyTree, Metrics]]:

@@ -44,7 +44,7 @@ from contrastjax import parallel
 from contrastjax.data import photometric
 from contrastjax.data.siamseg_inputs import split_pair
 from contrastjax.evaluators import seg_inference
-from contrastjax.methods.base import Method, Metrics
+from contrastjax.methods.base import Method, Metrics, module_kwargs, plain_config
 from contrastjax.models import mit
 
 PyTree = Any
@@ -409,32 +409,6 @@ INFERENCE_MODES = ("whole", "slide", "tta")
 SEGMENTOR = ("backbone", "decode_head")  # "contrast": the SimSiam projector/predictor
 
 
-def _plain(value: Any) -> Any:
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  if isinstance(value, list):
-    return tuple(value)
-  return value
-
-
-def _module_kwargs(cls: type, cfg: Any, what: str, skip: Sequence[str] = ()) -> dict[str, Any]:
-  """``config.model.<what>`` as keyword arguments of the flax module ``cls``."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-  out = {}
-  for key, value in dict(_plain(cfg) or {}).items():
-    if key in skip:
-      continue
-    if key not in fields:
-      raise ValueError(f"config.model.{what}.{key} is not a field of {cls.__name__}; "
-                       f"valid fields: {sorted(fields)}")
-    value = _plain(value)
-    if key == "dtype" and isinstance(value, str):
-      value = jnp.dtype(value)
-    out[key] = value
-  return out
-
-
 def _explicit_mesh() -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   return (not mesh.empty) and any(t == jax.sharding.AxisType.Explicit
@@ -462,10 +436,10 @@ def build_net(net_cls: type, model_cfg: Any, num_classes: int):
   e.g. smaller ``embed_dims``/``depths`` for a demo). ``num_classes`` comes from
   ``config.siamseg``.
   """
-  cfg = dict(_plain(model_cfg) or {})
-  backbone = dict(_plain(cfg.pop("backbone", {})) or {})
-  kwargs = _module_kwargs(net_cls, cfg, "model", skip=("num_classes", "backbone_overrides"))
-  mit_fields = _module_kwargs(mit.MixVisionTransformer, backbone, "backbone")
+  cfg = dict(plain_config(model_cfg) or {})
+  backbone = dict(plain_config(cfg.pop("backbone", {})) or {})
+  kwargs = module_kwargs(net_cls, cfg, "config.model", skip=("num_classes", "backbone_overrides"))
+  mit_fields = module_kwargs(mit.MixVisionTransformer, backbone, "config.model.backbone")
   overrides = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                            for k, v in mit_fields.items()))
   return net_cls(num_classes=num_classes, backbone_overrides=overrides, **kwargs)
@@ -519,7 +493,7 @@ class SiamSegMethod(Method):
     if unknown:
       raise ValueError(f"unknown key(s) config.siamseg.{unknown[0]} ({unknown}); known keys: "
                        f"{sorted(_SIAMSEG_KEYS)}")
-    opt = lambda key: _plain(s.get(key, _SIAMSEG_KEYS[key]))  # noqa: E731
+    opt = lambda key: plain_config(s.get(key, _SIAMSEG_KEYS[key]))  # noqa: E731
     self.variant = str(opt("variant"))
     if self.variant not in VARIANTS:
       raise ValueError(f"config.siamseg.variant={self.variant!r}; expected one of {VARIANTS}")
@@ -553,7 +527,7 @@ class SiamSegMethod(Method):
     if bad:
       raise ValueError(f"config.siamseg.views has unknown key(s) {bad}; accepted: "
                        f"{sorted(accepted)}")
-    self.views = {k: _plain(v) for k, v in self.views.items()}
+    self.views = {k: plain_config(v) for k, v in self.views.items()}
     self.avg_non_ignore = bool(opt("avg_non_ignore"))
     self.inference = str(opt("inference"))
     if self.inference not in INFERENCE_MODES:
