@@ -382,7 +382,8 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
   stats = devices[0].memory_stats()
   if stats:
     out["device_peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
-  del box, state, executable, lowered, machinery, batch
+  box.clear()  # free the device buffers before returning
+  state = executable = lowered = machinery = batch = None
   return out
 
 

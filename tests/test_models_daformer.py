@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastjax.models import daformer, layers, mit
+from contrastjax.models import daformer, layers
 
 # SiamSeg sizes: MiT-B5 (81,443,008, see test_models_mit.py), the head with LoveDA's 7
 # classes and the SimSiam branch (512 -> 512 -> 2048, predictor 2048 -> 2048 -> 2048).
