@@ -324,7 +324,7 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
   if init == "host":
     state = host_initialised_state(machinery, rng, config.seed)
   else:
-    state = jax.jit(machinery.create, out_shardings=machinery.state_sharding)(rng, batch)
+    state = spine.initialise_state(machinery.create, machinery.state_sharding, rng, batch)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
 

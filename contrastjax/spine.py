@@ -198,6 +198,21 @@ def create_train_state(method, tx, plateau_tx, rng: jax.Array, batch: PyTree) ->
       rng=state_rng)
 
 
+def initialise_state(create: Callable, state_sharding: PyTree, rng: jax.Array,
+                     batch: PyTree) -> TrainState:
+  """Runs the (jitted) state initialiser ``create(rng, batch)`` with its shardings.
+
+  On CPU the initialiser is compiled at XLA backend optimisation level 0: it runs once,
+  and its program is mostly unrolled random-number generation (one key derivation per
+  parameter), which LLVM's optimisation passes spend ~25% longer on than the program
+  saves in run time (15.7 s vs 20.5 s of compilation for the demo ConDSeg).
+  """
+  lowered = jax.jit(create, out_shardings=state_sharding).lower(rng, batch)
+  options = ({"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu"
+             else None)
+  return lowered.compile(compiler_options=options)(rng, batch)
+
+
 def _tree_norm(tree: PyTree) -> jax.Array:
   return optax.tree.norm(tree)
 

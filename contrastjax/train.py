@@ -259,11 +259,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, loop_state, restored_step = ckpt.restore(abstract, data_iter=train_iter)
     logging.info("resumed from %s at step %d", ckpt.workdir, restored_step)
   else:
-    state = jax.jit(create, out_shardings=state_sharding)(rng, global_example)
+    t0 = time.time()
+    state = spine.initialise_state(create, state_sharding, rng, global_example)
     params, model_state, extra = method.load_pretrained(
         state.params, state.model_state, state.extra)
     state = state.replace(params=params, model_state=model_state, extra=extra)
     state = jax.device_put(state, state_sharding)
+    logging.info("initialised the train state in %.1f s", time.time() - t0)
   first_step = int(jax.device_get(state.step))
 
   # ===================================================================== evaluators
@@ -345,8 +347,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     for step in range(first_step + 1, total_steps + 1):
       batch = next(train_iter)
+      t_step = time.time()
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = compiled.train_step(state, parallel.host_to_global(batch, mesh))
+      if step == first_step + 1:
+        logging.info("first train step (tracing and compilation) dispatched in %.1f s; "
+                     "%.1f s since the process started", time.time() - t_step,
+                     time.time() - t_start)
       pending.append((step, metrics))
       check_finite(upto_all=False)
       imgs_since += config.batch_size

@@ -318,9 +318,10 @@ def test_jax_grad_field_matches_numpy_gradient(x64, lift):
   dy = jax.jit(flows.feature_vector_field(cfg))(0.0, y, {})
   key = "phi" if lift == "sin_phi" else "gamma"
   flat = np.concatenate([u0.ravel(), v0.ravel(), [float(y["nu"]), float(y[key])]])
-  ref = numpy_ref.feature_rhs(n, d, lift)(0.0, flat)
   got = np.concatenate([np.ravel(dy["u"]), np.ravel(dy["v"]), [dy["nu"], dy[key]]])
-  np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-13)
+  for shared_exp in (False, True):  # the benchmark's SciPy baseline uses shared_exp
+    ref = numpy_ref.feature_rhs(n, d, lift, shared_exp=shared_exp)(0.0, flat)
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("cfg_kw,tau0", [

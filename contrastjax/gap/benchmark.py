@@ -107,7 +107,8 @@ def full_flow(n: int, d: int, t1: float, *, rtol: float, atol: float, seed: int 
         f"{gr['compile_s']:.2f}s, run {gr['run_s']:.2f}s = "
         f"{gr['run_s'] / fw['run_s']:.2f}x the forward run")
 
-  rhs = _log_time(numpy_ref.feature_rhs(n, d, "sin_phi"))
+  # The NumPy field gets the JAX field's arithmetic (one shared exp for both softmaxes).
+  rhs = _log_time(numpy_ref.feature_rhs(n, d, "sin_phi", shared_exp=True))
   y0 = np.concatenate([u0.ravel(), v0.ravel(), [math.log(1 / tau0), math.asin(gamma0)]])
   out["scipy"] = {}
   for method in scipy_methods:
