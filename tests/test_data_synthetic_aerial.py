@@ -82,3 +82,33 @@ def test_maker_splits_and_batches():
     np.testing.assert_array_equal(b1[k], b2[k])
   assert b1['source/image'].shape == (3, 32, 32, 3) and b1['target/image'].dtype == np.float32
   assert not np.array_equal(b1['source/image'], b1['target/image'])
+
+
+def test_shift_interpolates_the_target_style():
+  assert sa.domain_style('target', 0.0) == sa.STYLES['source']
+  assert sa.domain_style('target', 1.0) == sa.STYLES['target']
+  assert sa.domain_style('source', 0.3) == sa.STYLES['source']
+  half = sa.domain_style('target', 0.5)
+  src, tgt = sa.STYLES['source'], sa.STYLES['target']
+  np.testing.assert_allclose(half.vegetation, (np.array(src.vegetation) +
+                                               np.array(tgt.vegetation)) / 2)
+  assert half.haze == pytest.approx(tgt.haze / 2) and half.blur is True
+  assert sa.domain_style('target', 0.4).blur is False
+  # The nearest-class-mean colour classifier of the source degrades with the shift.
+  n = 16
+  xs, ys = _stack(sa.SyntheticAerial(n, 64, 0, 'source'), n)
+  means = np.stack([xs[ys == c].mean(0) for c in range(len(sa.CLASSES))])
+
+  def acc(shift):
+    x, y = _stack(sa.SyntheticAerial(n, 64, 1, 'target', shift), n)
+    return float((((x[..., None, :] - means) ** 2).sum(-1).argmin(-1) == y).mean())
+
+  a0, a5, a10 = acc(0.0), acc(0.5), acc(1.0)
+  assert a0 > a5 > a10, (a0, a5, a10)
+  for bad in (-0.1, 1.5):
+    with pytest.raises(ValueError, match='shift'):
+      sa.SyntheticAerial(2, 32, 0, 'target', bad)
+  cfg = ml_collections.ConfigDict(dict(seed=0, data=dict(
+      name='synthetic_aerial', image_size=32, num_train=2, num_val=2, shift=2.0)))
+  with pytest.raises(ValueError, match=r'config\.data\.shift'):
+    builder.make_spec(cfg)

@@ -171,7 +171,7 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.task = "synthetic_aerial_source2target"
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic_aerial", image_size=64, num_train=256, num_target_train=256,
-        num_val=64, data_seed=1234, worker_count=0))
+        num_val=64, data_seed=1234, shift=1.0, worker_count=0))
     c.model = ml_collections.ConfigDict(DEMO_MODEL)
     s.num_classes = aerial.num_classes
     s.class_weight = (1.0,) * aerial.num_classes

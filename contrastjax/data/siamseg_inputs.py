@@ -38,7 +38,8 @@ ISPRS 512), ``'label'`` int32 ``[B, H, W]``, ``'index'``, ``'valid'``.
 ``root`` or a path (e.g. ``'Potsdam_IRRG_DA'``, ``'Vaihingen_IRRG_DA'``), ``use_split_files``
 (None = use ``<split>.txt`` when present).
 ``synthetic_aerial``: ``image_size`` (64), ``num_train`` (source), ``num_target_train``
-(default ``num_train``), ``num_val``, ``data_seed`` (1234).
+(default ``num_train``), ``num_val``, ``data_seed`` (1234), ``shift`` (1.0: the full domain
+shift; 0: none; see ``synthetic_aerial.domain_style``).
 """
 
 from __future__ import annotations
@@ -247,9 +248,13 @@ def synthetic_aerial(dcfg, seed: int) -> DataSpec:
   n_src = int(dcfg.get('num_train', 256))
   n_tgt = int(dcfg.get('num_target_train', 0) or n_src)
   n_val = int(dcfg.get('num_val', 64))
+  shift = float(dcfg.get('shift', 1.0))
+  if not 0.0 <= shift <= 1.0:
+    raise ValueError(f'config.data.shift={shift!r}; expected a number in [0, 1] (0: the '
+                     'target looks like the source, 1: the full domain shift)')
   train = PairSource(aerial_lib.SyntheticAerial(n_src, size, data_seed, 'source'),
-                     aerial_lib.SyntheticAerial(n_tgt, size, data_seed, 'target'))
-  evals = {'val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'target'),
+                     aerial_lib.SyntheticAerial(n_tgt, size, data_seed, 'target', shift))
+  evals = {'val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'target', shift),
            'source_val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'source')}
   default = ST.SegAugConfig(img_scale=(size, size), ratio_range=(1.0, 2.0),
                             crop_size=(size, size))

@@ -72,6 +72,32 @@ STYLES = {
 }
 
 
+def domain_style(domain: str, shift: float = 1.0) -> DomainStyle:
+  """The style of ``domain``; for the target, ``shift`` in [0, 1] interpolates from the
+  source style (0: no domain shift) to the full target style (1, the default): colours,
+  haze, noise, texture, gradient, building/road counts and cover linearly, blur from 0.5.
+  """
+  if domain not in DOMAINS:
+    raise ValueError(f'domain={domain!r}; expected one of {DOMAINS}')
+  if not 0.0 <= shift <= 1.0:
+    raise ValueError(f'shift={shift!r}; expected a number in [0, 1]')
+  if domain == 'source' or shift == 1.0:
+    return STYLES[domain]
+  a, b = STYLES['source'], STYLES['target']
+
+  def mix(x, y):
+    if isinstance(x, tuple):
+      return tuple(mix(u, v) for u, v in zip(x, y))
+    if isinstance(x, bool):
+      return y if shift >= 0.5 else x
+    if isinstance(x, int):
+      return int(round(x + shift * (y - x)))
+    return float(x + shift * (y - x))
+
+  return DomainStyle(**{f.name: mix(getattr(a, f.name), getattr(b, f.name))
+                        for f in dataclasses.fields(DomainStyle)})
+
+
 @functools.lru_cache(maxsize=16)
 def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
   c = np.arange(size, dtype=np.float32) + 0.5
@@ -94,9 +120,11 @@ def _box_blur(img: np.ndarray) -> np.ndarray:
   return s / 9.0
 
 
-def render(size: int, domain: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """Draws one scene of ``domain``: ``(image uint8 [S, S, 3], label uint8 [S, S])``."""
-  st = STYLES[domain]
+def render(size: int, domain: str, rng: np.random.Generator,
+           shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+  """Draws one scene of ``domain``: ``(image uint8 [S, S, 3], label uint8 [S, S])``
+  (``shift``: see :func:`domain_style`)."""
+  st = domain_style(domain, shift)
   ys, xs = _coords(size)
   label = np.full((size, size), BACKGROUND, np.uint8)
   # Vegetation: threshold smooth noise so that about `vegetation_cover` of the scene is covered.
@@ -180,18 +208,19 @@ class SyntheticAerial:
   """Random-access synthetic aerial source of one domain (grain-compatible).
 
   ``ds[i]`` returns ``{'image': uint8 [S, S, 3], 'label': uint8 [S, S] in 0..4, 'name': str}``,
-  identical for the same ``(seed, domain, i)``.
+  identical for the same ``(seed, domain, shift, i)``; ``shift`` scales the target domain's
+  difference from the source (:func:`domain_style`). The scene layout (labels) depends only
+  on the seed and index when the count ranges agree.
   """
 
   def __init__(self, num_examples: int, image_size: int = 64, seed: int = 0,
-               domain: str = 'source'):
-    if domain not in DOMAINS:
-      raise ValueError(f'domain={domain!r}; expected one of {DOMAINS}')
+               domain: str = 'source', shift: float = 1.0):
+    domain_style(domain, shift)  # validates both
     if num_examples < 1 or image_size < 16:
       raise ValueError(f'num_examples={num_examples}, image_size={image_size}; expected >= 1 '
                        'and >= 16')
     self.num_examples, self.image_size = int(num_examples), int(image_size)
-    self.seed, self.domain = int(seed), domain
+    self.seed, self.domain, self.shift = int(seed), domain, float(shift)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -206,5 +235,5 @@ class SyntheticAerial:
       raise IndexError(f'index {index} out of range for {self!r}')
     index = int(index) % n
     rng = np.random.default_rng((self.seed, DOMAINS.index(self.domain), index))
-    image, label = render(self.image_size, self.domain, rng)
+    image, label = render(self.image_size, self.domain, rng, self.shift)
     return {'image': image, 'label': label, 'name': f'{self.domain}_{index}'}
