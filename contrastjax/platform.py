@@ -51,10 +51,12 @@ def configure_compilation_cache() -> str:
   setting = os.environ.get("CONTRASTJAX_COMPILATION_CACHE", "")
   if setting.lower() in ("0", "false", "no", "off"):
     return ""
-  path = os.path.expanduser(setting or DEFAULT_CACHE_DIR)
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError:
-    return ""  # read-only home etc.: run uncached rather than fail
+  path = setting or DEFAULT_CACHE_DIR
+  if "://" not in path:  # gs://... etc. are handled by JAX itself
+    path = os.path.expanduser(path)
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError:
+      return ""  # read-only home etc.: run uncached rather than fail
   jax.config.update("jax_compilation_cache_dir", path)
   return path
