@@ -14,8 +14,9 @@ Variants (``--config=configs/siamseg_loveda.py:ARG``): ``urban2rural`` (Urban ->
 reference ships no such config, same recipe), ``dacs`` (no SimSiam), ``source_only``, ``tta``
 (the reference's 4-scale LoveDA evaluation: 0.75/1/1.25/1.5 of 1024), ``slide``, ``paper``
 (batch-wide ClassMix classes, as when the paper's numbers were produced), ``demo`` (synthetic
-two-domain aerial data, tiny MiT, ~10 minutes on a laptop CPU), ``pretrained=FILE``,
-``init_from=DIR``, ``root=DIR``.
+two-domain aerial data, tiny MiT; two commands of ~2-3 minutes each on a 2-core CPU:
+``demo,source_only --workdir=workdirs/ss_src``, then ``demo,init_from=workdirs/ss_src``),
+``pretrained=FILE``, ``init_from=DIR``, ``root=DIR``.
 
 Paper (Wang et al. 2024, arXiv:2410.13471, LoveDA Rural -> Urban, mIoU / mF1 on Val Urban with
 the 4-scale TTA): the tables could not be retrieved when this port was written (only the
