@@ -2,7 +2,7 @@
 # Runs N processes of the trainer on this machine, joined by jax.distributed over
 # loopback (gloo collectives on CPU): a stand-in for a multi-host launch.
 #
-#   launch/local_multiprocess.sh 2 --config=configs/condseg_kvasir.py:demo --workdir=/tmp/mp
+#   launch/local_multiprocess.sh 2 --config=configs/condseg_kvasir.py:demo --workdir=workdirs/mp
 set -euo pipefail
 N=${1:?number of processes}; shift
 PORT=${PORT:-$((20000 + RANDOM % 10000))}

@@ -1,6 +1,6 @@
 """Config file for subprocess spine tests.
 
-python -m contrastjax.train --config=tests/_toy_config.py --workdir=/tmp/toy
+python -m contrastjax.train --config=tests/_toy_config.py --workdir=workdirs/toy
 """
 import _toy
 

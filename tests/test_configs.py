@@ -43,7 +43,7 @@ def test_condseg_configs_present():
 def test_condseg_config_variants_load(path):
   mod = _load(path)
   for arg in (None, "stage1", "paper", "demo", "stage1,paper", "demo,stage1",
-              "init_from=/tmp/x,root=/data/x,backbone=/w/r50.pth"):
+              "init_from=workdirs/x,root=data/x,backbone=weights/r50.pth"):
     c = mod.get_config(arg)
     assert c.method in ("condseg", "condseg_stage1")
     assert c.batch_size > 0 and c.optimizer.lr > 0

@@ -48,13 +48,14 @@ def test_compilation_cache_dir_from_env_and_off_switch(tmp_path):
                        "JAX_COMPILATION_CACHE_DIR": str(own)}) == repr(str(own))
 
 
-def test_configure_cpu_adds_flags_once(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+def test_configure_cpu_adds_flags_once(monkeypatch, tmp_path):
+  dump = f"--xla_dump_to={tmp_path / 'x'}"
+  monkeypatch.setenv("XLA_FLAGS", dump)
   monkeypatch.delenv("CONTRASTJAX_CPU_FLAGS", raising=False)
   platform.configure_cpu()
   platform.configure_cpu()
   flags = os.environ["XLA_FLAGS"].split()
-  assert flags[0] == "--xla_dump_to=/tmp/x"
+  assert flags[0] == dump
   assert flags.count(platform.CPU_XLA_FLAGS[0]) == 1
 
 
