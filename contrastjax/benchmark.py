@@ -3,7 +3,8 @@ to the reference PyTorch ConDSeg on the same batch and the same CPU.
 
   python -m contrastjax.benchmark --config=configs/condseg_kvasir.py \
       --config.batch_size=4 --config.data.image_size=256 --steps=10 \
-      [--reference_dir=CONDSEG_CHECKOUT] [--xla_flags='--xla_cpu_...'] [--nocpu_flags] \
+      [--reference_dir=CONDSEG_CHECKOUT [--reference_device=cuda]] \
+      [--xla_flags='--xla_cpu_...'] [--nocpu_flags] \
       [--hugepages] [--init=host] [--json_out=bench.json]
 
 The JAX side goes through the real spine: ``contrastjax.train.build_machinery`` builds
@@ -78,6 +79,9 @@ _CPU_FLAGS = flags.DEFINE_bool(
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "PyTorch intra-op threads (0: the CPUs this process may run on, which "
     "is what XLA:CPU uses).")
+_REFERENCE_DEVICE = flags.DEFINE_string(
+    "reference_device", "cpu", "torch device of the reference run: 'cpu', 'cuda', "
+    "'cuda:N' or 'auto' (cuda when available).")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the results to this file.")
 _DATA_SEED = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic batch.")
 _INIT = flags.DEFINE_enum(
@@ -98,6 +102,11 @@ _HUGEPAGES = flags.DEFINE_bool(
 
 
 # ----------------------------------------------------------------------------- helpers
+def _progress(message: str) -> None:
+  """One line on stderr as each phase ends (a run cut short still shows how far it got)."""
+  print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
 def set_xla_flags(extra: str = "", platform_defaults: bool = True) -> str:
   """Makes ``$XLA_FLAGS`` final for this process and returns it.
 
@@ -327,15 +336,18 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
     state = spine.initialise_state(machinery.create, machinery.state_sharding, rng, batch)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
+  _progress(f"state initialised ({init}) in {init_s:.1f} s")
 
   t0 = time.perf_counter()
   lowered = machinery.compiled.train_step.lower(state, batch)
   lower_s = time.perf_counter() - t0
+  _progress(f"train step traced and lowered in {lower_s:.1f} s")
   options = ({} if xla_opt_level is None
              else {"xla_backend_optimization_level": int(xla_opt_level)})
   t0 = time.perf_counter()
   executable = lowered.compile(compiler_options=options or None)
   compile_s = time.perf_counter() - t0
+  _progress(f"train step compiled in {compile_s:.1f} s")
 
   box = [state]
   losses, first_metrics = [], {}
@@ -351,7 +363,9 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
   t_first = time.perf_counter()
   step()
   first_step_s = time.perf_counter() - t_first
+  _progress(f"first step in {first_step_s:.2f} s")
   times, usage = time_steps(step, steps, max(warmup - 1, 0))
+  _progress(f"{steps} timed steps, median {statistics.median(times):.4f} s")
   out = {"init": init, "init_s": init_s, "trace_lower_s": lower_s, "compile_s": compile_s,
          "compiler_options": options, "first_step_s": first_step_s,
          **_summary(times, config.batch_size), **usage,
@@ -456,17 +470,31 @@ def reference_stage2_loss(torch, outputs, y, y_bg):
 
 
 def run_reference(reference_dir: str, batch_np: dict[str, np.ndarray], steps: int,
-                  warmup: int, threads: int) -> dict[str, Any]:
-  """Times the reference PyTorch ConDSeg stage-2 train step on ``batch_np``."""
+                  warmup: int, threads: int, device: str = "cpu") -> dict[str, Any]:
+  """Times the reference PyTorch ConDSeg stage-2 train step on ``batch_np``.
+
+  ``device``: torch device (``'cpu'``, ``'cuda[:N]'`` or ``'auto'``). On CUDA each step
+  ends with ``float(loss)``, which waits for the device, and the peak device memory
+  (``torch.cuda.max_memory_allocated``) is reported.
+  """
   memory = PeakMemory()
   torch, ref_model = load_reference(reference_dir)
+  if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device.startswith("cuda") and not torch.cuda.is_available():
+    raise ValueError(f"--reference_device={device}: this torch ({torch.__version__}) sees "
+                     "no CUDA device")
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   height, width = batch_np["image"].shape[1:3]
-  net = ref_model.ConDSeg(H=height, W=width).train()
+  net = ref_model.ConDSeg(H=height, W=width).to(device).train()
   opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+  nchw = lambda a: torch.from_numpy(  # noqa: E731
+      np.ascontiguousarray(a.transpose(0, 3, 1, 2))).to(device)
   x, y, y_bg = nchw(batch_np["image"]), nchw(batch_np["mask"]), nchw(batch_np["background"])
+  cuda = device.startswith("cuda")
+  if cuda:
+    torch.cuda.reset_peak_memory_stats(device)
   losses = []
 
   def step():
@@ -474,17 +502,22 @@ def run_reference(reference_dir: str, batch_np: dict[str, np.ndarray], steps: in
     loss = reference_stage2_loss(torch, net(x), y, y_bg)
     loss.backward()
     opt.step()
-    losses.append(float(loss.detach()))
+    losses.append(float(loss.detach()))  # waits for the device
 
   t_first = time.perf_counter()
   step()
   first_step_s = time.perf_counter() - t_first
+  _progress(f"reference first step in {first_step_s:.2f} s")
   times, usage = time_steps(step, steps, max(warmup - 1, 0))
+  _progress(f"reference: {steps} timed steps, median {statistics.median(times):.4f} s")
   out = {"first_step_s": first_step_s, **_summary(times, batch_np["image"].shape[0]), **usage,
          "losses": losses, "times": times, "torch_threads": torch.get_num_threads(),
-         "torch": torch.__version__,
+         "torch": torch.__version__, "device": device,
          "params": sum(p.numel() for p in net.parameters())}
   out.update(memory.result())
+  if cuda:
+    out["device_name"] = torch.cuda.get_device_name(device)
+    out["device_peak_bytes_in_use"] = int(torch.cuda.max_memory_allocated(device))
   return out
 
 
@@ -550,10 +583,14 @@ def format_report(result: dict[str, Any]) -> str:
       + (f"; {j['xla_gflops_per_step']:.1f} GFLOP/step" if "xla_gflops_per_step" in j
          else ""),
   ]
+  if j.get("device_peak_bytes_in_use"):
+    lines.append(f"  device memory: peak {j['device_peak_bytes_in_use'] / 2**20:.0f} MiB "
+                 "in use (whole process)")
   if "torch" in result:
     t = result["torch"]
+    where = (t.get("device_name") or t.get("device", "cpu"))
     lines += [
-        f"PyTorch reference ({t['torch_threads']} threads): first step "
+        f"PyTorch reference ({where}, {t['torch_threads']} threads): first step "
         f"{_fmt_s(t['first_step_s'])}",
         f"  step: mean {_fmt_s(t['step_s_mean'])}, median {_fmt_s(t['step_s_median'])}, "
         f"min {_fmt_s(t['step_s_min'])} over {t['steps']} steps; "
@@ -565,11 +602,15 @@ def format_report(result: dict[str, Any]) -> str:
         f"{t['phase_rss_increase_mib']} MiB)",
         f"ratio JAX / PyTorch (median step time): {result['ratio_jax_over_torch']:.3f}",
     ]
+    if t.get("device_peak_bytes_in_use"):
+      lines.insert(-1, f"  device memory: peak {t['device_peak_bytes_in_use'] / 2**20:.0f} "
+                   "MiB allocated")
   return "\n".join(lines)
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
         reference_dir: str = "", reference_steps: int | None = None, threads: int = 0,
+        reference_device: str = "cpu",
         data_seed: int = 0, init: str = "spine",
         xla_opt_level: int | None = None) -> dict[str, Any]:
   """Runs the benchmark and returns the results as a JSON-able dict.
@@ -593,7 +634,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       raise ValueError(f"--reference_dir times the reference stage-2 ConDSeg; the config's "
                        f"method is {config.method!r}")
     result["torch"] = run_reference(reference_dir, batch_np, reference_steps or steps,
-                                    warmup, threads)
+                                    warmup, threads, reference_device)
     result["ratio_jax_over_torch"] = (result["jax"]["step_s_median"] /
                                       result["torch"]["step_s_median"])
   result["load_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -618,7 +659,8 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                reference_dir=_REFERENCE_DIR.value, reference_steps=_REFERENCE_STEPS.value,
-               threads=_THREADS.value, data_seed=_DATA_SEED.value, init=_INIT.value,
+               threads=_THREADS.value, reference_device=_REFERENCE_DEVICE.value,
+               data_seed=_DATA_SEED.value, init=_INIT.value,
                xla_opt_level=_XLA_OPT_LEVEL.value)
   print(format_report(result), flush=True)
   if _JSON_OUT.value:

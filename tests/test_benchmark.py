@@ -211,3 +211,30 @@ def test_outlook_aggregate_is_fold_of_window_attention(k, hw, heads, head_dim):
                                   jnp.asarray(attn, jnp.bfloat16), k, pad)
   assert bf16.dtype == jnp.bfloat16
   assert _max_rel(bf16.astype(jnp.float32), unfolded(values, attn)) < 2e-2
+
+
+def test_mit_encoder_benchmark_runs_both_frameworks_on_the_same_function(tmp_path):
+  """benchmarks/mit_encoder.py: JAX (unrolled and scanned blocks) and transformers'
+  SegformerModel compute the same loss on the converted weights; the JSON holds each run."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "mit_encoder.py")
+  spec = importlib.util.spec_from_file_location("mit_encoder", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "mit.json"
+  result = module.main(["--variant=b0", "--image_size=32", "--batch=1", "--steps=1",
+                        "--warmup=1", "--runs=jax:float32,jax:float32:scan,torch:float32",
+                        f"--json_out={out}"])
+  runs = {r["run"]: r for r in result["runs"]}
+  assert set(runs) == {"jax:float32", "jax:float32:scan", "torch:float32"}
+  assert all("error" not in r for r in runs.values()), runs
+  want = runs["torch:float32"]["loss"]
+  assert abs(want) > 1e-4  # the probe loss is not trivially constant
+  for name in ("jax:float32", "jax:float32:scan"):
+    assert runs[name]["loss"] == pytest.approx(want, rel=1e-4, abs=1e-6), name
+  assert json.loads(out.read_text())["params"] == 3_319_392
+  with pytest.raises(SystemExit, match="bad entry 'jax:float16'"):
+    module.main(["--runs=jax:float16"])

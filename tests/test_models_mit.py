@@ -304,3 +304,136 @@ def test_drop_path_remat_and_bf16():
     assert a.dtype == jnp.bfloat16
     scale = float(jnp.abs(b).max())
     assert float(jnp.abs(a.astype(jnp.float32) - b).max()) < 0.05 * scale
+
+
+# ----------------------------------------------------------------------------- scan_blocks
+# Two stages of 3 and 2 blocks: the scanned model must reproduce the unrolled one.
+SCAN_CFG = dict(embed_dims=(16, 32), depths=(3, 2), num_heads=(1, 2), sr_ratios=(4, 2),
+                patch_sizes=(7, 3), strides=(4, 2))
+
+
+def test_scan_blocks_is_the_unrolled_function_on_stacked_parameters():
+  unrolled = mit.MixVisionTransformer(**SCAN_CFG, drop_path_rate=0.5)
+  scanned = mit.MixVisionTransformer(**SCAN_CFG, drop_path_rate=0.5, scan_blocks=True)
+  shapes, scan_shapes = shapes_of(unrolled, 32), shapes_of(scanned, 32)
+  assert sorted(scan_shapes["params"]) == ["block1", "block2", "norm1", "norm2",
+                                           "patch_embed1", "patch_embed2"]
+  assert scan_shapes["params"]["block1"]["attn"]["kv"]["kernel"].shape == (3, 16, 32)
+  stacked_shapes = mit.stack_blocks(shapes["params"])
+  assert jax.tree.structure(stacked_shapes) == jax.tree.structure(scan_shapes["params"])
+  jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(
+      f"{a} vs {b}"), stacked_shapes, scan_shapes["params"])
+  assert mit.is_scanned(scan_shapes["params"]) and not mit.is_scanned(shapes["params"])
+
+  params = random_variables(shapes, 0)["params"]
+  stacked = mit.stack_blocks(params)
+  jax.tree.map(np.testing.assert_array_equal, mit.unstack_blocks(stacked), params)
+  np.testing.assert_array_equal(stacked["block1"]["mlp"]["fc1"]["kernel"][2],
+                                params["block1_2"]["mlp"]["fc1"]["kernel"])
+  x = images((2, 32, 32, 3), 1)
+
+  def loss_fn(module):
+    def loss(p, x):
+      outs = module.apply({"params": p}, x, train=False)
+      return sum(jnp.mean(jnp.square(o)) for o in outs), outs
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+  (l0, outs0), g0 = loss_fn(unrolled)(params, x)
+  (l1, outs1), g1 = loss_fn(scanned)(stacked, x)
+  for a, b in zip(outs0, outs1):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               mit.stack_blocks(g0), g1)
+
+  # Training: stochastic depth is active (needs the rng), the same with remat, and off
+  # when deterministic.
+  rng = jax.random.key(5)
+  rematted = mit.MixVisionTransformer(**SCAN_CFG, drop_path_rate=0.5, scan_blocks=True,
+                                      remat=True)
+  train = [jax.jit(lambda p, x, m=m: m.apply({"params": p}, x, train=True,
+                                             rngs={"dropout": rng}))(stacked, x)
+           for m in (scanned, rematted)]
+  for a, b in zip(*train):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert any(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(train[0], outs1))
+  det = scanned.apply({"params": stacked}, x, train=True, deterministic=True)
+  for a, b in zip(det, outs1):  # not jitted: other fusions, float32 rounding
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(Exception, match="dropout"):
+    scanned.apply({"params": stacked}, x, train=True)
+
+  # No stochastic depth at all: training needs no rng (as with nn.Dropout(0.0)).
+  plain = mit.MixVisionTransformer(**SCAN_CFG, drop_path_rate=0.0, scan_blocks=True)
+  for a, b in zip(plain.apply({"params": stacked}, x, train=True), outs1):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_blocks_stochastic_depth_drops_whole_samples():
+  """With a huge rate each residual branch is either dropped (the block passes its input
+  through) or rescaled by 1 / (1 - rate), per sample, as nn.Dropout(broadcast) does."""
+  y = images((64, 4, 4, 8), 2)
+  rate = jnp.float32(0.75)
+
+  class Probe(mit.Block):
+    @mit.nn.compact
+    def __call__(self, x):
+      return mit._drop_path(self, x, rate, deterministic=False)
+
+  out = Probe(num_heads=1, sr_ratio=1).apply({}, y, rngs={"dropout": jax.random.key(0)})
+  kept = np.asarray(jnp.all(jnp.isclose(out, y / 0.25), axis=(1, 2, 3)))
+  dropped = np.asarray(jnp.all(out == 0, axis=(1, 2, 3)))
+  assert np.all(kept | dropped) and 4 <= kept.sum() <= 32  # Binomial(64, 0.25): mean 16
+
+
+def test_scan_blocks_weight_import_and_export():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  cfg = dict(embed_dims=(16, 32, 40, 64), depths=(2, 1, 3, 1))
+  hf = _hf_model(cfg, seed=2)
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  unrolled, _ = mit.load(shapes_of(mit.MixVisionTransformer(**cfg)), state)
+  scanned, ignored = mit.load(
+      shapes_of(mit.MixVisionTransformer(**cfg, scan_blocks=True)), state)
+  assert not ignored
+  jax.tree.map(np.testing.assert_array_equal, scanned["params"],
+               mit.stack_blocks(unrolled["params"]))
+  for style in ("official", "mmseg"):
+    a, b = (mit.to_torch_state_dict(v, style) for v in (unrolled, scanned))
+    assert sorted(a) == sorted(b)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  x = images((1, 64, 64, 3), 3)
+  expected = _hf_stages(hf, x)
+  outs = mit.MixVisionTransformer(**cfg, scan_blocks=True).apply(scanned, x, train=False)
+  for got, want in zip(outs, expected):
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match=r"block1_\*: expected indices 0\.\.1"):
+    mit.stack_blocks({"block1_0": {}, "block1_2": {}})
+
+
+@pytest.mark.parametrize("kernel,padding,dilation", [(3, 1, 1), (3, 6, 6), (3, 18, 18),
+                                                      (5, 2, 1)])
+def test_depthwise_conv_implementations_agree(kernel, padding, dilation):
+  x = images((2, 13, 11, 6), 4)
+  shifts = mit.DepthwiseConv2d(kernel, padding, dilation, impl="shifts")
+  conv = mit.DepthwiseConv2d(kernel, padding, dilation, impl="conv")
+  variables = random_variables(jax.eval_shape(shifts.init, jax.random.key(0), x), 1)
+  # Independent reference: a direct loop over taps in NumPy (zero padding, dilation).
+  xn, kn = np.asarray(x, np.float64), np.asarray(variables["params"]["kernel"], np.float64)
+  xp = np.pad(xn, ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)))
+  ho = 13 + 2 * padding - dilation * (kernel - 1)
+  wo = 11 + 2 * padding - dilation * (kernel - 1)
+  want = np.zeros((2, ho, wo, 6)) + np.asarray(variables["params"]["bias"])
+  for i in range(kernel):
+    for j in range(kernel):
+      want += xp[:, i * dilation:i * dilation + ho, j * dilation:j * dilation + wo] * kn[i, j, 0]
+  for module in (shifts, conv):
+    np.testing.assert_allclose(module.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda v, m=m: jnp.sum(jnp.square(m.apply(v, x))))(variables)
+           for m in (shifts, conv)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+  low = mit.DepthwiseConv2d(kernel, padding, dilation, impl="conv", dtype=jnp.bfloat16)
+  assert low.apply(variables, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="impl must be 'auto', 'shifts' or 'conv'"):
+    mit.DepthwiseConv2d(kernel, padding, dilation, impl="fft").apply(variables, x)

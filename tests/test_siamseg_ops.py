@@ -142,6 +142,9 @@ def test_learning_rate_per_parameter_group_follows_mmcv():
       "backbone": {"patch_embed1": {"norm": {"scale": 1.0}, "proj": {"kernel": 1.0}},
                    "block1_0": {"norm1": {"scale": 1.0}, "norm2": {"bias": 1.0},
                                 "attn": {"norm": {"scale": 1.0}, "q": {"bias": 1.0}}},
+                   # scan_blocks layout (the full model's default): blocks stacked
+                   "block3": {"norm1": {"scale": np.ones(2)},
+                              "mlp": {"fc1": {"kernel": np.ones(2)}}},
                    "norm1": {"scale": 1.0}},
       "decode_head": {"bn": {"scale": 1.0}, "conv_seg": {"kernel": 1.0}},
       "simsiam": {"projector_bn0": {"scale": 1.0}},
@@ -156,6 +159,8 @@ def test_learning_rate_per_parameter_group_follows_mmcv():
       ("backbone", "block1_0", "norm2", "bias"): (1, 0),
       ("backbone", "block1_0", "attn", "norm", "scale"): (1, 0),
       ("backbone", "block1_0", "attn", "q", "bias"): (1, 1),
+      ("backbone", "block3", "norm1", "scale"): (1, 0),
+      ("backbone", "block3", "mlp", "fc1", "kernel"): (1, 1),
       ("backbone", "norm1", "scale"): (1, 1),
       ("decode_head", "bn", "scale"): (10, 1),
       ("decode_head", "conv_seg", "kernel"): (10, 1),
@@ -168,7 +173,7 @@ def test_learning_rate_per_parameter_group_follows_mmcv():
     state = tx.init(params)
     state = jax.tree.map(lambda x: jnp.full_like(x, t) if x.dtype == jnp.int32 else x, state)
     updates, _ = tx.update(grads, state, params)
-    flat = {tuple(p.key for p in path): float(v)
+    flat = {tuple(p.key for p in path): float(v.reshape(-1)[0])
             for path, v in jax.tree_util.tree_flatten_with_path(updates)[0]}
     c1 = t + 1
     adam = ((1 - b1) / (1 - b1 ** c1)) / (math.sqrt((1 - b2) / (1 - b2 ** c1)) + eps)

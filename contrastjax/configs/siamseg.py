@@ -33,11 +33,17 @@ from contrastjax.data import siamseg_inputs
 #: head with separable-ASPP fusion (embed 256, channels 256, dilations 1/6/12/18, dropout 0.1)
 #: + SimSiam projector 512 -> 512 -> 2048 and predictor 2048 -> 2048 -> 2048 (``simsiam.py``:
 #: ``dim=2048``; ``pred_dim=512`` is the projector input = MiT-B5 stage-4 width).
-FULL_MODEL = dict(variant="b5", drop_path_rate=0.1, remat=False, fusion="sep_aspp",
+#: ``scan_blocks``: each MiT stage runs as one ``nn.scan`` over its stacked blocks (the same
+#: function; stochastic-depth draws come from another rng split than an unrolled model's),
+#: so XLA compiles B5's 52 blocks as 4: set it False for the unrolled ``block{i}_{j}``
+#: parameter layout (``mit.stack_blocks``/``unstack_blocks`` convert checkpoints).
+FULL_MODEL = dict(variant="b5", drop_path_rate=0.1, remat=False, scan_blocks=True,
+                  fusion="sep_aspp",
                   embed_dims=256, channels=256, dropout_ratio=0.1, simsiam_dim=2048,
                   dtype="float32")
 #: The demo network: a 4-stage MiT with one block per stage and narrow widths, head 32 wide.
-DEMO_MODEL = dict(variant="b0", drop_path_rate=0.0, remat=False, fusion="sep_aspp",
+DEMO_MODEL = dict(variant="b0", drop_path_rate=0.0, remat=False, scan_blocks=False,
+                  fusion="sep_aspp",
                   embed_dims=32, channels=32, dropout_ratio=0.1, simsiam_dim=128,
                   dtype="float32",
                   backbone=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1),
@@ -53,7 +59,7 @@ DEMO_MODEL = dict(variant="b0", drop_path_rate=0.0, remat=False, fusion="sep_asp
 #: projector/predictor get the base lr with decay.
 PARAM_GROUPS = (
     (r"^decode_head/", 10.0, 1.0),
-    (r"^backbone/(patch_embed\d+/norm|block\d+_\d+/(norm1|norm2|attn/norm))/", 1.0, 0.0),
+    (r"^backbone/(patch_embed\d+/norm|block\d+(_\d+)?/(norm1|norm2|attn/norm))/", 1.0, 0.0),
 )
 
 TASKS = {

@@ -367,6 +367,8 @@ class SiamSegNet(nn.Module):
       ``(name, value)`` pairs (e.g. ``(('depths', (1, 1, 2, 1)),)`` for a small test).
     drop_path_rate: Stochastic depth of the last encoder block (0.1).
     remat: Rematerialise the encoder blocks in the backward pass.
+    scan_blocks: Run each encoder stage as one ``nn.scan`` over stacked block
+      parameters (see :class:`mit.MixVisionTransformer`; compiles several times faster).
     fusion: Decode-head fusion (see :class:`DAFormerHead`).
     embed_dims: Decode-head embedding width (256).
     channels: Decode-head width after fusion (256).
@@ -379,6 +381,7 @@ class SiamSegNet(nn.Module):
   backbone_overrides: tuple[tuple[str, Any], ...] = ()
   drop_path_rate: float = 0.1
   remat: bool = False
+  scan_blocks: bool = False
   fusion: str = "sep_aspp"
   embed_dims: int = 256
   channels: int = 256
@@ -388,8 +391,8 @@ class SiamSegNet(nn.Module):
 
   def setup(self):
     self.backbone = mit.mit(self.variant, drop_path_rate=self.drop_path_rate,
-                            remat=self.remat, dtype=self.dtype,
-                            **dict(self.backbone_overrides))
+                            remat=self.remat, scan_blocks=self.scan_blocks,
+                            dtype=self.dtype, **dict(self.backbone_overrides))
     self.decode_head = DAFormerHead(self.num_classes, self.embed_dims, self.channels,
                                     self.fusion, dropout_ratio=self.dropout_ratio,
                                     dtype=self.dtype)

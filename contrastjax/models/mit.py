@@ -85,11 +85,19 @@ def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
 class DepthwiseConv2d(nn.Module):
   """``nn.Conv2d(C, C, k, groups=C)`` (stride 1) in NHWC with an HWIO ``[k, k, 1, C]`` kernel.
 
-  Computed as the sum of ``k * k`` shifted views of the zero-padded input times the
-  per-channel tap weights (accumulated in at least float32), which XLA fuses into one
-  elementwise loop: on XLA:CPU the grouped convolution is ~10x slower forward+backward
-  (3.7 s against 0.35 s on a 1x128x128x256 map). Taps that only ever see the padding
-  (large dilations on small maps) are skipped.
+  Two implementations of the same function (``impl``):
+
+  * ``'shifts'``: the sum of ``k * k`` shifted views of the zero-padded input times the
+    per-channel tap weights (accumulated in at least float32), which XLA fuses into one
+    elementwise loop. On XLA:CPU the grouped convolution is ~10x slower forward+backward
+    (3.7 s against 0.35 s on a 1x128x128x256 map). Taps that only ever see the padding
+    (large dilations on small maps) are skipped. Its backward pass keeps the shifted
+    views alive, which costs memory on large maps.
+  * ``'conv'``: ``lax.conv_general_dilated`` with ``feature_group_count = C`` (cuDNN's
+    depthwise kernels on GPUs, the MXU path on TPUs); on an H200 the MiT-B5 SiamSeg step
+    needs several times less memory this way (BENCHMARKS.md).
+  * ``'auto'`` (default): ``'shifts'`` when JAX's default backend is the CPU, else
+    ``'conv'``.
 
   Attributes:
     kernel_size: Square kernel size.
@@ -99,7 +107,8 @@ class DepthwiseConv2d(nn.Module):
     dtype: Compute dtype (``None``: promoted dtype of input and kernel).
     param_dtype: Parameter dtype.
     kernel_init: Kernel initialiser.
-    precision: Unused (elementwise products); kept for a uniform signature.
+    precision: ``lax`` precision of the ``'conv'`` implementation.
+    impl: ``'auto'``, ``'shifts'`` or ``'conv'`` (see above).
   """
   kernel_size: int = 3
   padding: int = 1
@@ -109,6 +118,7 @@ class DepthwiseConv2d(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable[..., Array] = CONV_INIT
   precision: Any = None
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -123,6 +133,18 @@ class DepthwiseConv2d(nn.Module):
     if ho <= 0 or wo <= 0:
       raise ValueError(f"depthwise {k}x{k} (dilation {d}, padding {p}) does not fit a "
                        f"{h}x{w} input")
+    impl = self.impl
+    if impl == "auto":
+      impl = "shifts" if jax.default_backend() == "cpu" else "conv"
+    if impl == "conv":
+      out = lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1), padding=((p, p), (p, p)),
+          rhs_dilation=(d, d), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=c, precision=self.precision)
+      return out + bias if bias is not None else out
+    if impl != "shifts":
+      raise ValueError(f"DepthwiseConv2d.impl must be 'auto', 'shifts' or 'conv', got "
+                       f"{self.impl!r}")
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
     xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
     out = jnp.zeros((x.shape[0], ho, wo, c), acc_dtype)
@@ -302,9 +324,17 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     """Applies the block to ``[B, H, W, C]``; ``deterministic`` disables drop path."""
+    return self._apply(x, deterministic, None)
+
+  def _apply(self, x: Array, deterministic: bool, drop_rate: Array | None) -> Array:
+    """The block; ``drop_rate`` (a traced scalar, from a scan over blocks) replaces the
+    static ``drop_path`` when given."""
     c = x.shape[-1]
-    drop = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3))(  # noqa: E731
-        y, deterministic=deterministic)
+    if drop_rate is None:
+      drop = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3))(  # noqa: E731
+          y, deterministic=deterministic)
+    else:
+      drop = lambda y: _drop_path(self, y, drop_rate, deterministic)  # noqa: E731
     y = _layer_norm(self.eps, self.dtype, "norm1")(x)
     y = EfficientSelfAttention(self.num_heads, self.sr_ratio, self.qkv_bias, self.eps,
                                self.dtype, self.precision, name="attn")(y)
@@ -312,6 +342,29 @@ class Block(nn.Module):
     y = _layer_norm(self.eps, self.dtype, "norm2")(x)
     y = MixFFN(self.mlp_ratio * c, self.dtype, self.precision, name="mlp")(y)
     return x + drop(y)
+
+
+def _drop_path(module: nn.Module, y: Array, rate: Array, deterministic: bool) -> Array:
+  """Per-sample stochastic depth with a traced rate: ``nn.Dropout(rate,
+  broadcast_dims=(1, 2, 3))`` written out (same mask shape, scaling and ``'dropout'``
+  rng stream), since ``nn.Dropout`` needs its rate as a Python number."""
+  if deterministic:
+    return y
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng("dropout"), keep,
+                              (y.shape[0],) + (1,) * (y.ndim - 1))
+  mask = jnp.broadcast_to(mask, y.shape)
+  return lax.select(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
+
+
+class _ScannedBlock(Block):
+  """:class:`Block` as the body of ``nn.scan`` over a stage's blocks: carry ``x``,
+  scanned input the block's stochastic-depth rate."""
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, drop_rate: Array) -> tuple[Array, None]:
+    return self._apply(x, self.deterministic, drop_rate).astype(x.dtype), None
 
 
 class MixVisionTransformer(nn.Module):
@@ -330,6 +383,13 @@ class MixVisionTransformer(nn.Module):
       ``rate * i / (n - 1)``.
     eps: LayerNorm epsilon (1e-6 in the reference).
     remat: Rematerialise each block in the backward pass (``nn.remat``).
+    scan_blocks: Run each stage's blocks as one ``nn.scan`` over stacked parameters
+      (``block{i}/...`` with a leading block axis instead of ``block{i}_{j}/...``): the
+      same function, compiled once per stage instead of once per block (MiT-B5's 52
+      blocks), so XLA compiles several times faster. Stochastic depth draws differ from
+      the unrolled model's (another rng split); :func:`stack_blocks` /
+      :func:`unstack_blocks` convert parameters between the two layouts, and
+      :func:`load` / :func:`to_torch_state_dict` accept both.
     dtype: Compute dtype (e.g. ``jnp.bfloat16``); parameters stay ``param``-float32.
     precision: ``lax`` precision of matmuls and convolutions.
   """
@@ -344,6 +404,7 @@ class MixVisionTransformer(nn.Module):
   drop_path_rate: float = 0.1
   eps: float = 1e-6
   remat: bool = False
+  scan_blocks: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = None
 
@@ -386,10 +447,25 @@ class MixVisionTransformer(nn.Module):
       x = OverlapPatchEmbed(self.embed_dims[i], self.patch_sizes[i], self.strides[i],
                             self.eps, self.dtype, self.precision,
                             name=f"patch_embed{i + 1}")(x)
-      for j in range(self.depths[i]):
-        x = block_cls(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio, rates[cur + j],
-                      self.qkv_bias, self.eps, self.dtype, self.precision,
-                      name=f"block{i + 1}_{j}")(x, det)
+      if self.scan_blocks and self.depths[i] > 0:
+        cell = (nn.remat(_ScannedBlock, prevent_cse=False) if self.remat
+                else _ScannedBlock)
+        stage_rates = rates[cur:cur + self.depths[i]]
+        # Stochastic depth only where it can drop something (as nn.Dropout(0.0), which
+        # needs no 'dropout' rng).
+        drops = not det and any(r > 0 for r in stage_rates)
+        stage = nn.scan(cell, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": drops},
+                        in_axes=0, length=self.depths[i])
+        x, _ = stage(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio, 0.0,
+                     self.qkv_bias, self.eps, self.dtype, self.precision,
+                     deterministic=not drops, name=f"block{i + 1}")(
+                         x, jnp.asarray(stage_rates, jnp.float32))
+      else:
+        for j in range(self.depths[i]):
+          x = block_cls(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio,
+                        rates[cur + j], self.qkv_bias, self.eps, self.dtype,
+                        self.precision, name=f"block{i + 1}_{j}")(x, det)
       cur += self.depths[i]
       x = _layer_norm(self.eps, self.dtype, f"norm{i + 1}")(x)
       outs.append(x)
@@ -446,6 +522,68 @@ def torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
     elif name.startswith("norm"):
       children[name] = (name, LN_NAMES)
   return layers.TorchNames(children=children)
+
+
+_STACKED_RE = re.compile(r"^block(\d+)$")
+
+
+def _index_leaf(leaf: Any, j: int) -> Any:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+  return leaf[j]
+
+
+def _stack_leaves(*leaves: Any) -> Any:
+  if isinstance(leaves[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
+  if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
+
+
+def is_scanned(params: Mapping[str, Any]) -> bool:
+  """Whether encoder ``params`` use the ``scan_blocks`` layout (``block{i}`` entries)."""
+  return any(_STACKED_RE.match(name) for name in params)
+
+
+def unstack_blocks(params: Mapping[str, PyTree]) -> dict[str, PyTree]:
+  """``scan_blocks`` parameters (``block{i}/...`` with a leading block axis) in the
+  unrolled layout (``block{i}_{j}/...``); other entries unchanged. Works on arrays and
+  ``jax.ShapeDtypeStruct`` leaves."""
+  out: dict[str, PyTree] = {}
+  for name, tree in params.items():
+    match = _STACKED_RE.match(name)
+    if not match:
+      out[name] = tree
+      continue
+    depths = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(tree)}
+    if len(depths) != 1:
+      raise ValueError(f"stacked MiT blocks {name!r}: leaves disagree on the block axis "
+                       f"(leading sizes {sorted(depths)})")
+    for j in range(depths.pop()):
+      out[f"{name}_{j}"] = jax.tree_util.tree_map(lambda leaf, j=j: _index_leaf(leaf, j),
+                                                  tree)
+  return out
+
+
+def stack_blocks(params: Mapping[str, PyTree]) -> dict[str, PyTree]:
+  """Unrolled encoder parameters (``block{i}_{j}``) in the ``scan_blocks`` layout
+  (``block{i}`` with the blocks stacked along a new leading axis, in order of ``j``)."""
+  out: dict[str, PyTree] = {}
+  stages: dict[str, dict[int, PyTree]] = {}
+  for name, tree in params.items():
+    match = _BLOCK_RE.match(name)
+    if match:
+      stages.setdefault(f"block{match.group(1)}", {})[int(match.group(2))] = tree
+    else:
+      out[name] = tree
+  for name, blocks in stages.items():
+    if sorted(blocks) != list(range(len(blocks))):
+      raise ValueError(f"MiT blocks {name}_*: expected indices 0..{len(blocks) - 1}, got "
+                       f"{sorted(blocks)}")
+    out[name] = jax.tree_util.tree_map(_stack_leaves,
+                                       *[blocks[j] for j in range(len(blocks))])
+  return out
 
 
 # Each naming style: an anchor that detects it (the text before the anchor is the
@@ -634,7 +772,7 @@ def load(variables: Mapping[str, PyTree],
 
   Args:
     variables: ``{'params': ...}`` of a :class:`MixVisionTransformer` (arrays or
-      ``jax.eval_shape`` structs).
+      ``jax.eval_shape`` structs; either block layout, see ``scan_blocks``).
     path_or_state_dict: ``.pth``/``.pt``/``.bin`` (needs torch), ``.npz`` or
       ``.safetensors`` file, or a mapping of arrays/tensors.
     prefix: Key prefix of the encoder, e.g. ``'model.backbone.'`` in a SiamSeg UDA
@@ -647,6 +785,9 @@ def load(variables: Mapping[str, PyTree],
     KeyError: Missing or unexpected key (named in the message, with its source name).
     ValueError: Shape mismatch (source key, expected and found shape).
   """
+  scanned = is_scanned(variables["params"])
+  if scanned:
+    variables = {**variables, "params": unstack_blocks(variables["params"])}
   state = layers.read_state_dict(path_or_state_dict)
   official, origin, outside, style = to_official_state_dict(state, prefix)
   names = torch_names(variables["params"])
@@ -660,6 +801,8 @@ def load(variables: Mapping[str, PyTree],
   if outside:
     logger.warning("%s: ignored %d keys outside the encoder (prefix %r)", what,
                    len(outside), detect_style(state, prefix)[1])
+  if scanned:
+    new_variables = {**new_variables, "params": stack_blocks(new_variables["params"])}
   return new_variables, ignored_source
 
 
@@ -684,6 +827,8 @@ def to_torch_state_dict(variables: Mapping[str, PyTree], style: str = "official"
       SiamSeg names: packed ``attn.attn.in_proj_weight`` = q|k|v rows, MixFFN weights
       as 1x1 convolutions).
   """
+  if is_scanned(variables["params"]):
+    variables = {**variables, "params": unstack_blocks(variables["params"])}
   official = layers.to_state_dict(variables, torch_names(variables["params"]))
   if style == "official":
     return official

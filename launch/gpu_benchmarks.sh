@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One-shot GPU benchmark of contrastjax against the PyTorch references, for a lent
+# single-GPU machine (BENCHMARKS.md, "GPU"). Run from the repository root:
+#
+#   OUT=results/ [PARTS="mit_b5 condseg ..."] bash launch/gpu_benchmarks.sh
+#
+# Needs the machine's own jax (CUDA), torch and transformers; wheels for the packages it
+# may lack (ml_collections, grain, ...) can be put in .whl/ and are installed to
+# /tmp/site first. For the ConDSeg side by side, a checkout of
+# github.com/Mengqi-Lei/ConDSeg in third_party/ConDSeg (not part of this repository).
+# Every part runs in its own process under its own time limit and writes its JSON and
+# log to $OUT as it goes, so a part that fails or runs out of time costs only itself.
+set -u
+OUT=${OUT:?set OUT to a results folder}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_benchmarks.log"
+export PYTHONUNBUFFERED=1
+# JAX shares the GPU with PyTorch in the side-by-side parts: allocate on demand.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export CONTRASTJAX_COMPILATION_CACHE=0
+PY=${PYTHON:-python3}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import jax, jaxlib, flax, optax, torch, transformers; \
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
+'torch', torch.__version__, 'transformers', transformers.__version__); print(jax.devices())"
+} >>"$LOG" 2>&1
+
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)" >>"$LOG"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc after $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+# Parts to run, in this order (default: all): mit_b5 condseg siamseg_f32 siamseg_bf16_remat.
+PARTS=${PARTS:-mit_b5 condseg siamseg_f32 siamseg_bf16_remat}
+SIAMSEG_BATCH=${SIAMSEG_BATCH:-6}
+for p in $PARTS; do
+  case $p in
+    mit_b5)  # MiT-B5 encoder forward + backward, 512x512, batch 2, vs transformers.
+      part mit_b5 ${MIT_LIMIT:-170} $PY benchmarks/mit_encoder.py --variant=b5 \
+        --image_size=512 --batch=2 --steps=10 --warmup=3 --json_out="$OUT/mit_b5.json" \
+        --runs=${MIT_RUNS:-jax:float32:scan,torch:float32,jax:bfloat16:scan,torch:bfloat16,jax:bfloat16:remat:scan,jax:float32} ;;
+    condseg)  # ConDSeg stage-2 train step, 256x256, batch 16, vs the reference on the GPU.
+      part condseg ${CONDSEG_LIMIT:-110} $PY -m contrastjax.benchmark \
+        --config=configs/condseg_kvasir.py --config.batch_size=16 \
+        --config.data.image_size=256 --steps=10 --warmup=3 --init=host \
+        --reference_dir=third_party/ConDSeg --reference_device=cuda \
+        --json_out="$OUT/condseg.json" ;;
+    siamseg_f32)  # SiamSeg UDA step (MiT-B5 + DAFormer head, 4 backbone passes), 512x512.
+      part siamseg_f32 ${SIAMSEG_LIMIT:-140} $PY -m contrastjax.benchmark \
+        --config=configs/siamseg_loveda.py --config.batch_size=$SIAMSEG_BATCH --steps=5 \
+        --warmup=2 --init=host --json_out="$OUT/siamseg_b5_f32.json" ;;
+    siamseg_bf16_remat)
+      part siamseg_bf16_remat ${SIAMSEG_LIMIT:-140} $PY -m contrastjax.benchmark \
+        --config=configs/siamseg_loveda.py --config.batch_size=$SIAMSEG_BATCH \
+        --config.model.dtype=bfloat16 --config.model.remat=True --steps=5 --warmup=2 \
+        --init=host --json_out="$OUT/siamseg_b5_bf16_remat.json" ;;
+    *) echo "unknown part $p" | tee -a "$LOG"; exit 2 ;;
+  esac
+done
+echo "done after ${SECONDS}s" | tee -a "$LOG"
