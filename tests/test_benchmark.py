@@ -238,3 +238,43 @@ def test_mit_encoder_benchmark_runs_both_frameworks_on_the_same_function(tmp_pat
   assert json.loads(out.read_text())["params"] == 3_319_392
   with pytest.raises(SystemExit, match="bad entry 'jax:float16'"):
     module.main(["--runs=jax:float16"])
+
+
+_FAKE_RESNET = '''
+import torch
+def resnet50(pretrained=True):
+  assert not pretrained, "the benchmark must not download weights"
+  return torch.nn.Conv2d(3, 4, 3, padding=1)
+'''
+_FAKE_MODEL = '''
+import torch
+from resnet import resnet50
+class ConDSeg(torch.nn.Module):
+  def __init__(self, H=256, W=256):
+    super().__init__()
+    self.body = resnet50()
+  def forward(self, x):
+    y = self.body(x)
+    return tuple(y[:, i:i + 1] for i in range(4))  # mask, fg, bg, uc
+'''
+
+
+def test_run_reference_times_a_checkout_and_names_a_missing_device(tmp_path):
+  """``run_reference`` imports ``network/model.py`` of a checkout (here a stand-in with the
+  reference's import structure), trains it with the reference stage-2 loss, and refuses a
+  CUDA device that torch cannot see."""
+  torch = pytest.importorskip("torch")
+  (tmp_path / "network").mkdir()
+  (tmp_path / "network" / "resnet.py").write_text(_FAKE_RESNET)
+  (tmp_path / "network" / "model.py").write_text(_FAKE_MODEL)
+  batch = benchmark.synthetic_batch(2, 16)
+  out = benchmark.run_reference(str(tmp_path), batch, steps=2, warmup=1, threads=1)
+  assert out["device"] == "cpu" and out["steps"] == 2 and out["params"] == 4 * 3 * 9 + 4
+  assert len(out["losses"]) == 3 and all(np.isfinite(out["losses"]))
+  assert out["losses"][-1] < out["losses"][0]  # Adam steps on the same batch
+  if not torch.cuda.is_available():
+    with pytest.raises(ValueError, match="reference_device=cuda.*no CUDA device"):
+      benchmark.run_reference(str(tmp_path), batch, steps=1, warmup=1, threads=1,
+                              device="cuda")
+  with pytest.raises(FileNotFoundError, match="no network/model.py"):
+    benchmark.run_reference(str(tmp_path / "network"), batch, steps=1, warmup=1, threads=1)

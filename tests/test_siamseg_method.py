@@ -60,7 +60,7 @@ def _assert_trees_close(a, b, what, rtol=2e-4, atol=2e-5):
                                err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.heavy  # two compilations of the full UDA step (~2-4 min on a loaded 2-core CPU)
+@pytest.mark.slow  # two compilations of the full UDA step (~2 min on a quiet 2-core CPU)
 def test_siamseg_step_8_devices_equals_1_device():
   config, batch = _config(), _batch()
   s1, m1 = _toy.run_steps(S.SiamSegMethod(config), config,
