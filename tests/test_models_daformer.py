@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastjax.models import daformer, layers
+from contrastjax.models import daformer, layers, mit
 
 # SiamSeg sizes: MiT-B5 (81,443,008, see test_models_mit.py), the head with LoveDA's 7
 # classes and the SimSiam branch (512 -> 512 -> 2048, predictor 2048 -> 2048 -> 2048).
@@ -355,3 +355,27 @@ def test_siamseg_net_wiring_and_checkpoint_import(tmp_path, caplog):
   without_branch, _ = daformer.load(other, missing, contrast_prefix=None)
   jax.tree.map(np.testing.assert_array_equal, without_branch["params"]["contrast"],
                other["params"]["contrast"])
+
+
+def test_siamseg_net_scanned_encoder_imports_and_exports_the_same_checkpoint():
+  """The full configs' ``scan_blocks=True`` layout reads and writes the same SiamSeg
+  checkpoint as the unrolled one (blocks stacked / unstacked by ``mit``)."""
+  cfg = dict(SMALL_NET)
+  overrides = dict(cfg.pop("backbone_overrides", ()))
+  overrides["depths"] = (3,)
+  x = jnp.zeros((1, 32, 32, 3))
+  nets = [daformer.SiamSegNet(**cfg, backbone_overrides=tuple(sorted(overrides.items())),
+                              scan_blocks=scan) for scan in (False, True)]
+  shapes = [jax.eval_shape(lambda k, n=n: n.init(k, x, train=False), jax.random.key(0))
+            for n in nets]
+  assert "block1" in shapes[1]["params"]["backbone"]
+  assert shapes[1]["params"]["backbone"]["block1"]["mlp"]["fc1"]["kernel"].shape[0] == 3
+  variables = random_variables(shapes[0], 4)
+  state = daformer.to_torch_state_dict(variables)
+  scanned, _ = daformer.load(shapes[1], state)
+  want = {**variables["params"], "backbone": mit.stack_blocks(variables["params"]["backbone"])}
+  jax.tree.map(np.testing.assert_array_equal, scanned["params"], want)
+  back = daformer.to_torch_state_dict(scanned)
+  assert sorted(back) == sorted(state)
+  for k, v in state.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
