@@ -14,6 +14,9 @@ separately), PyTorch through ``loss.backward()`` in training mode. Both use the 
 random weights (the PyTorch model's, converted with ``contrastjax.models.mit.load``)
 and stochastic depth off, so the losses of the float32 runs agree.
 
+XLA flags: the trainer's CPU defaults (``contrastjax.platform.configure_cpu``) are added
+unless ``CONTRASTJAX_CPU_FLAGS=0``.
+
 Precision: ``float32`` runs use each framework's default matmul precision on the device
 (on NVIDIA GPUs XLA uses TF32 for float32 dots and convolutions; PyTorch's default is
 TF32 for convolutions and full float32 for matmuls unless ``--torch_tf32``);
@@ -210,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.steps < 1:
     raise SystemExit(f"--steps must be at least 1, got {args.steps}")
 
+  from contrastjax import platform  # pylint: disable=import-outside-toplevel
+  platform.configure_cpu()  # the trainer's XLA:CPU flags (CONTRASTJAX_CPU_FLAGS=0: off)
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from contrastjax.models import mit  # pylint: disable=import-outside-toplevel
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "jax_device": f"{dev.device_kind} ({dev.platform})",
       "torch_device": (torch.cuda.get_device_name() if torch_device == "cuda" else "cpu"),
       "torch_matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "params": int(sum(v.size for v in jax.tree_util.tree_leaves(variables))),
       "runs": []}
   for framework, dtype, options in runs:
