@@ -31,8 +31,8 @@ def _last_eval(workdir):
 def test_siamseg_beats_source_only_on_the_target_domain_then_evaluates(tmp_path):
   """The demo recipe at CI size: 400 source-only steps, then from that checkpoint 200 steps
   of SiamSeg against 200 more steps of source-only training (same start, same step count);
-  SiamSeg's target mIoU must be higher (session 4: 0.510 vs 0.470, the source model 0.432;
-  about 5 minutes on a quiet 2-core CPU). Then ``contrastjax.evaluate`` on the SiamSeg run
+  SiamSeg's target mIoU must be 5 points higher (session 4: 0.552 vs 0.470, the source
+  model 0.432; about 5 minutes on a quiet 2-core CPU). Then ``contrastjax.evaluate`` on the SiamSeg run
   writes masks and overlays."""
   env = {"CONTRASTJAX_COMPILATION_CACHE": str(tmp_path / "xla_cache")}
   src = tmp_path / "source"
@@ -50,7 +50,7 @@ def test_siamseg_beats_source_only_on_the_target_domain_then_evaluates(tmp_path)
   train = [l for l in lines if "train/loss" in l]
   assert all(k in train[-1] for k in ("train/loss_src", "train/loss_mix",
                                       "train/loss_contrastive", "train/pseudo_weight"))
-  assert results["siamseg"] > results["source_only"] + 0.02, results
+  assert results["siamseg"] > results["source_only"] + 0.05, results
 
   wd = tmp_path / "siamseg"
   assert any(f.startswith("val_") for f in os.listdir(wd / "samples"))
