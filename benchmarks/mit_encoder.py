@@ -68,6 +68,18 @@ def _times_summary(times: list[float], batch: int) -> dict[str, Any]:
           "step_s_min": min(times), "steps": len(times), "images_per_s": batch / med}
 
 
+def _time_steps(step, steps: int, warmup: int) -> tuple[float, list[float]]:
+  """``(first call's seconds, timed durations)``: the first call (compilation / lazy
+  set-up), ``warmup - 1`` more untimed calls, then ``steps`` timed ones
+  (``contrastjax.benchmark.time_steps``)."""
+  from contrastjax import benchmark  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  step()
+  first = time.perf_counter() - t0
+  times, _ = benchmark.time_steps(step, steps, max(warmup - 1, 0))
+  return first, times
+
+
 def _peak_rss_mib() -> float:
   import resource  # pylint: disable=import-outside-toplevel
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -121,16 +133,7 @@ def run_torch(model, x_nhwc: np.ndarray, probe_nhwc: list[np.ndarray], dtype: st
     loss.backward()
     losses.append(float(loss.detach()))  # synchronises
 
-  t0 = time.perf_counter()
-  step()
-  first = time.perf_counter() - t0
-  for _ in range(max(warmup - 1, 0)):
-    step()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
+  first, times = _time_steps(step, steps, warmup)
   out = {"first_step_s": first, **_times_summary(times, x.shape[0]), "loss": losses[0],
          "losses": losses}
   if cuda:
@@ -172,16 +175,7 @@ def run_jax(variant: str, variables_np, x_nhwc: np.ndarray, probe_nhwc: list[np.
     jax.block_until_ready(grads)
     losses.append(loss)
 
-  t0 = time.perf_counter()
-  step()
-  first = time.perf_counter() - t0
-  for _ in range(max(warmup - 1, 0)):
-    step()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
+  first, times = _time_steps(step, steps, warmup)
   out = {"trace_lower_s": lower_s, "compile_s": compile_s, "first_step_s": first,
          **_times_summary(times, x.shape[0]), "loss": float(losses[0]),
          "losses": [float(v) for v in losses]}

@@ -5,8 +5,8 @@
 #   OUT=results/ [PARTS="mit_b5 condseg ..."] bash launch/gpu_benchmarks.sh
 #
 # Needs the machine's own jax (CUDA), torch and transformers; wheels for the packages it
-# may lack (ml_collections, grain, ...) can be put in .whl/ and are installed to
-# /tmp/site first. For the ConDSeg side by side, a checkout of
+# may lack (ml_collections, grain, ...) can be put in .whl/ and are installed to a
+# temporary folder ($SITE, default: a fresh mktemp -d) first. For the ConDSeg side by side, a checkout of
 # github.com/Mengqi-Lei/ConDSeg in third_party/ConDSeg (not part of this repository).
 # Every part runs in its own process under its own time limit and writes its JSON and
 # log to $OUT as it goes, so a part that fails or runs out of time costs only itself.
@@ -21,9 +21,10 @@ export CONTRASTJAX_COMPILATION_CACHE=0
 PY=${PYTHON:-python3}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
+  SITE=${SITE:-$(mktemp -d)}
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
+    --target "$SITE" .whl/*.whl >>"$LOG" 2>&1 || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=$SITE:$PWD
 else
   export PYTHONPATH=$PWD
 fi
