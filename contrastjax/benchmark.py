@@ -75,7 +75,8 @@ _REFERENCE_STEPS = flags.DEFINE_integer(
 _XLA_FLAGS = flags.DEFINE_string(
     "xla_flags", "", "Extra XLA flags appended to $XLA_FLAGS before JAX starts.")
 _CPU_FLAGS = flags.DEFINE_bool(
-    "cpu_flags", True, "Add contrastjax.platform.CPU_XLA_FLAGS (as the trainer does).")
+    "cpu_flags", True, "Add contrastjax.platform.CPU_XLA_FLAGS where the config's "
+    "xnn_fusion key (default True) allows them, as the trainer does.")
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "PyTorch intra-op threads (0: the CPUs this process may run on, which "
     "is what XLA:CPU uses).")
@@ -654,7 +655,8 @@ def main(argv):
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-m", "contrastjax.benchmark", *sys.argv[1:]],
               env)
-  set_xla_flags(_XLA_FLAGS.value, _CPU_FLAGS.value)
+  set_xla_flags(_XLA_FLAGS.value,
+                _CPU_FLAGS.value and bool(_CONFIG.value.get("xnn_fusion", True)))
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from contrastjax import checkpoint as ckpt_lib
 from contrastjax import evaluators as evaluators_lib
 from contrastjax import parallel
+from contrastjax import platform
 from contrastjax import train as train_lib
 from contrastjax.data import builder as data_builder
 from contrastjax.data import transforms as data_transforms
@@ -244,6 +245,7 @@ def main(argv):
   f = flags.FLAGS
   if f.config is None or not f.workdir:
     raise app.UsageError("--config and --workdir are required")
+  platform.configure_cpu_for(f.config)  # before the backend starts
   try:
     evaluate(f.config, f.workdir, checkpoint=f.checkpoint, splits=f.splits,
              save_predictions=f.save_predictions,
@@ -254,8 +256,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from contrastjax import platform  # pylint: disable=g-import-not-at-top
-  platform.configure_cpu()
   _define_flags()
   jax.config.parse_flags_with_absl()
   platform.configure_compilation_cache()

@@ -22,12 +22,39 @@ def configure_cpu(enable: bool | None = None) -> None:
     enable = os.environ.get("CONTRASTJAX_CPU_FLAGS", "1").lower() not in ("0", "false", "no")
   if not enable:
     return
+  _warn_if_backend_started()
   flags = os.environ.get("XLA_FLAGS", "")
   for f in CPU_XLA_FLAGS:
     name = f.split("=")[0]
     if name not in flags:
       flags = (flags + " " + f).strip()
   os.environ["XLA_FLAGS"] = flags
+
+
+def configure_cpu_for(config) -> bool:
+  """``configure_cpu`` as a run's config asks: its ``xnn_fusion`` key (default True)
+  and ``CONTRASTJAX_CPU_FLAGS`` must both allow the flags. Returns whether they are set.
+
+  XNNPACK graph fusion pays for large convolutions (ResNet-50 at 256x256: 2.3 s instead
+  of 5.1 s per step) but costs small ones: the 64x64 ConDSeg demo steps in 0.25 s with
+  it and 0.20 s without (BENCHMARKS.md), so the demo config turns it off.
+  """
+  env = os.environ.get("CONTRASTJAX_CPU_FLAGS", "1").lower() not in ("0", "false", "no")
+  enable = bool(config.get("xnn_fusion", True)) and env
+  configure_cpu(enable)
+  return enable
+
+
+def _warn_if_backend_started() -> None:
+  import sys  # pylint: disable=g-import-not-at-top
+  if "jax" not in sys.modules:
+    return
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    import warnings  # pylint: disable=g-import-not-at-top
+    warnings.warn("contrastjax.platform.configure_cpu: the JAX backend has already "
+                  "started, so XLA_FLAGS changes take no effect in this process",
+                  RuntimeWarning, stacklevel=3)
 
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "contrastjax", "xla")

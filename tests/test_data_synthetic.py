@@ -108,3 +108,21 @@ def test_bad_arguments():
     SyntheticPolyps(4, 4)
   with pytest.raises(ValueError, match='radius'):
     SyntheticPolyps(4, 32, min_radius=0.5, max_radius=0.2)
+
+
+def test_demo_config_passes_generator_settings_to_every_split():
+  import ml_collections
+  from contrastjax.data import medseg_inputs
+  dcfg = ml_collections.ConfigDict(dict(
+      name="synthetic_polyps", num_train=4, num_val=3, num_test=2, image_size=32,
+      contrast=0.7, min_radius=0.3, max_radius=0.5, max_objects=2, noise=0.5,
+      augment="none"))
+  spec = medseg_inputs.synthetic_polyps(dcfg, seed=0)
+  for split, n in (("train", 4), ("val", 3), ("test", 2)):
+    src = spec.sources[split]
+    assert len(src) == n
+    assert (src.contrast, src.min_radius, src.max_radius, src.max_objects, src.noise) == (
+        0.7, 0.3, 0.5, 2, 0.5), split
+  # Larger smallest radius -> no object smaller than a disc of that radius (x aspect).
+  areas = [float((spec.sources["train"][i]["mask"] > 0).mean()) for i in range(4)]
+  assert min(areas) >= np.pi * (0.3 * 0.65) ** 2 / 4 * 0.8

@@ -137,3 +137,25 @@ if __name__ == "__main__":
   # process's XLA flags and save the arrays.
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
   np.savez(sys.argv[1], **_compute())
+
+
+def test_configure_cpu_for_follows_the_config_and_the_env(monkeypatch):
+  monkeypatch.delenv("CONTRASTJAX_CPU_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert not platform.configure_cpu_for({"xnn_fusion": False})
+  assert os.environ["XLA_FLAGS"] == ""
+  assert platform.configure_cpu_for({})  # default on
+  assert FLAG in os.environ["XLA_FLAGS"]
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("CONTRASTJAX_CPU_FLAGS", "0")
+  assert not platform.configure_cpu_for({"xnn_fusion": True})
+  assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_configure_cpu_warns_once_the_backend_has_started(monkeypatch):
+  import jax
+  import pytest
+  jax.devices()  # the backend is up in this process
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with pytest.warns(RuntimeWarning, match="already started"):
+    platform.configure_cpu(enable=True)

@@ -219,3 +219,35 @@ def test_cli_rejects_unknown_config_key(tmp_path):
       env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert p.returncode != 0
   assert "no_such_key" in p.stderr
+
+
+def test_train_loop_compiles_train_and_eval_steps_ahead(tmp_path, caplog):
+  """The train and eval steps compile on background threads during state init; the
+  loop's first calls then find them in jit's cache: each program compiles once."""
+  # Fresh shapes, so neither program is in this process's caches from other tests.
+  config = _toy.toy_config(total_steps=4, eval_every_steps=4, ckpt_every_steps=4,
+                           batch_size=16, eval_batch_size=16)
+  jax.config.update("jax_log_compiles", True)  # global: the context manager is per thread
+  try:
+    with caplog.at_level("INFO"):
+      train_lib.train_and_evaluate(config, str(tmp_path))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  text = caplog.text
+  assert "compiled ahead: " in text and "train step" in text and "val step" in text
+  assert "ahead failed" not in text
+  assert text.count("XLA compilation of jit(train_step)") == 1
+  assert text.count("XLA compilation of jit(eval_step)") == 1
+
+
+def test_compile_ahead_failure_is_logged_not_raised(caplog):
+  def broken(*args):
+    raise ValueError("bad shapes")
+
+  class Fn:
+    lower = staticmethod(broken)
+
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  with caplog.at_level("WARNING"):
+    train_lib.CompileAhead(mesh, {"train step": (Fn, ())}).join()
+  assert "compiling the train step ahead failed (ValueError: bad shapes)" in caplog.text

@@ -64,6 +64,10 @@ def synthetic_polyps(dcfg, seed: int) -> DataSpec:
   """Procedurally generated polyp-like frames (low contrast, uneven illumination)."""
   size = int(dcfg.get("source_size", 0) or dcfg.image_size)
   kw = dict(contrast=float(dcfg.get("contrast", 0.5)))
+  for key, cast in (("illumination", float), ("noise", float), ("max_objects", int),
+                    ("min_radius", float), ("max_radius", float)):
+    if key in dcfg:   # generator defaults otherwise (SyntheticPolyps)
+      kw[key] = cast(dcfg[key])
   # Splits use disjoint generator seeds, independent of the training seed, so every
   # run sees the same dataset.
   data_seed = int(dcfg.get("data_seed", 1234))
