@@ -31,6 +31,7 @@ from contrastjax.gap import flows
 from contrastjax.gap import integrate
 from contrastjax.gap import measures
 from contrastjax.gap import numpy_ref
+from contrastjax.gap import rkc
 
 
 def time_jax(fn: Callable, *args, repeats: int = 1) -> dict[str, Any]:
@@ -51,6 +52,11 @@ def _log_time(f):
     t = math.expm1(s)
     return (1.0 + t) * f(t, y)
   return g
+
+
+def _features(y):
+  """The normalised features ``[2, n, d]`` of a full-flow state (to compare solutions)."""
+  return jnp.stack([flows.normalize(y["u"]), flows.normalize(y["v"])])
 
 
 # ============================================================================ full flow
@@ -86,15 +92,46 @@ def full_flow(n: int, d: int, t1: float, *, rtol: float, atol: float, seed: int 
     y = tr.y_end
     gap = measures.gap(flows.normalize(y["u"]), flows.normalize(y["v"]),
                        jnp.sin(y["phi"]))
-    return gap, jnp.sin(y["phi"]), y["nu"], tr.num_steps
+    return gap, jnp.sin(y["phi"]), y["nu"], tr.num_steps, _features(y)
 
   args = (jnp.asarray(u0), jnp.asarray(v0), jnp.asarray(tau0))
   fw = time_jax(final, *args, repeats=repeats)
-  gap, gamma, nu, steps = (np.asarray(x) for x in fw.pop("out"))
+  gap, gamma, nu, steps, feats = (np.asarray(x) for x in fw.pop("out"))
   out["jax_forward"] = dict(fw, gap=float(gap), gamma=float(gamma), tau=float(np.exp(-nu)),
                             num_steps=int(steps))
   log(f"[full] diffrax Tsit5: compile {fw['compile_s']:.2f}s, run {fw['run_s']:.2f}s, "
       f"{int(steps)} steps; gap(T)={float(gap):.6g} gamma(T)={float(gamma):.6g}")
+
+  # The stabilised explicit solver (contrastjax.gap.rkc) on the same field, in t.
+  def final_rkc(u, v, tau):
+    y0 = flows.initial_state(cfg, u, v, tau0=tau, gamma0=gamma0)
+    field = flows.feature_vector_field(cfg)
+    r = rkc.solve(lambda t, y: field(t, y, {}), y0, t1=t1, rtol=rtol, atol=atol)
+    y = r.y
+    g = measures.gap(flows.normalize(y["u"]), flows.normalize(y["v"]), jnp.sin(y["phi"]))
+    return (g, jnp.sin(y["phi"]), y["nu"], r.num_steps, r.num_rejected, r.num_fevals,
+            r.max_stages, _features(y))
+
+  rk = time_jax(final_rkc, *args, repeats=max(repeats, 2))
+  (rgap, rgamma, rnu, rsteps, rrej, rnfev, rsmax, rfeats) = (
+      np.asarray(x) for x in rk.pop("out"))
+  out["jax_rkc2"] = dict(rk, gap=float(rgap), gamma=float(rgamma), tau=float(np.exp(-rnu)),
+                         num_steps=int(rsteps), num_rejected=int(rrej), nfev=int(rnfev),
+                         max_stages=int(rsmax),
+                         max_feature_diff_vs_tsit5=float(np.max(np.abs(rfeats - feats))),
+                         speedup_vs_tsit5=fw["run_s"] / rk["run_s"])
+  # Forward mode through RKC2 (its while_loop has no reverse mode): d nu(T) / d tau0.
+  def rkc_jvp(u, v, tau):
+    return jax.jvp(lambda x: final_rkc(u, v, x)[2], (tau,), (jnp.ones_like(tau),))
+  jv = time_jax(rkc_jvp, *args, repeats=max(repeats, 2))
+  out["jax_rkc2_jvp"] = dict(compile_s=jv["compile_s"], run_s=jv["run_s"], runs=jv["runs"],
+                             dnu_dtau0=float(jv["out"][1]),
+                             ratio_run=jv["run_s"] / rk["run_s"])
+  log(f"[full] RKC2 forward-mode d nu(T)/d tau0 = {float(jv['out'][1]):.6g}: run "
+      f"{jv['run_s']:.2f}s = {jv['run_s'] / rk['run_s']:.2f}x the RKC2 forward run")
+  log(f"[full] RKC2: compile {rk['compile_s']:.2f}s, run {rk['run_s']:.2f}s, {int(rsteps)} "
+      f"steps ({int(rrej)} rejected), {int(rnfev)} evaluations, <= {int(rsmax)} stages; "
+      f"max |features - Tsit5's| {out['jax_rkc2']['max_feature_diff_vs_tsit5']:.2e}")
 
   if with_grad:
     grad_fn = jax.grad(lambda u, v, tau: final(u, v, tau)[0], argnums=(0, 1, 2))
@@ -123,12 +160,19 @@ def full_flow(n: int, d: int, t1: float, *, rtol: float, atol: float, seed: int 
     hy /= np.linalg.norm(hy, axis=1, keepdims=True)
     gT = math.sin(yT[-1])
     sgap = numpy_ref.gap(hx, hy, gT)
+    sfeats = np.stack([hx, hy])
     out["scipy"][method] = dict(run_s=secs, nfev=int(sol.nfev), status=int(sol.status),
                                 gap=sgap, gamma=gT,
                                 speedup_vs_jax_run=secs / fw["run_s"],
-                                rel_diff_gap=abs(sgap - float(gap)) / max(abs(sgap), 1e-300))
+                                speedup_of_rkc2=secs / rk["run_s"],
+                                rel_diff_gap=abs(sgap - float(gap)) / max(abs(sgap), 1e-300),
+                                max_feature_diff_vs_tsit5=float(np.max(np.abs(sfeats - feats))),
+                                max_feature_diff_vs_rkc2=float(np.max(np.abs(sfeats - rfeats))))
     log(f"[full] SciPy {method}: {secs:.2f}s, {sol.nfev} RHS evaluations, gap(T)={sgap:.6g}"
-        f" -> diffrax run is {secs / fw['run_s']:.2f}x faster")
+        f" -> diffrax Tsit5 is {secs / fw['run_s']:.2f}x faster, RKC2 "
+        f"{secs / rk['run_s']:.2f}x; max |features - Tsit5's| "
+        f"{out['scipy'][method]['max_feature_diff_vs_tsit5']:.2e}, - RKC2's "
+        f"{out['scipy'][method]['max_feature_diff_vs_rkc2']:.2e}")
   return out
 
 
