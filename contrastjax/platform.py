@@ -19,7 +19,7 @@ def configure_cpu(enable: bool | None = None) -> None:
   The flags only concern the CPU backend, so they are harmless on GPU/TPU hosts.
   """
   if enable is None:
-    enable = os.environ.get("CONTRASTJAX_CPU_FLAGS", "1").lower() not in ("0", "false", "no")
+    enable = _env_allows_cpu_flags()
   if not enable:
     return
   _warn_if_backend_started()
@@ -39,10 +39,13 @@ def configure_cpu_for(config) -> bool:
   of 5.1 s per step) but costs small ones: the 64x64 ConDSeg demo steps in 0.25 s with
   it and 0.20 s without (BENCHMARKS.md), so the demo config turns it off.
   """
-  env = os.environ.get("CONTRASTJAX_CPU_FLAGS", "1").lower() not in ("0", "false", "no")
-  enable = bool(config.get("xnn_fusion", True)) and env
+  enable = bool(config.get("xnn_fusion", True)) and _env_allows_cpu_flags()
   configure_cpu(enable)
   return enable
+
+
+def _env_allows_cpu_flags() -> bool:
+  return os.environ.get("CONTRASTJAX_CPU_FLAGS", "1").lower() not in ("0", "false", "no")
 
 
 def _warn_if_backend_started() -> None:

@@ -192,12 +192,13 @@ class CompileAhead:
   """Compiles jitted steps from abstract arguments on background threads.
 
   The train and evaluation steps only need the state's shapes and shardings, so they
-  can compile while the state is initialised or restored: XLA's compiler and the
-  initialiser run outside the GIL: on the 2-core development machine the ConDSeg demo
+  can compile while the state is initialised or restored (XLA's compiler and the
+  initialiser run outside the GIL). On the 2-core development machine the ConDSeg demo
   reaches its first step 8 s sooner and skips its first evaluation's 17 s compilation
-  (BENCHMARKS.md); on many-core hosts the compilations overlap fully. ``jit``'s call cache then holds the
-  executables, so the loop's first calls do not compile again. A failure here is only
-  logged: the first call compiles on its own and raises the error where it belongs.
+  (BENCHMARKS.md); on many-core hosts the compilations overlap fully. ``jit``'s call
+  cache then holds the executables, so the loop's first calls do not compile again. A
+  failure here is only logged: the first call compiles on its own and raises the error
+  where it belongs.
   """
 
   def __init__(self, mesh, jobs: dict[str, tuple[Any, tuple]]):
@@ -238,14 +239,17 @@ _PIPELINE_BATCH_EVALUATORS = ("binary_seg", "semseg")
 
 def _compile_ahead_jobs(config, compiled, inputs, mesh, abstract, global_example) -> dict:
   jobs = {"train step": (compiled.train_step, (abstract, global_example))}
+  seen = set()  # evaluations of one split with one step share one program
   for name, ecfg in (config.get("evals") or {}).items():
-    if ecfg.get("type") not in _PIPELINE_BATCH_EVALUATORS:
+    split, with_loss = ecfg.get("split", name), bool(ecfg.get("with_loss", True))
+    if ecfg.get("type") not in _PIPELINE_BATCH_EVALUATORS or (split, with_loss) in seen:
       continue
-    first = next(iter(inputs.eval_batches(ecfg.get("split", name))), None)
+    seen.add((split, with_loss))
+    first = next(iter(inputs.eval_batches(split)), None)
     if first is None:
       continue
-    fn = compiled.eval_step if ecfg.get("with_loss", True) else compiled.predict
-    jobs[f"{name} step"] = (fn, (abstract, parallel.host_to_global(first, mesh)))
+    fn = compiled.eval_step if with_loss else compiled.predict
+    jobs[f"{split} eval step"] = (fn, (abstract, parallel.host_to_global(first, mesh)))
   return jobs
 
 

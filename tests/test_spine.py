@@ -227,6 +227,8 @@ def test_train_loop_compiles_train_and_eval_steps_ahead(tmp_path, caplog):
   # Fresh shapes, so neither program is in this process's caches from other tests.
   config = _toy.toy_config(total_steps=4, eval_every_steps=4, ckpt_every_steps=4,
                            batch_size=16, eval_batch_size=16)
+  # A second evaluation of the same split shares the val step's program.
+  config.evals.sparse = dict(type="binary_seg", split="val", every_steps=4)
   jax.config.update("jax_log_compiles", True)  # global: the context manager is per thread
   try:
     with caplog.at_level("INFO"):
@@ -234,7 +236,7 @@ def test_train_loop_compiles_train_and_eval_steps_ahead(tmp_path, caplog):
   finally:
     jax.config.update("jax_log_compiles", False)
   text = caplog.text
-  assert "compiled ahead: " in text and "train step" in text and "val step" in text
+  assert "compiled ahead: " in text and "train step" in text and "val eval step" in text
   assert "ahead failed" not in text
   assert text.count("XLA compilation of jit(train_step)") == 1
   assert text.count("XLA compilation of jit(eval_step)") == 1
