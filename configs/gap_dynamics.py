@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.snapshot_times = (0.0, 0.4, 2.3, 4.0, 100.0, 1e5)
   c.rtol = 1e-8
   c.atol = 1e-10
-  c.solver = "tsit5"
+  c.solver = "tsit5"          # diffrax: tsit5 | dopri5 | dopri8 | bosh3 | kvaerno5; or rkc2
+                               # (gap.rkc: stiff long horizons of the full flow, forward-mode only)
   c.max_steps = 200_000
   c.on_exit = "raise"          # raise | report: what to do if gamma leaves [-1, 1]
   c.progress = True

@@ -98,3 +98,65 @@ def test_non_finite_field_stops_the_solve_early():
   assert float(r.t) < 10.0 and float(r.t) >= 0.0
   r = rkc.solve(lambda t, y: -y, jnp.ones(3), t1=10.0, max_steps=5)
   assert int(r.num_steps) + int(r.num_rejected) == 5 and float(r.t) < 10.0
+
+
+# ------------------------------------------------------------ as a solver of integrate.solve
+def _flow(n, d, lift, seed=0):
+  rng = np.random.default_rng(seed)
+  u0, v0 = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+  cfg = flows.FlowConfig(lift=lift)
+  return flows.feature_vector_field(cfg), flows.initial_state(cfg, u0, v0, tau0=0.07,
+                                                              gamma0=0.3)
+
+
+def test_integrate_solve_rkc2_saves_the_trajectory_as_diffrax():
+  field, y0 = _flow(16, 6, "sin_phi")
+  ts = np.geomspace(0.1, 1e3, 7)
+  got = integrate.solve(field, y0, {}, t1=1e3, ts=ts, rtol=1e-9, atol=1e-12, solver="rkc2")
+  ref = integrate.solve(field, y0, {}, t1=1e3, ts=ts, rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(got.ts, ts, rtol=1e-12)
+  for k in ("u", "v", "nu", "phi"):
+    np.testing.assert_allclose(got.ys[k], ref.ys[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(got.y_end[k], ref.y_end[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert float(got.t_end) == pytest.approx(1e3) and not bool(got.exited)
+  assert int(got.num_rhs) > int(got.num_steps) > 0
+  # flow time (log_time=False) agrees too
+  lin = integrate.solve(field, y0, {}, t1=50.0, ts=[5.0, 50.0], log_time=False, rtol=1e-8,
+                        atol=1e-11, solver="rkc2")
+  ref = integrate.solve(field, y0, {}, t1=50.0, ts=[5.0, 50.0], rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(lin.ys["u"], ref.ys["u"], rtol=1e-5, atol=1e-6)
+
+
+def test_integrate_solve_rkc2_gamma_exit_slots_and_failures():
+  """The raw flow at n=64, d=16 leaves [-1, 1] (spec Sec. 7): rkc2 stops there, fills the
+  save slots as diffrax does, and check_exit raises; a spent step budget raises."""
+  field, y0 = _flow(64, 16, "gamma")
+  ts = [0.1, 1.0, 10.0, 100.0, 1e3]
+  kw = dict(t1=1e3, ts=ts, rtol=1e-6, atol=1e-9, gamma_fn=lambda y: y["gamma"])
+  got = integrate.solve(field, y0, {}, solver="rkc2", **kw)
+  assert bool(got.exited) and abs(float(got.y_end["gamma"])) >= 1.0
+  t_end = float(got.t_end)
+  # a tight solve without the event: the crossing (t ~ 0.163) lies within 0.01 before the
+  # step end where rkc2 stopped (diffrax's Tsit5 at the same tolerance stops at 0.174)
+  ref = integrate.solve(field, y0, {}, t1=t_end, ts=[t_end - 0.01, t_end], rtol=1e-10,
+                        atol=1e-13)
+  assert abs(float(ref.ys["gamma"][0])) < 1.0 <= abs(float(ref.ys["gamma"][1]))
+  t_slots = np.asarray(got.ts)
+  reached = np.asarray(ts) < t_end
+  np.testing.assert_allclose(t_slots[reached], np.asarray(ts)[reached], rtol=1e-12)
+  k = int(np.sum(reached))            # the first unreached slot holds the exit
+  assert t_slots[k] == pytest.approx(t_end) and np.all(np.isinf(t_slots[k + 1:]))
+  np.testing.assert_allclose(got.ys["gamma"][k], got.y_end["gamma"])
+  with pytest.raises(integrate.GammaExitError, match="sin_phi"):
+    integrate.check_exit(got)
+
+  field, y0 = _flow(8, 4, "sin_phi")
+  with pytest.raises(Exception, match="max_steps"):
+    jax.block_until_ready(integrate.solve(field, y0, {}, t1=1e3, solver="rkc2", max_steps=5))
+  out = integrate.solve(field, y0, {}, t1=1e3, ts=[1.0, 1e3], solver="rkc2", max_steps=5,
+                        throw=False)
+  assert float(out.t_end) < 1e3 and not bool(out.exited) and np.isinf(float(out.ts[1]))
+  with pytest.raises(ValueError, match="checkpoints"):
+    integrate.solve(field, y0, {}, t1=1.0, solver="rkc2", checkpoints=10)
+  with pytest.raises(ValueError, match="rkc2"):
+    integrate.solve(field, y0, {}, t1=1.0, solver="rk45")

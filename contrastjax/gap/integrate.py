@@ -29,6 +29,9 @@ SOLVERS = {
     "dopri8": diffrax.Dopri8,
     "kvaerno5": diffrax.Kvaerno5,
 }
+#: Not diffrax: the stabilised explicit solver of :mod:`contrastjax.gap.rkc` (forward-mode
+#: differentiable only; 18x SciPy's RK45 on the n = 512 full flow, BENCHMARKS.md).
+RKC2 = "rkc2"
 
 
 class GammaExitError(RuntimeError):
@@ -50,7 +53,8 @@ class Trajectory(NamedTuple):
 
 def make_solver(name: str):
   if name not in SOLVERS:
-    raise ValueError(f"solver {name!r} is not known; expected one of {tuple(SOLVERS)}")
+    raise ValueError(f"solver {name!r} is not known; expected one of "
+                     f"{tuple(SOLVERS) + (RKC2,)}")
   return SOLVERS[name]()
 
 
@@ -77,7 +81,10 @@ def solve(f: Callable, y0, args, *, t1: float, ts=None, log_time: bool = True,
     ts: flow times to save at (increasing, within ``[0, t1]``); default ``[t1]``.
     log_time: integrate in ``s = log(1 + t)`` (recommended beyond t ~ 100).
     rtol, atol: PID controller tolerances.
-    solver: one of :data:`SOLVERS`.
+    solver: one of :data:`SOLVERS` (diffrax), or ``'rkc2'`` (:mod:`contrastjax.gap.rkc`,
+      for the stiff full flow: one RKC2 solve per save interval; forward-mode
+      differentiable only, ``checkpoints`` does not apply, the progress bar advances per
+      saved time).
     max_steps: step budget (the reverse pass checkpoints within it).
     gamma_fn: ``y -> gamma``; when given, a diffrax event stops the solve as soon as
       ``|gamma| >= 1`` (only needed for ``lift="gamma"``).
@@ -94,11 +101,19 @@ def solve(f: Callable, y0, args, *, t1: float, ts=None, log_time: bool = True,
     raise ValueError(f"t1 must be > 0, got {t1!r}")
   ts = jnp.asarray([t1] if ts is None else ts, dtype=jnp.result_type(float))
   if log_time:
-    term = diffrax.ODETerm(log_time_field(f))
+    field = log_time_field(f)
     s0, s1, save = 0.0, float(np.log1p(t1)), jnp.log1p(ts)
   else:
-    term = diffrax.ODETerm(f)
+    field = f
     s0, s1, save = 0.0, float(t1), ts
+  if solver == RKC2:
+    if checkpoints is not None:
+      raise ValueError("checkpoints applies to diffrax's reverse-mode adjoint; solver='rkc2' "
+                       "is forward-mode only (use checkpoints=None)")
+    return _solve_rkc2(field, y0, args, s1=s1, save=save, log_time=log_time, rtol=rtol,
+                       atol=atol, max_steps=max_steps, gamma_fn=gamma_fn,
+                       progress=progress, throw=throw)
+  term = diffrax.ODETerm(field)
   event = None
   if gamma_fn is not None:
     event = diffrax.Event(lambda s, y, args, **kw: jnp.abs(gamma_fn(y)) >= 1.0)
@@ -124,6 +139,75 @@ def solve(f: Callable, y0, args, *, t1: float, ts=None, log_time: bool = True,
   return Trajectory(ts=t_all[:n], ys=ys, t_end=t_end, y_end=y_end, exited=exited,
                     num_steps=sol.stats["num_steps"],
                     num_rhs=sol.stats.get("num_rhs", sol.stats["num_steps"]))
+
+
+def _solve_rkc2(g: Callable, y0, args, *, s1: float, save, log_time: bool, rtol: float,
+                atol: float, max_steps: int, gamma_fn: Callable | None, progress: bool,
+                throw: bool) -> Trajectory:
+  """:func:`solve` with :func:`contrastjax.gap.rkc.solve`: one solve per save interval (the
+  step size and the step budget carry over), stopping at the gamma event. Save-slot
+  conventions as diffrax's: after a stop the first unreached slot holds the end time and
+  state, the later ones ``inf``."""
+  import equinox as eqx  # pylint: disable=g-import-not-at-top  (diffrax's dependency)
+  from contrastjax.gap import rkc  # pylint: disable=g-import-not-at-top
+
+  def field(s, y):
+    return g(s, y, args)
+
+  stop = None if gamma_fn is None else (lambda y: jnp.abs(gamma_fn(y)) >= 1.0)
+  dtype = jnp.result_type(float)
+  n = save.shape[0]
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=n, desc="rkc2 save points", leave=False)
+
+  def tick(_):
+    if bar is not None:
+      bar.update(1)
+
+  def segment(c, s_next):
+    def run(c):
+      r = rkc.solve(field, c["y"], t0=c["s"], t1=s_next, rtol=rtol, atol=atol, h0=c["h"],
+                    max_steps=max_steps - c["used"], stop_fn=stop)
+      return dict(s=r.t, y=r.y, h=r.h, used=c["used"] + r.num_steps + r.num_rejected,
+                  steps=c["steps"] + r.num_steps, nfev=c["nfev"] + r.num_fevals,
+                  stopped=r.stopped | (r.t < s_next), wrote=c["wrote"])
+    was_stopped = c["stopped"]
+    c = jax.lax.cond(was_stopped, lambda c: c, run, c)
+    # a slot: the save time when reached; the end after a stop (once); inf after that
+    first_unreached = c["stopped"] & ~c["wrote"]
+    t_slot = jnp.where(~c["stopped"], s_next, jnp.where(first_unreached, c["s"], jnp.inf))
+    y_slot = jax.tree.map(
+        lambda v: jnp.where(~c["stopped"] | first_unreached, v, jnp.inf), c["y"])
+    c = dict(c, wrote=c["wrote"] | first_unreached)
+    if bar is not None:
+      jax.debug.callback(tick, t_slot, ordered=True)
+    return c, (t_slot, y_slot)
+
+  init = dict(s=jnp.asarray(0.0, dtype), y=jax.tree.map(jnp.asarray, y0),
+              h=jnp.asarray(1e-4, dtype), used=jnp.int32(0), steps=jnp.int32(0),
+              nfev=jnp.int32(0), stopped=jnp.asarray(False), wrote=jnp.asarray(False))
+  c, (t_slots, ys) = jax.lax.scan(segment, init, save)
+  # the solve's end: s1 unless it stopped (the saved grid ends at or before s1)
+  def tail(c):
+    r = rkc.solve(field, c["y"], t0=c["s"], t1=s1, rtol=rtol, atol=atol, h0=c["h"],
+                  max_steps=max_steps - c["used"], stop_fn=stop)
+    return dict(c, s=r.t, y=r.y, steps=c["steps"] + r.num_steps,
+                nfev=c["nfev"] + r.num_fevals, stopped=r.stopped | (r.t < s1))
+  c = jax.lax.cond(c["stopped"] | (c["s"] >= s1), lambda c: c, tail, c)
+  if bar is not None:
+    jax.debug.callback(lambda _: bar.close(), c["s"], ordered=True)
+  exited = (jnp.asarray(False) if gamma_fn is None
+            else c["stopped"] & stop(c["y"]))
+  if throw:
+    failed = c["stopped"] & ~exited
+    c = dict(c, s=eqx.error_if(
+        c["s"], failed, "solver='rkc2' stopped before t1: max_steps reached or the vector "
+        "field returned a non-finite value"))
+  to_t = jnp.expm1 if log_time else (lambda x: x)
+  return Trajectory(ts=to_t(t_slots), ys=ys, t_end=to_t(c["s"]), y_end=c["y"],
+                    exited=exited, num_steps=c["steps"], num_rhs=c["nfev"])
 
 
 def check_exit(traj: Trajectory, *, what: str = "the full feature flow") -> None:

@@ -37,7 +37,7 @@ _STAGE_FACTOR = 1.54
 
 class Result(NamedTuple):
   """``y`` at ``t`` and the solve's counts. ``t < t1`` means the solve stopped early:
-  ``max_steps`` reached, or the field returned a non-finite value."""
+  ``max_steps`` reached, the field returned a non-finite value, or ``stop_fn`` fired."""
   t: jax.Array
   y: object
   num_steps: jax.Array       # accepted steps
@@ -45,6 +45,8 @@ class Result(NamedTuple):
   num_fevals: jax.Array      # field evaluations, the power iterations included
   max_stages: jax.Array      # largest stage count used
   spectral_radius: jax.Array  # the last estimate (x 1.2 safety)
+  h: jax.Array = None        # the next step size the controller proposed (to continue)
+  stopped: jax.Array = None  # bool: ``stop_fn`` fired
 
 
 def _chebyshev(s, w0, size: int):
@@ -105,13 +107,17 @@ def spectral_radius(f: Callable, t, y, fy, v, iters: int = 12):
 
 def solve(f: Callable, y0, *, t0: float = 0.0, t1: float, rtol: float = 1e-6,
           atol: float = 1e-9, h0: float = 1e-4, max_steps: int = 100_000,
-          max_stages: int = 256, radius_every: int = 25, power_iters: int = 12) -> Result:
+          max_stages: int = 256, radius_every: int = 25, power_iters: int = 12,
+          stop_fn: Callable | None = None) -> Result:
   """Integrates ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` with adaptive RKC2.
 
   ``y0`` may be any pytree of float arrays (``f`` maps it to the same structure).
   Error norm: RMS of ``est / (atol + rtol max(|y_n|, |y_{n+1}|))``, as SciPy's solvers.
   The spectral radius is re-estimated every ``radius_every`` accepted steps and after a
   rejection; a step never uses more than ``max_stages`` stages (it shrinks instead).
+  ``t0``, ``t1``, ``h0`` and ``max_steps`` (steps + rejections) may be traced values.
+  ``stop_fn(y) -> bool`` ends the solve after the first accepted step where it is True
+  (an event at step resolution, as a diffrax boolean event).
   """
   flat0, unravel = ravel_pytree(y0)
   dtype = flat0.dtype
@@ -125,13 +131,15 @@ def solve(f: Callable, y0, *, t0: float = 0.0, t1: float, rtol: float = 1e-6,
   fy0 = F(t0, flat0)
   v0 = jnp.sin(jnp.arange(flat0.size, dtype=dtype) + 1.0)  # any fixed non-special start
   rho0, v0 = spectral_radius(F, t0, flat0, fy0, v0, power_iters)
+  stop = ((lambda x: jnp.asarray(stop_fn(unravel(x)), bool).reshape(()))
+          if stop_fn is not None else (lambda x: jnp.asarray(False)))
   init = dict(t=t0, y=flat0, fy=fy0, h=jnp.asarray(h0, dtype), rho=1.2 * rho0, v=v0,
               steps=jnp.int32(0), rej=jnp.int32(0), nfev=jnp.int32(1 + power_iters),
-              since=jnp.int32(0), smax=jnp.int32(0))
+              since=jnp.int32(0), smax=jnp.int32(0), stopped=stop(flat0))
 
   def cond(c):  # a non-finite field value makes the step size NaN and ends the solve
     return ((c["t"] < t1) & (c["steps"] + c["rej"] < max_steps) & jnp.isfinite(c["h"])
-            & (c["h"] > 0))
+            & (c["h"] > 0) & ~c["stopped"])
 
   def body(c):
     # Spectral radius: refresh every radius_every accepted steps (and after rejections).
@@ -153,15 +161,17 @@ def solve(f: Callable, y0, *, t0: float = 0.0, t1: float, rtol: float = 1e-6,
     ok = err <= 1.0
     fac = 0.8 * jnp.where(err > 0, err, 1e-10) ** (-1.0 / 3.0)
     new_h = jnp.where(ok, h * jnp.clip(fac, 0.1, 10.0), h * jnp.clip(fac, 0.1, 0.9))
+    # A step shortened to land on t1 keeps the size it would have had, for a continuation.
+    new_h = jnp.where(ok & (h < c["h"]), jnp.maximum(new_h, c["h"]), new_h)
     nfev = c["nfev"] + s  # s - 1 stage evaluations plus F(y_{n+1})
     return dict(
         t=jnp.where(ok, c["t"] + h, c["t"]), y=jnp.where(ok, yn, c["y"]),
         fy=jnp.where(ok, fn, c["fy"]), h=new_h, rho=c["rho"], v=c["v"],
         steps=c["steps"] + ok.astype(jnp.int32), rej=c["rej"] + (~ok).astype(jnp.int32),
         nfev=nfev, since=jnp.where(ok, c["since"] + 1, radius_every),
-        smax=jnp.maximum(c["smax"], s))
+        smax=jnp.maximum(c["smax"], s), stopped=ok & stop(yn))
 
   out = jax.lax.while_loop(cond, body, init)
   return Result(t=out["t"], y=unravel(out["y"]), num_steps=out["steps"],
                 num_rejected=out["rej"], num_fevals=out["nfev"], max_stages=out["smax"],
-                spectral_radius=out["rho"])
+                spectral_radius=out["rho"], h=out["h"], stopped=out["stopped"])
