@@ -223,11 +223,8 @@ def make_train_step(method, tx: optax.GradientTransformation) -> Callable:
   def train_step(state: TrainState, batch: PyTree):
     rng = jax.random.fold_in(state.rng, state.step)
 
-    def loss_fn(params):
-      return method.loss_fn(params, state.model_state, state.extra, batch, rng, state.step)
-
-    (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (model_state, metrics)), grads = method.value_and_grad(
+        state.params, state.model_state, state.extra, batch, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     scale = state.plateau.scale
     updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)

@@ -100,6 +100,36 @@ def test_teacher_is_the_ema_of_the_student_and_variants_drop_branches():
   assert so.post_update(jnp.asarray(1), params, extra) == {}
 
 
+def test_per_loss_backward_equals_the_gradient_of_the_sum():
+  """``backward='per_loss'`` (one gradient per term, each pass after the previous gradient,
+  as the reference) gives the joint gradient, loss, metrics and BatchNorm statistics."""
+  batch = jax.tree.map(jnp.asarray, _batch(4))
+  out = {}
+  for mode in ("joint", "per_loss"):
+    method = S.SiamSegMethod(_config(backward=mode))
+    params, state, extra = method.init(jax.random.PRNGKey(0), batch)
+    out[mode] = jax.jit(method.value_and_grad)(params, state, extra, batch,
+                                               jax.random.PRNGKey(3), jnp.asarray(5))
+  (l_j, (s_j, m_j)), g_j = out["joint"]
+  (l_p, (s_p, m_p)), g_p = out["per_loss"]
+  np.testing.assert_allclose(float(l_p), float(l_j), rtol=1e-6)
+  assert sorted(m_p) == sorted(m_j) == ["loss_contrastive", "loss_mix", "loss_src",
+                                        "mix_fraction", "pseudo_weight"]
+  for k in m_j:
+    np.testing.assert_allclose(float(m_p[k]), float(m_j[k]), rtol=1e-6, err_msg=k)
+  _assert_trees_close(g_p, g_j, "grads", rtol=1e-5, atol=1e-7)
+  _assert_trees_close(s_p, s_j, "batch_stats", rtol=1e-6, atol=1e-7)
+  # every term contributes: the contrastive branch and the head have gradients
+  assert float(_toy_norm(g_p["contrast"])) > 0 and float(_toy_norm(g_p["decode_head"])) > 0
+  # the zero that orders the passes is exactly zero for finite gradients, NaN otherwise
+  assert float(S._zero_after(g_p)) == 0.0
+  assert np.isnan(float(S._zero_after({"a": jnp.asarray([1.0, jnp.inf])})))
+
+
+def _toy_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree)))
+
+
 def test_predict_modes_and_eval_loss():
   batch = _batch(2)
   ev = {"image": batch["target/image"], "label": batch["source/label"],
@@ -121,6 +151,7 @@ def test_predict_modes_and_eval_loss():
     (dict(variant="siamseg", classmix_scope="pixel"), "classmix_scope"),
     (dict(variant="siamseg", inference="sliding"), "inference"),
     (dict(variant="siamseg", views=dict(crop=1)), "views"),
+    (dict(variant="siamseg", backward="sequential"), "backward"),
     (dict(variant="siamseg", colour_jitter=0.2), "unknown key"),
     (dict(variant="siamseg", class_weight=(1.0, 2.0)), "class_weight"),
 ])

@@ -122,6 +122,7 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
   c.data.root = a.root or default_root
   for k, v in maker_keys.items():
     c.data[k] = v
+  c.data.crop_size = (512, 512)     # RandomCrop(crop_size) of the train pipelines
   c.data.worker_count = 0           # grain workers (reference: workers_per_gpu=3)
   info = siamseg_inputs.dataset_info(maker)
 
@@ -142,6 +143,10 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
   s.blur = True
   s.contrastive_weight = 1.0        # siam_seg.py: no coefficient
   s.contrastive_domain = "target"   # contras_model_cfg=dict(mod="target")
+  # Each loss's gradient before the next forward pass, as the reference's per-loss
+  # backward(): one student pass's activations live at a time. 'joint': one gradient of
+  # the summed loss (same numbers, every pass's activations live at once).
+  s.backward = "per_loss"
   s.inference = "tta" if a.tta else ("slide" if a.slide else "whole")
   s.slide_crop = (512, 512)
   s.slide_stride = (341, 341)

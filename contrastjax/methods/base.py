@@ -101,6 +101,19 @@ class Method(abc.ABC):
     ``train/<name>``); ``loss`` is differentiated with respect to ``params``.
     """
 
+  def value_and_grad(self, params: PyTree, model_state: PyTree, extra: PyTree,
+                     batch: PyTree, rng: jax.Array, step: jax.Array
+                     ) -> tuple[tuple[jax.Array, tuple[PyTree, Metrics]], PyTree]:
+    """``((loss, (new_model_state, metrics)), grads)`` of :meth:`loss_fn` w.r.t. ``params``.
+
+    The spine's train step calls this. Default: one ``jax.value_and_grad`` of the whole
+    loss. A method whose loss is a sum of terms with separate forward passes may override it
+    to differentiate term by term (the same gradient, a lower peak of live activations).
+    """
+    def loss(p):
+      return self.loss_fn(p, model_state, extra, batch, rng, step)
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
   def post_update(self, step: jax.Array, params: PyTree, extra: PyTree) -> PyTree:
     """Runs after the optimizer update inside the jitted step; returns the new
     ``extra`` (e.g. an EMA teacher update). Default: unchanged."""

@@ -345,6 +345,19 @@ def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array) -> 
   return -0.5 * (jnp.mean(cosine_similarity(p1, z2)) + jnp.mean(cosine_similarity(p2, z1)))
 
 
+def _zero_after(tree: PyTree) -> jax.Array:
+  """A float32 zero that XLA can compute only once every leaf of ``tree`` exists.
+
+  Added to the next pass's input images it orders that pass after the previous gradient,
+  so the previous pass's activations are dead before the next pass's are made. (An
+  ``optimization_barrier`` does not survive to XLA's scheduler on every backend: XLA:CPU
+  removes it before scheduling.) NaN or Inf in ``tree`` make it NaN: such a step diverged
+  anyway and the spine rejects it.
+  """
+  total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(tree))
+  return jax.lax.stop_gradient(total * 0.0)
+
+
 # ============================================================================= EMA teacher
 class EMATeacher:
   """The DACS mean teacher (reference ``teacher_model.EMATeacher``), as pure functions.
@@ -390,6 +403,7 @@ _SIAMSEG_KEYS = {
     "contrastive_weight": 1.0,
     "contrastive_domain": "target",
     "views": {},
+    "backward": "per_loss",
     "avg_non_ignore": False,
     "inference": "whole",
     "slide_crop": (512, 512),
@@ -404,6 +418,7 @@ _SIAMSEG_KEYS = {
     "init_from_which": "latest",
 }
 VARIANTS = ("siamseg", "dacs", "source_only")
+BACKWARD_MODES = ("per_loss", "joint")
 INFERENCE_MODES = ("whole", "slide", "tta")
 #: The segmentor's parameter subtrees (what the EMA teacher averages and evaluation uses).
 SEGMENTOR = ("backbone", "decode_head")  # "contrast": the SimSiam projector/predictor
@@ -449,7 +464,8 @@ class SiamSegMethod(Method):
   """SiamSeg / DACS / source-only UDA training (``config.method = 'siamseg'``).
 
   One training step (reference ``SiamSeg.forward_train``; the reference back-propagates each
-  loss at once, which sums the gradients, so here the losses are summed):
+  loss at once, which sums the gradients; here ``backward='per_loss'`` (default) does the
+  same, one gradient per term, and ``'joint'`` takes one gradient of the summed loss):
 
   1. source CE: student on the source crops, class-weighted CE against the labels;
   2. (dacs, siamseg) teacher logits of the target crops -> pseudo-labels and the scalar
@@ -467,6 +483,9 @@ class SiamSegMethod(Method):
 
   * ``variant``: ``'siamseg'`` | ``'dacs'`` (no SimSiam) | ``'source_only'``;
   * ``num_classes``, ``class_weight`` (CE class weights), ``avg_non_ignore`` (False = mmseg 0.21);
+  * ``backward``: ``'per_loss'`` (each term's gradient before the next term's forward pass,
+    as the reference; XLA then holds one student pass's activations at a time) or
+    ``'joint'`` (one gradient of the sum; all passes' activations live at once);
   * ``alpha`` (0.999), ``pseudo_threshold`` (0.968): the EMA teacher;
   * ``classmix_scope``: ``'image'`` (reference code) or ``'batch'`` (paper runs, pre PR #5);
   * ``color_jitter_strength`` (0.2), ``color_jitter_probability`` (0.2), ``blur`` (True);
@@ -529,6 +548,10 @@ class SiamSegMethod(Method):
                        f"{sorted(accepted)}")
     self.views = {k: plain_config(v) for k, v in self.views.items()}
     self.avg_non_ignore = bool(opt("avg_non_ignore"))
+    self.backward = str(opt("backward"))
+    if self.backward not in BACKWARD_MODES:
+      raise ValueError(f"config.siamseg.backward={self.backward!r}; expected one of "
+                       f"{BACKWARD_MODES}")
     self.inference = str(opt("inference"))
     if self.inference not in INFERENCE_MODES:
       raise ValueError(f"config.siamseg.inference={self.inference!r}; expected one of "
@@ -669,49 +692,101 @@ class SiamSegMethod(Method):
     del step
     return _auto(self._loss, P())(params, model_state, extra, batch, rng)
 
-  def _loss(self, params, model_state, extra, batch, rng):
+  def value_and_grad(self, params: PyTree, model_state: PyTree, extra: PyTree,
+                     batch: PyTree, rng: jax.Array, step: jax.Array):
+    """The loss and its gradient; with ``config.siamseg.backward='per_loss'`` (the
+    reference's order: each loss back-propagated before the next forward pass) one
+    ``value_and_grad`` per term, summed, so that only one student pass's activations are
+    live at a time. The same numbers as ``'joint'`` (one gradient of the sum)."""
+    if self.backward == "joint":
+      return super().value_and_grad(params, model_state, extra, batch, rng, step)
+    return _auto(self._per_loss_value_and_grad, P())(params, model_state, extra, batch, rng)
+
+  def _terms(self, extra, batch, rng):
+    """The step's loss terms, in the reference's order.
+
+    Returns a list of functions ``term(params, model_state, after) -> (value, model_state,
+    metrics)``: the step's loss is the sum of the values, the BatchNorm statistics thread
+    through the terms in order. ``after`` is a float32 scalar zero that is added to every
+    image a term reads (teacher input and SimSiam views included): a data dependence that
+    :meth:`_per_loss_value_and_grad` uses to run each term after the previous gradient, as
+    the reference does (its teacher pass follows the source backward).
+    """
     b = split_pair(batch) if "source/image" in batch else batch
     xs, ys = b["source"]["image"], b["source"]["label"].astype(jnp.int32)
     xt = b["target"]["image"]
     keys = jax.random.split(rng, 8)
 
     # 1. source
-    logits_s, state = self._segment(params, model_state, xs, train=True, rng=keys[0])
-    loss_src = self._ce(logits_s, ys)
-    metrics = {"loss_src": loss_src}
-    loss = loss_src
-    if self.variant == "source_only":
-      return loss, (state, metrics)
+    def source(params, state, after):
+      logits, state = self._segment(params, state, xs + after, train=True, rng=keys[0])
+      loss_src = self._ce(logits, ys)
+      return loss_src, state, {"loss_src": loss_src}
 
-    # 2. pseudo-labels from the EMA teacher (BN batch statistics, no dropout/drop path)
-    t_logits, _ = self._segment(extra["teacher"], model_state, xt, train=True,
-                                deterministic=True)
-    t_logits = jax.lax.stop_gradient(resize_logits(t_logits, xt.shape[1:3]))
-    pseudo, weight = self.teacher.pseudo_label(t_logits)
-    # ClassMix + strong augmentation
-    mask = class_mix_masks(keys[1], ys, self.num_classes, self.classmix_scope)
-    mixed = class_mix(mask, xs, xt)
-    mixed = strong_transform(keys[2], mixed, **self.strong)
-    mixed_label = jnp.where(mask > 0, ys, pseudo)
-    mixed_weight = class_mix(mask, jnp.ones_like(mask), jnp.broadcast_to(weight, mask.shape))
-    logits_m, state = self._segment(params, state, mixed, train=True, rng=keys[3])
-    loss_mix = self._ce(logits_m, mixed_label, mixed_weight)
-    loss = loss + loss_mix
-    metrics.update(loss_mix=loss_mix, pseudo_weight=weight, mix_fraction=jnp.mean(mask))
+    terms = [source]
+    if self.variant == "source_only":
+      return terms
+
+    # 2. pseudo-labels from the EMA teacher (BN batch statistics, no dropout/drop path),
+    # ClassMix + strong augmentation, CE of the student on the mixed images
+    def mix(params, state, after):
+      t_logits, _ = self._segment(extra["teacher"], state, xt + after, train=True,
+                                  deterministic=True)
+      t_logits = jax.lax.stop_gradient(resize_logits(t_logits, xt.shape[1:3]))
+      pseudo, weight = self.teacher.pseudo_label(t_logits)
+      mask = class_mix_masks(keys[1], ys, self.num_classes, self.classmix_scope)
+      mixed = strong_transform(keys[2], class_mix(mask, xs + after, xt + after), **self.strong)
+      mixed_label = jnp.where(mask > 0, ys, pseudo)
+      mixed_weight = class_mix(mask, jnp.ones_like(mask), jnp.broadcast_to(weight, mask.shape))
+      logits, state = self._segment(params, state, mixed, train=True, rng=keys[3])
+      loss_mix = self._ce(logits, mixed_label, mixed_weight)
+      return loss_mix, state, {"loss_mix": loss_mix, "pseudo_weight": weight,
+                               "mix_fraction": jnp.mean(mask)}
+
+    terms.append(mix)
+    if self.variant != "siamseg":
+      return terms
 
     # 3. SimSiam on two views of each (target) image, through the student backbone
-    if self.variant == "siamseg":
-      groups = {"target": [xt], "source": [xs], "all": [xt, xs]}[self.contrastive_domain]
+    groups = {"target": [xt], "source": [xs], "all": [xt, xs]}[self.contrastive_domain]
+
+    def contrast(params, state, after):
       outs = []
       for g, x in enumerate(groups):   # 'all': one branch call per domain, as the reference
-        q, k = siamseg_views(jax.random.fold_in(keys[4], g), x, **self.views)
+        q, k = siamseg_views(jax.random.fold_in(keys[4], g), x + after, **self.views)
         *pz, state = self._simsiam(params, state, q, k, jax.random.fold_in(keys[5], g))
         outs.append(pz)
       p1, p2, z1, z2 = (jnp.concatenate([o[i] for o in outs]) for i in range(4))
       loss_con = simsiam_loss(p1, p2, z1, z2)
-      loss = loss + self.contrastive_weight * loss_con
-      metrics["loss_contrastive"] = loss_con
+      return self.contrastive_weight * loss_con, state, {"loss_contrastive": loss_con}
+
+    terms.append(contrast)
+    return terms
+
+  def _loss(self, params, model_state, extra, batch, rng):
+    state, loss, metrics = model_state, 0.0, {}
+    for term in self._terms(extra, batch, rng):
+      value, state, m = term(params, state, jnp.zeros((), jnp.float32))
+      loss = loss + value
+      metrics.update(m)
     return loss, (state, metrics)
+
+  def _per_loss_value_and_grad(self, params, model_state, extra, batch, rng):
+    state, loss, metrics, grads = model_state, 0.0, {}, None
+    after = jnp.zeros((), jnp.float32)
+    for term in self._terms(extra, batch, rng):
+      if grads is not None:
+        after = _zero_after(grads)
+
+      def f(p, state=state, term=term, after=after):
+        value, new_state, m = term(p, state, after)
+        return value, (new_state, m)
+
+      (value, (state, m)), g = jax.value_and_grad(f, has_aux=True)(params)
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+      loss = loss + value
+      metrics.update(m)
+    return (loss, (state, metrics)), grads
 
   def post_update(self, step: jax.Array, params: PyTree, extra: PyTree) -> PyTree:
     """EMA teacher update with the new student (``step`` = updates applied so far)."""
