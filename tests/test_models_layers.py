@@ -212,6 +212,45 @@ def test_batchnorm_matches_torch_train_and_eval():
   np.testing.assert_allclose(new["batch_stats"]["var"], tbn.running_var.numpy(), atol=1e-6)
 
 
+def test_grouped_batchnorm_is_unsynchronised_torch_batchnorm_per_group():
+  """``group_size=N``: each group of N samples normalised by its own statistics, as
+  ``torch.nn.BatchNorm1d`` on GPUs holding N samples each; running stats: the mean of the
+  per-group updates."""
+  torch = pytest.importorskip("torch")
+  x = _rand((6, 5), seed=3) * 3 + 1.0
+  rng = np.random.default_rng(2)
+  variables = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 5), jnp.float32),
+                          "bias": jnp.asarray(rng.normal(size=5), jnp.float32)},
+               "batch_stats": {"mean": jnp.zeros(5, jnp.float32),
+                               "var": jnp.ones(5, jnp.float32)}}
+  y, new = layers.BatchNorm(group_size=3).apply(variables, jnp.asarray(x), train=True,
+                                                mutable=["batch_stats"])
+  outs, means, vars_ = [], [], []
+  for g in range(2):   # two "GPUs" of 3 samples, no sync
+    tbn = torch.nn.BatchNorm1d(5)
+    with torch.no_grad():
+      tbn.weight.copy_(torch.from_numpy(np.array(variables["params"]["scale"])))
+      tbn.bias.copy_(torch.from_numpy(np.array(variables["params"]["bias"])))
+      outs.append(tbn.train()(torch.from_numpy(x[3 * g:3 * g + 3])).numpy())
+    means.append(tbn.running_mean.numpy())
+    vars_.append(tbn.running_var.numpy())
+  np.testing.assert_allclose(y, np.concatenate(outs), atol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["mean"], np.mean(means, 0), atol=1e-6)
+  np.testing.assert_allclose(new["batch_stats"]["var"], np.mean(vars_, 0), atol=1e-6)
+  # one group of the whole batch is the ungrouped layer
+  y6, _ = layers.BatchNorm(group_size=6).apply(variables, jnp.asarray(x), train=True,
+                                               mutable=["batch_stats"])
+  y0, _ = layers.BatchNorm().apply(variables, jnp.asarray(x), train=True,
+                                   mutable=["batch_stats"])
+  np.testing.assert_allclose(y6, y0, atol=1e-6)
+  with pytest.raises(ValueError, match="group_size=4 does not divide"):
+    layers.BatchNorm(group_size=4).apply(variables, jnp.asarray(x), train=True,
+                                         mutable=["batch_stats"])
+  with pytest.raises(ValueError, match="per channel and group"):
+    layers.BatchNorm(group_size=1).apply(variables, jnp.asarray(x), train=True,
+                                         mutable=["batch_stats"])
+
+
 def test_batchnorm_train_rejects_single_value_per_channel():
   bn = layers.BatchNorm()
   x = jnp.ones((1, 1, 1, 3))

@@ -126,6 +126,27 @@ def test_per_loss_backward_equals_the_gradient_of_the_sum():
   assert np.isnan(float(S._zero_after({"a": jnp.asarray([1.0, jnp.inf])})))
 
 
+def test_stat_group_size_per_gpu_statistics():
+  """``stat_group_size`` = the global batch is the default; a smaller group changes the
+  SimSiam BatchNorm statistics and the pseudo weights; one that does not divide the batch
+  is refused, naming the key."""
+  batch = jax.tree.map(jnp.asarray, _batch(4))
+  out = {}
+  for g in (0, 4, 2):
+    method = S.SiamSegMethod(_config(stat_group_size=g, pseudo_threshold=0.3))
+    params, state, extra = method.init(jax.random.PRNGKey(0), batch)
+    out[g] = jax.jit(method.loss_fn)(params, state, extra, batch, jax.random.PRNGKey(3),
+                                     jnp.asarray(5))
+  (l0, (_, m0)), (l4, (_, m4)), (l2, (_, m2)) = out[0], out[4], out[2]
+  np.testing.assert_allclose(float(l4), float(l0), rtol=1e-6)
+  assert abs(float(m2["loss_contrastive"]) - float(m0["loss_contrastive"])) > 1e-4
+  np.testing.assert_allclose(float(m2["loss_src"]), float(m0["loss_src"]), rtol=1e-6)
+  method = S.SiamSegMethod(_config(stat_group_size=3))
+  params, state, extra = method.init(jax.random.PRNGKey(0), batch)
+  with pytest.raises(ValueError, match="stat_group_size=3 must divide"):
+    method.loss_fn(params, state, extra, batch, jax.random.PRNGKey(3), jnp.asarray(5))
+
+
 def _toy_norm(tree):
   return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree)))
 
@@ -152,6 +173,7 @@ def test_predict_modes_and_eval_loss():
     (dict(variant="siamseg", inference="sliding"), "inference"),
     (dict(variant="siamseg", views=dict(crop=1)), "views"),
     (dict(variant="siamseg", backward="sequential"), "backward"),
+    (dict(variant="siamseg", stat_group_size=-2), "stat_group_size"),
     (dict(variant="siamseg", colour_jitter=0.2), "unknown key"),
     (dict(variant="siamseg", class_weight=(1.0, 2.0)), "class_weight"),
 ])

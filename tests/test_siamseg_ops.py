@@ -87,6 +87,34 @@ def test_pseudo_label_weight_is_the_confident_fraction_of_the_batch():
   assert float(w1) == 1.0
 
 
+def test_per_group_statistics_pseudo_weight_and_class_set():
+  """``group_size``: the reference's per-GPU pseudo weight and batch-scope ClassMix class
+  set, as the whole-batch functions applied to each group."""
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(0, 4, (4, 5, 7, 3)).astype(np.float32))
+  _, w = S.pseudo_label_weight(logits, 0.9, group_size=2)
+  want = [float(S.pseudo_label_weight(logits[2 * g:2 * g + 2], 0.9)[1]) for g in range(2)]
+  np.testing.assert_allclose(w, np.repeat(want, 2), rtol=1e-6)
+  assert want[0] != want[1]
+  _, w_all = S.pseudo_label_weight(logits, 0.9, group_size=4)
+  np.testing.assert_allclose(w_all, float(S.pseudo_label_weight(logits, 0.9)[1]), rtol=1e-6)
+  with pytest.raises(ValueError, match="stat_group_size=3 must divide"):
+    S.pseudo_label_weight(logits, 0.9, group_size=3)
+  labels = jnp.asarray(rng.integers(0, 2, (4, 6, 6)) + 2 * (np.arange(4) >= 2)[:, None, None],
+                       jnp.int32)                # images 0-1: classes {0, 1}; 2-3: {2, 3}
+  key = jax.random.PRNGKey(5)
+  m_group = S.class_mix_masks(key, labels, 4, scope="batch", group_size=2)
+  for g in range(2):   # a group's masks only pick classes present in that group
+    sl = slice(2 * g, 2 * g + 2)
+    picked = set(np.unique(np.asarray(labels[sl])[np.asarray(m_group[sl]) > 0]).tolist())
+    assert picked <= {2 * g, 2 * g + 1}
+  # group of 1 = per-image scope; group of the batch = whole-batch scope (same key)
+  np.testing.assert_array_equal(S.class_mix_masks(key, labels, 4, "batch", group_size=1),
+                                S.class_mix_masks(key, labels, 4, "image"))
+  np.testing.assert_array_equal(S.class_mix_masks(key, labels, 4, "batch", group_size=4),
+                                S.class_mix_masks(key, labels, 4, "batch"))
+
+
 # ----------------------------------------------------------------------------- losses
 def test_seg_cross_entropy_matches_mmseg_reduction_via_torch():
   torch = pytest.importorskip("torch")

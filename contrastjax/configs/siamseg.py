@@ -10,8 +10,11 @@ Variants (the ``:arg`` of ``--config=configs/siamseg_<task>.py:ARG``, comma sepa
 * (none)        SiamSeg: DACS self-training + the SimSiam branch on target views;
 * ``dacs``      the same without the SimSiam branch (isolates the contrastive term);
 * ``source_only``  supervised source training only (no teacher, no mixing, no SimSiam);
-* ``paper``     ClassMix classes drawn from the whole batch's label set (the reference before
-                PR #5, which produced the paper's numbers); default: per image (current code);
+* ``paper``     ClassMix classes drawn from the batch's label set (the reference before
+                PR #5, which produced the paper's numbers; default: per image, current code),
+                and the per-GPU statistics of the reference's 4 x 6 images: pseudo-label
+                weight, SimSiam BatchNorm and that class set per group of 6 images
+                (``config.siamseg.stat_group_size``; default 0: the global batch);
 * ``tta``       LoveDA's 4-scale test-time augmentation (0.75/1/1.25/1.5 of 1024, the
                 reference's LoveDA evaluation); default: whole-image inference;
 * ``slide``     sliding-window inference (512 crops, stride 341; not used by the reference);
@@ -138,6 +141,10 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
   s.alpha = 0.999                   # EMA, alpha_t = min(1 - 1/(iter+1), 0.999)
   s.pseudo_threshold = 0.968
   s.classmix_scope = "batch" if a.paper else "image"
+  # Pseudo-label weight, SimSiam BatchNorm statistics and the 'batch' ClassMix class set per
+  # group of 6 consecutive images: the reference's per-GPU statistics (6 per GPU, 4 GPUs;
+  # `paper`). 0: over the global batch (our default; the reference's 4-GPU runs differ).
+  s.stat_group_size = 6 if a.paper else 0
   s.color_jitter_strength = 0.2     # dcas.py: color_jitter_strength=0.2
   s.color_jitter_probability = 0.2  # applied when U(0,1) > 0.2
   s.blur = True
@@ -193,6 +200,8 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
     s.slide_stride = (21, 21)
     c.batch_size = 8
     c.eval_batch_size = 32
+    if a.paper:
+      s.stat_group_size = 4   # two "GPUs" of 4 images
     # The demo is two commands (BENCHMARKS.md): ``demo,source_only`` (600 steps), then
     # ``demo,init_from=<its workdir>`` adapts for 400 steps. A run this short needs a
     # teacher that follows the student within ~100 steps and a lower confidence threshold

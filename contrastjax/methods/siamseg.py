@@ -73,24 +73,39 @@ def ema_update(teacher: PyTree, student: PyTree, step: jax.Array, alpha: float) 
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
-def pseudo_label_weight(logits: jax.Array, threshold: float | None
+def pseudo_label_weight(logits: jax.Array, threshold: float | None, group_size: int = 0
                         ) -> tuple[jax.Array, jax.Array]:
   """Pseudo-labels and the scalar confidence weight of a batch of teacher logits.
 
   Args:
     logits: ``[B, H, W, C]`` teacher logits (at the label resolution).
     threshold: Confidence threshold (0.968); ``None``: weight 1.
+    group_size: 0: one weight for the whole batch; ``N``: one weight per group of ``N``
+      consecutive images (the reference computes it per GPU batch).
 
   Returns:
-    ``(label int32 [B, H, W], weight float32 scalar)``: the fraction of pixels of the whole
-    batch with max softmax probability >= ``threshold``.
+    ``(label int32 [B, H, W], weight float32)``: the fraction of pixels of the whole
+    batch (a scalar), or of each image's group (``[B]``), with max softmax probability
+    >= ``threshold``.
   """
   probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
   label = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  b = logits.shape[0]
   if threshold is None:
-    return label, jnp.ones((), jnp.float32)
-  weight = jnp.mean((jnp.max(probs, axis=-1) >= threshold).astype(jnp.float32))
-  return label, weight
+    return label, jnp.ones((b,) if group_size else (), jnp.float32)
+  confident = (jnp.max(probs, axis=-1) >= threshold).astype(jnp.float32)
+  if not group_size:
+    return label, jnp.mean(confident)
+  _check_groups(b, group_size)
+  per_group = jnp.mean(confident.reshape(b // group_size, -1), axis=1)
+  return label, jnp.repeat(per_group, group_size)
+
+
+def _check_groups(batch: int, group_size: int) -> None:
+  if group_size < 0 or (group_size and batch % group_size):
+    raise ValueError(f"config.siamseg.stat_group_size={group_size} must divide the global "
+                     f"batch of {batch} images (config.batch_size); 0 = whole-batch "
+                     "statistics")
 
 
 # ----------------------------------------------------------------------------- ClassMix
@@ -118,7 +133,7 @@ def choose_half(rng: jax.Array, present: jax.Array) -> jax.Array:
 
 
 def class_mix_masks(rng: jax.Array, labels: jax.Array, num_classes: int,
-                    scope: str = "image") -> jax.Array:
+                    scope: str = "image", group_size: int = 0) -> jax.Array:
   """ClassMix masks ``[B, H, W]`` (1 = take the source pixel).
 
   Args:
@@ -128,9 +143,16 @@ def class_mix_masks(rng: jax.Array, labels: jax.Array, num_classes: int,
     scope: ``'image'`` (reference after PR #5, per-image ``torch.unique(label)``) or
       ``'batch'`` (before the fix, the paper's runs: the class set of the whole batch, still
       one choice per image).
+    group_size: with ``'batch'``: 0 = the whole batch's class set; ``N`` = the set of each
+      image's group of ``N`` consecutive images (the reference's per-GPU batch).
   """
   present = classes_present(labels, num_classes)              # [B, C]
-  if scope == "batch":
+  if scope == "batch" and group_size:
+    b = labels.shape[0]
+    _check_groups(b, group_size)
+    grouped = jnp.any(present.reshape(b // group_size, group_size, -1), axis=1)
+    present = jnp.repeat(grouped, group_size, axis=0)
+  elif scope == "batch":
     present = jnp.broadcast_to(jnp.any(present, axis=0, keepdims=True), present.shape)
   elif scope != "image":
     raise ValueError(f"class_mix scope={scope!r}; expected 'image' or 'batch'")
@@ -373,12 +395,14 @@ class EMATeacher:
     pseudo_threshold: Confidence threshold of the pseudo-label weight (0.968).
   """
 
-  def __init__(self, alpha: float = 0.999, pseudo_threshold: float | None = 0.968):
+  def __init__(self, alpha: float = 0.999, pseudo_threshold: float | None = 0.968,
+               group_size: int = 0):
     if not 0.0 <= alpha < 1.0:
       raise ValueError(f"config.siamseg.alpha={alpha}; expected 0 <= alpha < 1")
     if pseudo_threshold is not None and not 0.0 < pseudo_threshold <= 1.0:
       raise ValueError(f"config.siamseg.pseudo_threshold={pseudo_threshold}; expected in (0, 1]")
     self.alpha, self.pseudo_threshold = float(alpha), pseudo_threshold
+    self.group_size = int(group_size)
 
   def update(self, teacher: PyTree, student: PyTree, step: jax.Array) -> PyTree:
     """:func:`ema_update` at ``step`` (optimizer steps applied to ``student``)."""
@@ -386,7 +410,7 @@ class EMATeacher:
 
   def pseudo_label(self, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """:func:`pseudo_label_weight` of teacher logits at the label resolution."""
-    return pseudo_label_weight(logits, self.pseudo_threshold)
+    return pseudo_label_weight(logits, self.pseudo_threshold, self.group_size)
 
 
 # ============================================================================= the method
@@ -404,6 +428,7 @@ _SIAMSEG_KEYS = {
     "contrastive_domain": "target",
     "views": {},
     "backward": "per_loss",
+    "stat_group_size": 0,
     "avg_non_ignore": False,
     "inference": "whole",
     "slide_crop": (512, 512),
@@ -442,22 +467,24 @@ def _auto(fn, out_spec):
   return wrapped
 
 
-def build_net(net_cls: type, model_cfg: Any, num_classes: int):
+def build_net(net_cls: type, model_cfg: Any, num_classes: int, stat_group_size: int = 0):
   """The SiamSeg network (``models.daformer.SiamSegNet``) from ``config.model``.
 
   Keys: the network's fields (``variant``, ``drop_path_rate``, ``remat``, ``fusion``,
   ``embed_dims``, ``channels``, ``dropout_ratio``, ``simsiam_dim``, ``dtype``) and
   ``backbone`` (a dict of extra :class:`~contrastjax.models.mit.MixVisionTransformer` fields,
-  e.g. smaller ``embed_dims``/``depths`` for a demo). ``num_classes`` comes from
-  ``config.siamseg``.
+  e.g. smaller ``embed_dims``/``depths`` for a demo). ``num_classes`` and the SimSiam
+  BatchNorm group size (``stat_group_size``) come from ``config.siamseg``.
   """
   cfg = dict(plain_config(model_cfg) or {})
   backbone = dict(plain_config(cfg.pop("backbone", {})) or {})
-  kwargs = module_kwargs(net_cls, cfg, "config.model", skip=("num_classes", "backbone_overrides"))
+  kwargs = module_kwargs(net_cls, cfg, "config.model",
+                         skip=("num_classes", "backbone_overrides", "simsiam_bn_group_size"))
   mit_fields = module_kwargs(mit.MixVisionTransformer, backbone, "config.model.backbone")
   overrides = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                            for k, v in mit_fields.items()))
-  return net_cls(num_classes=num_classes, backbone_overrides=overrides, **kwargs)
+  return net_cls(num_classes=num_classes, backbone_overrides=overrides,
+                 simsiam_bn_group_size=int(stat_group_size), **kwargs)
 
 
 class SiamSegMethod(Method):
@@ -487,6 +514,8 @@ class SiamSegMethod(Method):
     as the reference; XLA then holds one student pass's activations at a time) or
     ``'joint'`` (one gradient of the sum; all passes' activations live at once);
   * ``alpha`` (0.999), ``pseudo_threshold`` (0.968): the EMA teacher;
+  * ``stat_group_size``: 0 (global batch) or ``N``: pseudo-label weight, SimSiam BatchNorm
+    statistics and ``batch``-scope ClassMix class set per group of ``N`` images (see below);
   * ``classmix_scope``: ``'image'`` (reference code) or ``'batch'`` (paper runs, pre PR #5);
   * ``color_jitter_strength`` (0.2), ``color_jitter_probability`` (0.2), ``blur`` (True);
   * ``contrastive_weight`` (1), ``contrastive_domain`` (``'target'``), ``views`` (keyword
@@ -497,10 +526,14 @@ class SiamSegMethod(Method):
     Hugging Face / mmseg naming, or ``'siamseg'`` a reference UDA checkpoint),
     ``pretrained_prefix``, ``init_from`` (a contrastjax workdir), ``init_from_which``.
 
-  Deviations from the reference (all global-batch semantics, so that 8 devices equal 1):
-  the pseudo-label weight, the SimSiam BatchNorm statistics and the contrastive gradients are
-  computed over the global batch (the reference: per GPU, and its contrastive gradients are
-  not all-reduced). ``batch``-scope ClassMix uses the global batch's class set.
+  Deviations from the reference (global-batch semantics, so that 8 devices equal 1): by
+  default (``stat_group_size=0``) the pseudo-label weight, the SimSiam BatchNorm statistics
+  and ``batch``-scope ClassMix's class set are computed over the global batch; the reference
+  computes each per GPU (6 images). ``stat_group_size=N`` (the ``paper`` variant: 6) computes
+  them per group of ``N`` consecutive images of the global batch instead, the reference's
+  per-GPU statistics on any number of devices. Not reproduced: the reference's contrastive
+  gradients are not all-reduced across GPUs (its replicas' parameters drift apart); here
+  every gradient is the global batch's.
   """
 
   name = "siamseg"
@@ -526,7 +559,12 @@ class SiamSegMethod(Method):
         raise ValueError(f"config.siamseg.class_weight has {len(cw)} entries for "
                          f"num_classes={self.num_classes}")
     self.class_weight = cw
-    self.teacher = EMATeacher(float(opt("alpha")), opt("pseudo_threshold"))
+    self.stat_group_size = int(opt("stat_group_size") or 0)
+    if self.stat_group_size < 0:
+      raise ValueError(f"config.siamseg.stat_group_size={self.stat_group_size}; expected 0 "
+                       "(whole-batch statistics) or a positive group size")
+    self.teacher = EMATeacher(float(opt("alpha")), opt("pseudo_threshold"),
+                              self.stat_group_size)
     self.classmix_scope = str(opt("classmix_scope"))
     if self.classmix_scope not in ("image", "batch"):
       raise ValueError(f"config.siamseg.classmix_scope={self.classmix_scope!r}; expected "
@@ -568,7 +606,8 @@ class SiamSegMethod(Method):
     self.init_from_which = opt("init_from_which")
 
     from contrastjax.models import daformer  # pylint: disable=g-import-not-at-top
-    self.net = build_net(daformer.SiamSegNet, config.model, self.num_classes)
+    self.net = build_net(daformer.SiamSegNet, config.model, self.num_classes,
+                         self.stat_group_size)
     self.pretrained_kind = str(opt("pretrained_kind"))
     if self.pretrained_kind not in ("mit", "siamseg"):
       raise ValueError(f"config.siamseg.pretrained_kind={self.pretrained_kind!r}; expected "
@@ -715,6 +754,7 @@ class SiamSegMethod(Method):
     b = split_pair(batch) if "source/image" in batch else batch
     xs, ys = b["source"]["image"], b["source"]["label"].astype(jnp.int32)
     xt = b["target"]["image"]
+    _check_groups(xs.shape[0], self.stat_group_size)
     keys = jax.random.split(rng, 8)
 
     # 1. source
@@ -734,13 +774,15 @@ class SiamSegMethod(Method):
                                   deterministic=True)
       t_logits = jax.lax.stop_gradient(resize_logits(t_logits, xt.shape[1:3]))
       pseudo, weight = self.teacher.pseudo_label(t_logits)
-      mask = class_mix_masks(keys[1], ys, self.num_classes, self.classmix_scope)
+      mask = class_mix_masks(keys[1], ys, self.num_classes, self.classmix_scope,
+                             self.stat_group_size)
       mixed = strong_transform(keys[2], class_mix(mask, xs + after, xt + after), **self.strong)
       mixed_label = jnp.where(mask > 0, ys, pseudo)
-      mixed_weight = class_mix(mask, jnp.ones_like(mask), jnp.broadcast_to(weight, mask.shape))
+      per_pixel = jnp.broadcast_to(weight.reshape(weight.shape + (1, 1)), mask.shape)
+      mixed_weight = class_mix(mask, jnp.ones_like(mask), per_pixel)
       logits, state = self._segment(params, state, mixed, train=True, rng=keys[3])
       loss_mix = self._ce(logits, mixed_label, mixed_weight)
-      return loss_mix, state, {"loss_mix": loss_mix, "pseudo_weight": weight,
+      return loss_mix, state, {"loss_mix": loss_mix, "pseudo_weight": jnp.mean(weight),
                                "mix_fraction": jnp.mean(mask)}
 
     terms.append(mix)

@@ -239,6 +239,7 @@ class SimSiamProjector(nn.Module):
   hidden_features: int = 512
   features: int = 2048
   dtype: Dtype | None = None
+  bn_group_size: int = 0
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -249,10 +250,11 @@ class SimSiamProjector(nn.Module):
       raise ValueError(f"the projector expects {self.hidden_features} input features "
                        f"(reference: pred_dim must equal the stage-4 width), got "
                        f"{x.shape[-1]}")
+    g = self.bn_group_size
     x = _linear(self.hidden_features, x.shape[-1], False, self.dtype, "linear1")(x)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+    x = nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=g, name="bn1")(x, train))
     x = _linear(self.features, x.shape[-1], False, self.dtype, "linear2")(x)
-    return nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn2")(x, train))
+    return nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=g, name="bn2")(x, train))
 
 
 class SimSiamPredictor(nn.Module):
@@ -266,12 +268,14 @@ class SimSiamPredictor(nn.Module):
   hidden_features: int = 2048
   features: int = 2048
   dtype: Dtype | None = None
+  bn_group_size: int = 0
 
   @nn.compact
   def __call__(self, z: Array, train: bool) -> Array:
     """``z`` ``[B, D]`` -> ``p`` ``[B, features]``."""
     x = _linear(self.hidden_features, z.shape[-1], False, self.dtype, "linear1")(z)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+    x = nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=self.bn_group_size,
+                                 name="bn1")(x, train))
     return _linear(self.features, x.shape[-1], True, self.dtype, "linear2")(x)
 
 
@@ -286,13 +290,15 @@ class SimSiam(nn.Module):
   in_features: int = 512
   dim: int = 2048
   dtype: Dtype | None = None
+  bn_group_size: int = 0
 
   @nn.compact
   def __call__(self, stage4: Array, *, train: bool) -> tuple[Array, Array]:
     """Returns ``(p, z)`` for one view; ``z`` is *not* stop-gradient'ed here."""
-    z = SimSiamProjector(self.in_features, self.dim, self.dtype, name="projector")(
+    g = self.bn_group_size
+    z = SimSiamProjector(self.in_features, self.dim, self.dtype, g, name="projector")(
         stage4, train)
-    p = SimSiamPredictor(self.dim, self.dim, self.dtype, name="predictor")(z, train)
+    p = SimSiamPredictor(self.dim, self.dim, self.dtype, g, name="predictor")(z, train)
     return p, z
 
 
@@ -374,6 +380,9 @@ class SiamSegNet(nn.Module):
     channels: Decode-head width after fusion (256).
     dropout_ratio: Decode-head dropout (0.1).
     simsiam_dim: SimSiam projection width (2048).
+    simsiam_bn_group_size: 0: the SimSiam BatchNorms normalise with the statistics of the
+      whole batch; ``N``: per group of ``N`` consecutive images (the reference's
+      unsynchronised ``BatchNorm1d`` on GPUs holding ``N`` images each).
     dtype: Compute dtype (parameters and BN statistics stay float32).
   """
   num_classes: int
@@ -387,6 +396,7 @@ class SiamSegNet(nn.Module):
   channels: int = 256
   dropout_ratio: float = 0.1
   simsiam_dim: int = 2048
+  simsiam_bn_group_size: int = 0
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -396,7 +406,8 @@ class SiamSegNet(nn.Module):
     self.decode_head = DAFormerHead(self.num_classes, self.embed_dims, self.channels,
                                     self.fusion, dropout_ratio=self.dropout_ratio,
                                     dtype=self.dtype)
-    self.contrast = SimSiam(self.backbone.embed_dims[-1], self.simsiam_dim, self.dtype)
+    self.contrast = SimSiam(self.backbone.embed_dims[-1], self.simsiam_dim, self.dtype,
+                            self.simsiam_bn_group_size)
 
   def __call__(self, x: Array, *, train: bool,
                deterministic: bool | None = None) -> tuple[Array, dict[str, Any]]:

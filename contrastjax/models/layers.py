@@ -275,11 +275,17 @@ class BatchNorm(nn.Module):
     dtype: Output dtype (``None``: the input dtype). Statistics are computed in at
       least float32.
     param_dtype: Dtype of ``scale`` and ``bias``.
+    group_size: 0: statistics over the whole (global) batch. ``N``: training statistics
+      per group of ``N`` consecutive entries of the leading axis, as unsynchronised
+      ``BatchNorm`` on GPUs that hold ``N`` samples each; the running estimates then move
+      by the mean over groups of the group statistics (in PyTorch each GPU keeps its own
+      and rank 0's are saved).
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  group_size: int = 0
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -293,6 +299,8 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
     dtype = self.dtype or x.dtype
     stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if train and self.group_size:
+      return self._grouped(x, running_mean, running_var, scale, bias, dtype, stats_dtype)
     if train:
       n = math.prod(x.shape[:-1])
       if n < 2:
@@ -312,6 +320,29 @@ class BatchNorm(nn.Module):
     mul = lax.rsqrt(var + self.epsilon) * scale.astype(stats_dtype)
     y = (x.astype(stats_dtype) - mean) * mul + bias.astype(stats_dtype)
     return y.astype(dtype)
+
+  def _grouped(self, x, running_mean, running_var, scale, bias, dtype, stats_dtype):
+    b, g = x.shape[0], int(self.group_size)
+    if b % g:
+      raise ValueError(f"BatchNorm group_size={g} does not divide the batch of {b} "
+                       f"(input shape {x.shape}); set a group size that divides the batch")
+    xg = x.astype(stats_dtype).reshape((b // g, g) + x.shape[1:])
+    n = math.prod(xg.shape[1:-1])
+    if n < 2:
+      raise ValueError(
+          f"BatchNorm in training mode needs more than 1 value per channel and group, got "
+          f"input shape {x.shape} in groups of {g} (PyTorch raises here too).")
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    if not self.is_initializing():
+      m = self.momentum
+      flat = lambda v: v.reshape(-1, v.shape[-1]).mean(axis=0)  # noqa: E731
+      running_mean.value = (1.0 - m) * running_mean.value + m * flat(mean)
+      running_var.value = (1.0 - m) * running_var.value + m * flat(var) * (n / (n - 1))
+    mul = lax.rsqrt(var + self.epsilon) * scale.astype(stats_dtype)
+    y = (xg - mean) * mul + bias.astype(stats_dtype)
+    return y.reshape(x.shape).astype(dtype)
 
 
 class CBR(nn.Module):
