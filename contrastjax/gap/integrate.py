@@ -156,25 +156,25 @@ def _solve_rkc2(g: Callable, y0, args, *, s1: float, save, log_time: bool, rtol:
 
   stop = None if gamma_fn is None else (lambda y: jnp.abs(gamma_fn(y)) >= 1.0)
   dtype = jnp.result_type(float)
-  n = save.shape[0]
   bar = None
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=n, desc="rkc2 save points", leave=False)
+    bar = tqdm(total=save.shape[0], desc="rkc2 save points", leave=False)
 
   def tick(_):
     if bar is not None:
       bar.update(1)
 
+  def advance(c, target):
+    """Continues the solve to ``target``, with the step size and budget left."""
+    r = rkc.solve(field, c["y"], t0=c["s"], t1=target, rtol=rtol, atol=atol, h0=c["h"],
+                  max_steps=max_steps - c["used"], stop_fn=stop)
+    return dict(c, s=r.t, y=r.y, h=r.h, used=c["used"] + r.num_steps + r.num_rejected,
+                steps=c["steps"] + r.num_steps, nfev=c["nfev"] + r.num_fevals,
+                stopped=r.stopped | (r.t < target))
+
   def segment(c, s_next):
-    def run(c):
-      r = rkc.solve(field, c["y"], t0=c["s"], t1=s_next, rtol=rtol, atol=atol, h0=c["h"],
-                    max_steps=max_steps - c["used"], stop_fn=stop)
-      return dict(s=r.t, y=r.y, h=r.h, used=c["used"] + r.num_steps + r.num_rejected,
-                  steps=c["steps"] + r.num_steps, nfev=c["nfev"] + r.num_fevals,
-                  stopped=r.stopped | (r.t < s_next), wrote=c["wrote"])
-    was_stopped = c["stopped"]
-    c = jax.lax.cond(was_stopped, lambda c: c, run, c)
+    c = jax.lax.cond(c["stopped"], lambda c: c, lambda c: advance(c, s_next), c)
     # a slot: the save time when reached; the end after a stop (once); inf after that
     first_unreached = c["stopped"] & ~c["wrote"]
     t_slot = jnp.where(~c["stopped"], s_next, jnp.where(first_unreached, c["s"], jnp.inf))
@@ -190,12 +190,7 @@ def _solve_rkc2(g: Callable, y0, args, *, s1: float, save, log_time: bool, rtol:
               nfev=jnp.int32(0), stopped=jnp.asarray(False), wrote=jnp.asarray(False))
   c, (t_slots, ys) = jax.lax.scan(segment, init, save)
   # the solve's end: s1 unless it stopped (the saved grid ends at or before s1)
-  def tail(c):
-    r = rkc.solve(field, c["y"], t0=c["s"], t1=s1, rtol=rtol, atol=atol, h0=c["h"],
-                  max_steps=max_steps - c["used"], stop_fn=stop)
-    return dict(c, s=r.t, y=r.y, steps=c["steps"] + r.num_steps,
-                nfev=c["nfev"] + r.num_fevals, stopped=r.stopped | (r.t < s1))
-  c = jax.lax.cond(c["stopped"] | (c["s"] >= s1), lambda c: c, tail, c)
+  c = jax.lax.cond(c["stopped"] | (c["s"] >= s1), lambda c: c, lambda c: advance(c, s1), c)
   if bar is not None:
     jax.debug.callback(lambda _: bar.close(), c["s"], ordered=True)
   exited = (jnp.asarray(False) if gamma_fn is None

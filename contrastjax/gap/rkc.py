@@ -45,8 +45,8 @@ class Result(NamedTuple):
   num_fevals: jax.Array      # field evaluations, the power iterations included
   max_stages: jax.Array      # largest stage count used
   spectral_radius: jax.Array  # the last estimate (x 1.2 safety)
-  h: jax.Array = None        # the next step size the controller proposed (to continue)
-  stopped: jax.Array = None  # bool: ``stop_fn`` fired
+  h: jax.Array               # the next step size the controller proposed (to continue)
+  stopped: jax.Array         # bool: ``stop_fn`` fired
 
 
 def _chebyshev(s, w0, size: int):
