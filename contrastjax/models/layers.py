@@ -299,36 +299,50 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
     dtype = self.dtype or x.dtype
     stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if train and self.group_size:
+      return self._grouped(x, running_mean, running_var, scale, bias, dtype, stats_dtype)
     if train:
-      # Statistics per group of consecutive samples; the default is one group, the batch.
-      b = x.shape[0]
-      g = int(self.group_size) or b
-      if b % g:
-        raise ValueError(f"BatchNorm group_size={g} does not divide the batch of {b} "
-                         f"(input shape {x.shape}); set a group size that divides the batch")
-      xg = x.astype(stats_dtype).reshape((b // g, g) + x.shape[1:])
-      n = math.prod(xg.shape[1:-1])
+      n = math.prod(x.shape[:-1])
       if n < 2:
-        grouped = f" and group (groups of {g})" if self.group_size else ""
         raise ValueError(
-            f"BatchNorm in training mode needs more than 1 value per channel{grouped}, got "
-            f"input shape {x.shape} (PyTorch raises here too).")
-      axes = tuple(range(1, xg.ndim - 1))
-      mean = jnp.mean(xg, axis=axes, keepdims=True)
-      var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+            f"BatchNorm in training mode needs more than 1 value per channel, got input "
+            f"shape {x.shape} (PyTorch raises here too).")
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(stats_dtype)
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
       if not self.is_initializing():
         m = self.momentum
-        over_groups = lambda v: v.reshape(-1, features).mean(axis=0)  # noqa: E731
-        running_mean.value = (1.0 - m) * running_mean.value + m * over_groups(mean)
-        running_var.value = ((1.0 - m) * running_var.value
-                             + m * over_groups(var) * (n / (n - 1)))
-      mul = lax.rsqrt(var + self.epsilon) * scale.astype(stats_dtype)
-      y = (xg - mean) * mul + bias.astype(stats_dtype)
-      return y.reshape(x.shape).astype(dtype)
-    mean, var = running_mean.value, running_var.value
+        running_mean.value = (1.0 - m) * running_mean.value + m * mean
+        running_var.value = (1.0 - m) * running_var.value + m * var * (n / (n - 1))
+    else:
+      mean, var = running_mean.value, running_var.value
     mul = lax.rsqrt(var + self.epsilon) * scale.astype(stats_dtype)
     y = (x.astype(stats_dtype) - mean) * mul + bias.astype(stats_dtype)
     return y.astype(dtype)
+
+  def _grouped(self, x, running_mean, running_var, scale, bias, dtype, stats_dtype):
+    b, g = x.shape[0], int(self.group_size)
+    if b % g:
+      raise ValueError(f"BatchNorm group_size={g} does not divide the batch of {b} "
+                       f"(input shape {x.shape}); set a group size that divides the batch")
+    xg = x.astype(stats_dtype).reshape((b // g, g) + x.shape[1:])
+    n = math.prod(xg.shape[1:-1])
+    if n < 2:
+      raise ValueError(
+          f"BatchNorm in training mode needs more than 1 value per channel and group, got "
+          f"input shape {x.shape} in groups of {g} (PyTorch raises here too).")
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    if not self.is_initializing():
+      m = self.momentum
+      flat = lambda v: v.reshape(-1, v.shape[-1]).mean(axis=0)  # noqa: E731
+      running_mean.value = (1.0 - m) * running_mean.value + m * flat(mean)
+      running_var.value = (1.0 - m) * running_var.value + m * flat(var) * (n / (n - 1))
+    mul = lax.rsqrt(var + self.epsilon) * scale.astype(stats_dtype)
+    y = (xg - mean) * mul + bias.astype(stats_dtype)
+    return y.reshape(x.shape).astype(dtype)
 
 
 class CBR(nn.Module):
