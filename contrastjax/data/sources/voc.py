@@ -87,13 +87,14 @@ reports all problems at once, counted per kind.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import io
 import os
 import pickle
 import re
 import zipfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -169,7 +170,8 @@ def read_id_list(path: str | os.PathLike[str]) -> list[str]:
   """Reads a split list: one id per line, or DeepLab's ``/JPEGImages/<id>.jpg /Seg.../<id>.png``.
 
   A line's first column is the id; a path or a file name with an image extension is reduced to
-  its basename without extension. Blank lines are skipped (:func:`~contrastjax.data.medseg.read_split`).
+  its basename without extension. Blank lines are skipped
+  (:func:`~contrastjax.data.medseg.read_split`).
 
   Raises:
     DatasetError: The file is missing or unreadable (``missing_split``/``unreadable``), lists no
@@ -240,7 +242,7 @@ def load_cls_labels(path: str | os.PathLike[str], names: Sequence[str], num_fore
                        path=path, kind='unreadable') from e
   if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
     obj = obj.item()
-  if not isinstance(obj, Mapping):
+  if not isinstance(obj, collections.abc.Mapping):
     desc = (f'an array {obj.dtype} {obj.shape}' if isinstance(obj, np.ndarray)
             else type(obj).__name__)
     raise DatasetError(f'cls-label file {path} holds {desc}; {expect}', path=path,
