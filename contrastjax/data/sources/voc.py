@@ -417,6 +417,7 @@ class WSSSSource:
 
   dataset = 'dataset'
   class_names: tuple[str, ...] = ()
+  on_disk = True  # start-up validation reads such sources in full (contrastjax.data.validation)
 
   def _init_common(self, labels: str, modes: Sequence[str], with_masks: bool,
                    allow_empty: bool) -> None:
