@@ -608,3 +608,173 @@ def test_confident_token_labels_feed_ptc():
   a = np.asarray(L.patch_affinity_mask(y))
   assert np.all(a[0, 1] == 255) and np.all(a[0, :, 1] == 255)
   assert a[0, 2, 3] == 1 and a[0, 0, 2] == 0
+
+
+# --------------------------------------------------------------------------- ET (ViT-PCM)
+def _bf_flip_one(img, lr, ud, tr, inverse=False):
+  """One image [g, g, C]; ViT-PCM order lr -> ud -> transpose (reversed for the inverse)."""
+  g = img.shape[0]
+  ops = [("lr", lr), ("ud", ud), ("tr", tr)]
+  if inverse:
+    ops = ops[::-1]
+  out = img.copy()
+  for name, on in ops:
+    if not on:
+      continue
+    new = np.empty_like(out)
+    for i in range(g):
+      for j in range(g):
+        if name == "lr":
+          new[i, j] = out[i, g - 1 - j]
+        elif name == "ud":
+          new[i, j] = out[g - 1 - i, j]
+        else:
+          new[i, j] = out[j, i]
+    out = new
+  return out
+
+
+def _all_flag_combos():
+  return np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], np.float32)
+
+
+def test_apply_and_revert_flips_match_loops():
+  flags = _all_flag_combos()
+  x = np.random.default_rng(22).normal(size=(8, 4, 4, 3)).astype(np.float32)
+  applied = np.asarray(L.apply_flips(x, flags))
+  reverted = np.asarray(L.revert_flips(x, flags))
+  for b in range(8):
+    np.testing.assert_array_equal(applied[b], _bf_flip_one(x[b], *flags[b]))
+    np.testing.assert_array_equal(reverted[b], _bf_flip_one(x[b], *flags[b], inverse=True))
+  np.testing.assert_array_equal(np.asarray(L.revert_flips(applied, flags)), x)
+  # lr + transpose do not commute: the inverse is not the forward map.
+  assert not np.array_equal(applied[5], reverted[5])  # flags (1, 0, 1)
+  with pytest.raises(ValueError, match="square grid"):
+    L.apply_flips(x[:, :3], flags)
+  with pytest.raises(ValueError, match="flips must be"):
+    L.apply_flips(x, flags[:, :2])
+
+
+def test_mosaic_layout_matches_loops_and_round_trips():
+  x = np.random.default_rng(23).normal(size=(8, 3, 3, 2)).astype(np.float32)
+  mosaic = np.asarray(L.mosaic_2x2(x))
+  assert mosaic.shape == (2, 6, 6, 2)
+  for m in range(2):
+    for r in range(2):
+      for q in range(2):
+        for i in range(3):
+          for j in range(3):
+            np.testing.assert_array_equal(mosaic[m, r * 3 + i, q * 3 + j],
+                                          x[4 * m + 2 * r + q, i, j])
+  np.testing.assert_array_equal(np.asarray(L.unmosaic_2x2(mosaic)), x)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    L.mosaic_2x2(x[:6])
+
+
+def test_crop_resize_patches_matches_loops():
+  rng = np.random.default_rng(24)
+  x = rng.uniform(size=(3, 6, 6, 2)).astype(np.float32)
+  offsets = np.array([[0, 2], [1, 1], [2, 0]], np.int32)
+  mask = np.array([True, False, True])
+  got = np.asarray(L.crop_resize_patches(x, out_size=5, crop_size=4, crop_offsets=offsets,
+                                         crop_mask=mask))
+  for b in range(3):
+    if mask[b]:
+      y0, x0 = offsets[b]
+      src = x[b:b + 1, y0:y0 + 4, x0:x0 + 4]
+    else:
+      src = x[b:b + 1]
+    np.testing.assert_allclose(got[b], _bf_resize_align_corners(src, (5, 5))[0], rtol=1e-5,
+                               atol=1e-7)
+  # Crop size equal to the output size: the crop itself, no interpolation.
+  same = np.asarray(L.crop_resize_patches(x, out_size=4, crop_size=4, crop_offsets=offsets))
+  np.testing.assert_array_equal(same[1], x[1, 1:5, 1:5])
+  with pytest.raises(ValueError, match="crop_offsets"):
+    L.crop_resize_patches(x, out_size=4, crop_size=4)
+
+
+def test_keras_categorical_crossentropy_hand_values_and_loops():
+  # Unnormalised prediction (renormalised first) and a clipped zero.
+  val = L.keras_categorical_crossentropy(np.array([[1.0, 0.0], [0.0, 1.0]], np.float32),
+                                         np.array([[2.0, 2.0], [1.0, 0.0]], np.float32))
+  np.testing.assert_allclose(np.asarray(val), [math.log(2), -math.log(1e-7)], rtol=1e-5)
+  rng = np.random.default_rng(25)
+  t = _softmax_np(rng.normal(size=(4, 5)))
+  p = rng.uniform(size=(4, 5))
+  expected = []
+  for b in range(4):
+    s = sum(p[b])
+    expected.append(-sum(t[b, c] * math.log(min(max(p[b, c] / s, 1e-7), 1 - 1e-7))
+                         for c in range(5)))
+  np.testing.assert_allclose(np.asarray(L.keras_categorical_crossentropy(
+      t.astype(np.float32), p.astype(np.float32))), expected, rtol=1e-5)
+
+
+def _bf_equivariance(teacher, mosaics, labels, f1, f2, crop_size, offsets, mask):
+  b_, g, _, c_ = teacher.shape
+  s = mosaics.shape[1] // 2
+  total, count = 0.0, 0
+  for b in range(b_):
+    t = _bf_flip_one(teacher[b], *f1[b], inverse=True)
+    if mask[b]:
+      y0, x0 = offsets[b]
+      t = t[y0:y0 + crop_size, x0:x0 + crop_size]
+    t = _bf_resize_align_corners(t[None].astype(np.float64), (s, s))[0]
+    t = _bf_flip_one(t, *f2[b])
+    t = _bf_merge(t[None], labels[b:b + 1])[0]
+    m, r, q = b // 4, (b % 4) // 2, b % 2
+    for i in range(s):
+      for j in range(s):
+        pred = mosaics[m, r * s + i, q * s + j].astype(np.float64)
+        pred = pred / pred.sum()
+        total += -sum(t[i, j, c] * math.log(min(max(pred[c], 1e-7), 1 - 1e-7))
+                      for c in range(c_))
+        count += 1
+  return total / count
+
+
+def test_equivariance_loss_matches_loops_and_stops_teacher_gradient():
+  rng = np.random.default_rng(26)
+  teacher = _patch_probs(27, (8, 6, 6, 4), scale=2.0)
+  mosaics = _patch_probs(28, (2, 8, 8, 4), scale=2.0)
+  labels = np.array([[1, 1, 0, 1], [1, 0, 1, 0]] * 4, np.float32)
+  f1 = _all_flag_combos()
+  f2 = _all_flag_combos()[rng.permutation(8)]
+  offsets = rng.integers(0, 3, (8, 2)).astype(np.int32)
+  mask = rng.uniform(size=8) < 0.5
+  kw = dict(teacher_flips=f1, student_flips=f2, crop_size=4, crop_offsets=offsets,
+            crop_mask=mask)
+  loss = jax.jit(functools.partial(L.equivariance_loss, **kw))
+  expected = _bf_equivariance(teacher, mosaics, labels, f1, f2, 4, offsets, mask)
+  np.testing.assert_allclose(float(loss(teacher, mosaics, labels)), expected, rtol=1e-5)
+  g_t, g_s = jax.grad(loss, argnums=(0, 1))(teacher, mosaics, labels)
+  assert np.all(np.asarray(g_t) == 0)
+  assert np.all(np.isfinite(np.asarray(g_s))) and np.abs(np.asarray(g_s)).max() > 0
+
+
+def test_equivariance_loss_is_the_target_entropy_when_the_student_agrees():
+  rng = np.random.default_rng(29)
+  teacher = _patch_probs(30, (4, 8, 8, 3), scale=2.0)
+  labels = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 0], [1, 1, 1]], np.float32)
+  f1 = _all_flag_combos()[[1, 3, 5, 6]]
+  f2 = _all_flag_combos()[[7, 2, 4, 0]]
+  # Student grid 4x4: the teacher (8x8) is resized; no crop.
+  targets = []
+  for b in range(4):
+    t = _bf_flip_one(teacher[b], *f1[b], inverse=True)
+    t = _bf_resize_align_corners(t[None].astype(np.float64), (4, 4))[0]
+    targets.append(_bf_merge(_bf_flip_one(t, *f2[b])[None], labels[b:b + 1])[0])
+  targets = np.stack(targets).astype(np.float32)
+  # A student that predicts exactly the targets (absent classes are 0 in both).
+  mosaic = np.asarray(L.mosaic_2x2(targets))
+  entropy = np.mean([-sum(v * math.log(min(max(v, 1e-7), 1 - 1e-7)) for v in row)
+                     for row in targets.reshape(-1, 3)])
+  value = float(L.equivariance_loss(teacher, mosaic, labels, teacher_flips=f1,
+                                    student_flips=f2))
+  np.testing.assert_allclose(value, entropy, rtol=1e-5)
+  # Any mis-bookkeeping (tiles swapped, a flag ignored) costs more.
+  swapped = np.asarray(L.mosaic_2x2(targets[[1, 0, 2, 3]]))
+  assert float(L.equivariance_loss(teacher, swapped, labels, teacher_flips=f1,
+                                   student_flips=f2)) > value + 0.05
+  assert float(L.equivariance_loss(teacher, mosaic, labels, teacher_flips=f2,
+                                   student_flips=f2)) > value + 0.05

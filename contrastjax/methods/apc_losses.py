@@ -29,7 +29,11 @@ Contents:
 * patch contrast: :func:`patch_affinity_mask` (ToCo ``label_to_aff_mask``),
   :func:`masked_ptc_loss` (ToCo ``get_masked_ptc_loss``), :func:`supcon_patch_loss`
   (Khosla et al. SupCon over the patches of each image) and the switch
-  :func:`patch_contrast_loss`.
+  :func:`patch_contrast_loss`;
+* ViT-PCM's equivariant-mosaic (ET) loss at patch level (optional component): the index
+  bookkeeping :func:`apply_flips`, :func:`revert_flips`, :func:`crop_resize_patches`,
+  :func:`mosaic_2x2`, :func:`unmosaic_2x2`, the Keras
+  :func:`keras_categorical_crossentropy` and :func:`equivariance_loss`.
 """
 from __future__ import annotations
 
@@ -547,3 +551,165 @@ def patch_contrast_loss(features: Array, token_labels: Array, *, form: str = "pt
                              base_temperature=base_temperature, ignore_index=ignore_index,
                              eps=eps)
   raise ValueError(f"form must be one of {PATCH_CONTRAST_FORMS}, got {form!r}")
+
+
+# --------------------------------------------------------------------------- ET (ViT-PCM)
+def _flip_flags(flips: Array, batch: int, name: str) -> tuple[Array, Array, Array]:
+  flips = jnp.asarray(flips)
+  if flips.shape != (batch, 3):
+    raise ValueError(
+        f"{name} must be [B, 3]=({batch}, 3) flags (fliplr, flipud, transpose), got "
+        f"{tuple(flips.shape)}")
+  on = flips != 0
+  return on[:, 0, None, None, None], on[:, 1, None, None, None], on[:, 2, None, None, None]
+
+
+def _check_square_grid(x: Array, name: str) -> None:
+  _check_probs(x, name)
+  if x.shape[1] != x.shape[2]:
+    raise ValueError(f"{name} must be a square grid (transpose), got {tuple(x.shape)}")
+
+
+def apply_flips(x: Array, flips: Array) -> Array:
+  """ViT-PCM ``utils.py`` ``apply_affine_transform_invertible`` per image: flip left-right,
+  then up-down, then transpose (rows <-> columns), each where its flag is non-zero.
+
+  Args:
+    x: ``[B, g, g, C]`` (square: the transpose keeps the shape).
+    flips: ``[B, 3]`` flags ``(fliplr, flipud, transpose)`` (ViT-PCM's ``affine[..., :3]``).
+  """
+  _check_square_grid(x, "x")
+  lr, ud, tr = _flip_flags(flips, x.shape[0], "flips")
+  x = jnp.where(lr, x[:, :, ::-1], x)
+  x = jnp.where(ud, x[:, ::-1], x)
+  return jnp.where(tr, jnp.swapaxes(x, 1, 2), x)
+
+
+def revert_flips(x: Array, flips: Array) -> Array:
+  """Inverse of :func:`apply_flips` (ViT-PCM ``revert_affine_transform``, which inverts by
+  a gradient trick): transpose, then up-down, then left-right."""
+  _check_square_grid(x, "x")
+  lr, ud, tr = _flip_flags(flips, x.shape[0], "flips")
+  x = jnp.where(tr, jnp.swapaxes(x, 1, 2), x)
+  x = jnp.where(ud, x[:, ::-1], x)
+  return jnp.where(lr, x[:, :, ::-1], x)
+
+
+def crop_resize_patches(x: Array, *, out_size: int, crop_size: int | None = None,
+                        crop_offsets: Array | None = None,
+                        crop_mask: Array | None = None) -> Array:
+  """ViT-PCM ``apply_affine_transform`` crop + resize at patch level (``affine_patch_level``:
+  pixel boxes and sizes divided by the patch size).
+
+  Images with ``crop_mask`` set are cropped to ``x[off_y:off_y+s, off_x:off_x+s]``
+  (``s = crop_size``, static; the offsets are ``bbox[0:2] // patch`` of ViT-PCM's affine)
+  and all are resized to ``out_size x out_size`` with bilinear ``align_corners=True``
+  (ViT-PCM's ``resize``; identity when the size already matches). Offsets are clamped
+  to the grid as ``lax.dynamic_slice`` does.
+
+  Args:
+    x: ``[B, g, g, C]``.
+    out_size: Static output grid size (ViT-PCM ``SCALE // PATCH_SIZE``).
+    crop_size: Static crop size in patches, or ``None`` (no crop).
+    crop_offsets: ``[B, 2]`` ints ``(row, col)``; required with ``crop_size``.
+    crop_mask: ``[B]`` bools (which images are cropped); ``None`` = all.
+
+  Returns:
+    ``[B, out_size, out_size, C]``.
+  """
+  _check_square_grid(x, "x")
+  b, g, _, c = x.shape
+  out_size = _check_int(out_size, "out_size", 1, 1 << 30)
+  full = resize_bilinear_align_corners(x, (out_size, out_size))
+  if crop_size is None:
+    return full
+  crop_size = _check_int(crop_size, "crop_size", 1, g)
+  if crop_offsets is None:
+    raise ValueError("crop_offsets ([B, 2] ints) is required with crop_size")
+  offsets = jnp.asarray(crop_offsets, jnp.int32)
+  if offsets.shape != (b, 2):
+    raise ValueError(f"crop_offsets must be [B, 2]=({b}, 2), got {tuple(offsets.shape)}")
+  crops = jax.vmap(lambda xi, off: lax.dynamic_slice(
+      xi, (off[0], off[1], 0), (crop_size, crop_size, c)))(x, offsets)
+  cropped = resize_bilinear_align_corners(crops, (out_size, out_size))
+  if crop_mask is None:
+    return cropped
+  mask = jnp.asarray(crop_mask)
+  if mask.shape != (b,):
+    raise ValueError(f"crop_mask must be [B]=({b},), got {tuple(mask.shape)}")
+  return jnp.where(mask[:, None, None, None] != 0, cropped, full)
+
+
+def mosaic_2x2(x: Array) -> Array:
+  """ViT-PCM ``VITPCM.merged_step`` tiling: images ``4m + 2r + q`` of ``[4M, h, w, C]``
+  become the block ``(row r, column q)`` of mosaic ``m`` -> ``[M, 2h, 2w, C]`` (the layout
+  of ``extract_nonoverlapping_patches_inverse``)."""
+  if x.ndim != 4 or x.shape[0] % 4:
+    raise ValueError(f"x must be [4M, h, w, C] (batch divisible by 4), got {tuple(x.shape)}")
+  n, h, w, c = x.shape
+  tiles = x.reshape(n // 4, 2, 2, h, w, c)
+  return jnp.transpose(tiles, (0, 1, 3, 2, 4, 5)).reshape(n // 4, 2 * h, 2 * w, c)
+
+
+def unmosaic_2x2(x: Array) -> Array:
+  """Inverse of :func:`mosaic_2x2` (ViT-PCM ``extract_nonoverlapping_patches`` of the
+  mosaic's output): ``[M, 2h, 2w, C]`` -> ``[4M, h, w, C]``."""
+  if x.ndim != 4 or x.shape[1] % 2 or x.shape[2] % 2:
+    raise ValueError(f"x must be [M, 2h, 2w, C] (even grid), got {tuple(x.shape)}")
+  m, hh, ww, c = x.shape
+  tiles = x.reshape(m, 2, hh // 2, 2, ww // 2, c)
+  return jnp.transpose(tiles, (0, 1, 3, 2, 4, 5)).reshape(4 * m, hh // 2, ww // 2, c)
+
+
+def keras_categorical_crossentropy(y_true: Array, y_pred: Array,
+                                   epsilon: float = KERAS_EPSILON) -> Array:
+  """Keras 2.9 ``backend.categorical_crossentropy`` on probabilities, no reduction:
+  ``p = clip(y_pred / sum_c y_pred, eps, 1-eps)``, ``-sum_c y_true log p`` over the last
+  axis. Returns ``y_true.shape[:-1]``."""
+  if tuple(y_true.shape) != tuple(y_pred.shape):
+    raise ValueError(f"y_true and y_pred must have the same shape, got "
+                     f"{tuple(y_true.shape)} and {tuple(y_pred.shape)}")
+  p = y_pred / jnp.sum(y_pred, axis=-1, keepdims=True)
+  p = jnp.clip(p, epsilon, 1.0 - epsilon)
+  return -jnp.sum(y_true * jnp.log(p), axis=-1)
+
+
+def equivariance_loss(teacher_probs: Array, student_mosaic_probs: Array, labels: Array, *,
+                      teacher_flips: Array, student_flips: Array,
+                      crop_size: int | None = None, crop_offsets: Array | None = None,
+                      crop_mask: Array | None = None) -> Array:
+  """ViT-PCM ``model.py`` ``compute_cce_loss`` (equivariant mosaic loss) at patch level.
+
+  Teacher (view 1, evaluated without gradient in ViT-PCM): undo its flips
+  (:func:`revert_flips`), apply view 2's crop + resize to the student's grid
+  (:func:`crop_resize_patches`) and flips (:func:`apply_flips`), then
+  :func:`merge_class_labels` with the image labels, under ``stop_gradient``. Student:
+  the 4 views tiled in one mosaic (:func:`mosaic_2x2` on the images), split back with
+  :func:`unmosaic_2x2`. Loss: the mean over images and patches of
+  :func:`keras_categorical_crossentropy` (target = teacher).
+
+  Args:
+    teacher_probs: ``[B, g, g, C+1]`` view-1 patch probabilities.
+    student_mosaic_probs: ``[B/4, 2s, 2s, C+1]`` patch probabilities of the mosaics.
+    labels: ``[B, C+1]`` multi-hot.
+    teacher_flips, student_flips: ``[B, 3]`` flags (fliplr, flipud, transpose) of the
+      two views.
+    crop_size, crop_offsets, crop_mask: View 2's crop in patch units
+      (:func:`crop_resize_patches`); ``None`` = no crop.
+
+  Returns:
+    Scalar.
+  """
+  _check_square_grid(teacher_probs, "teacher_probs")
+  student = unmosaic_2x2(student_mosaic_probs)
+  if student.shape[0] != teacher_probs.shape[0] or student.shape[-1] != teacher_probs.shape[-1]:
+    raise ValueError(
+        f"student_mosaic_probs must hold B/4 mosaics of the teacher's classes: teacher "
+        f"{tuple(teacher_probs.shape)}, mosaics {tuple(student_mosaic_probs.shape)}")
+  _check_labels(labels, teacher_probs)
+  target = revert_flips(teacher_probs, teacher_flips)
+  target = crop_resize_patches(target, out_size=student.shape[1], crop_size=crop_size,
+                               crop_offsets=crop_offsets, crop_mask=crop_mask)
+  target = apply_flips(target, student_flips)
+  target = lax.stop_gradient(merge_class_labels(target, labels))
+  return jnp.mean(keras_categorical_crossentropy(target, student))
