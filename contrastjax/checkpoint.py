@@ -10,11 +10,21 @@ A workdir holds two series:
 * ``<workdir>/best/<step>/``: the single best checkpoint by the configured metric
   (train state and loop state only).
 
+A save that fails (a full disk, a read-only or vanished folder) raises
+:class:`CheckpointSaveError` naming the step, the path and the OS error, at the save itself
+for synchronous saves and at the trainer's next :meth:`Checkpointer.check` (every step) for
+asynchronous ones; the previous checkpoints stay intact.
+
+Replayed steps overwrite their best checkpoint: a run killed after ``best/<N>`` was committed
+but before the rolling ``checkpoints/<N>`` resumes from an earlier step, replays step N
+bit for bit and writes ``best/<N>`` again.
+
 Everything orbax-specific lives here, so moving to the orbax V1 API touches one file.
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from absl import logging
@@ -23,28 +33,70 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from contrastjax import workdir as workdir_lib
+
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 
 
 def _abs(path: str) -> str:
-  return os.path.abspath(os.path.expanduser(path))
+  return workdir_lib.resolve(path)
+
+
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint failed; the message names the step, the path and the OS error."""
+
+
+def _os_error_text(e: BaseException) -> str:
+  """The operating-system error behind ``e`` (orbax/tensorstore wrap it in ValueErrors
+  whose text carries ``[os_error_code='28']``), as ``[Errno 28] No space left on device``;
+  else the innermost message."""
+  seen, chain = set(), []
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    if isinstance(e, OSError) and e.errno:
+      return f"[Errno {e.errno}] {os.strerror(e.errno)}"
+    e = e.__cause__ or e.__context__
+  for c in chain:
+    m = re.search(r"os_error_code='?(\d+)", str(c))
+    if m:
+      code = int(m.group(1))
+      return f"[Errno {code}] {os.strerror(code)}"
+  text = str(chain[-1]) if chain else ""
+  return text.splitlines()[0][:300] if text else type(chain[-1]).__name__
 
 
 class Checkpointer:
-  """Saves and restores train state, data iterator and loop state in a workdir."""
+  """Saves and restores train state, data iterator and loop state in a workdir.
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  With ``create=False`` (evaluation, imports from another run) nothing is written: a
+  workdir without checkpoints raises ``FileNotFoundError`` instead of gaining empty
+  ``checkpoints/`` and ``best/`` folders.
+  """
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               create: bool = True):
     self.workdir = _abs(workdir)
+    if not create:
+      found = [d for d in (CHECKPOINTS, BEST)
+               if os.path.isdir(os.path.join(self.workdir, d))]
+      if not found:
+        what = ("does not exist" if not os.path.exists(self.workdir) else
+                f"holds no {CHECKPOINTS}/ or {BEST}/ folder")
+        raise workdir_lib.WorkdirNotFoundError(
+            f"workdir {self.workdir} {what}: expected the --workdir of a training run")
     self._latest = ocp.CheckpointManager(
         os.path.join(self.workdir, CHECKPOINTS),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True,
+            max_to_keep=keep, create=create,
             enable_async_checkpointing=async_save))
     self._best = ocp.CheckpointManager(
         os.path.join(self.workdir, BEST),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=async_save))
+            max_to_keep=1, create=create, enable_async_checkpointing=async_save))
+    # The last save submitted to each manager (step, folder), for error messages.
+    self._submitted: dict[int, tuple[int, str]] = {}
 
   # ------------------------------------------------------------------ queries
   def latest_step(self) -> int | None:
@@ -57,6 +109,19 @@ class Checkpointer:
     return list(self._latest.all_steps())
 
   # ------------------------------------------------------------------ saving
+  def _save(self, mngr, step: int, items: dict, force: bool) -> bool:
+    """``mngr.save`` with failures (this one, or an earlier asynchronous one that orbax
+    reports here) turned into :class:`CheckpointSaveError`."""
+    self._raise_if_failed(mngr)
+    folder = os.path.join(str(mngr.directory), str(step))
+    self._submitted[id(mngr)] = (step, folder)
+    try:
+      return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(
+          f"saving checkpoint {step} to {folder} failed: {_os_error_text(e)}. "
+          f"{self._intact_hint()}") from e
+
   def save(self, step: int, state: Any, *, data_iter=None,
            loop_state: dict | None = None, force: bool = False) -> bool:
     """Saves a rolling checkpoint (state + data iterator + loop state)."""
@@ -64,17 +129,55 @@ class Checkpointer:
                  loop=ocp.args.JsonSave(dict(loop_state or {})))
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self._latest.save(step, args=ocp.args.Composite(**items), force=force)
+    return self._save(self._latest, step, items, force)
 
   def save_best(self, step: int, state: Any, *, loop_state: dict | None = None) -> bool:
-    """Saves ``state`` as the best checkpoint (replacing the previous best)."""
+    """Saves ``state`` as the best checkpoint (replacing the previous best).
+
+    A best checkpoint of the same step already on disk was written before a kill and is
+    being replayed after the resume: it is replaced by the new one.
+    """
     items = dict(state=ocp.args.StandardSave(state),
                  loop=ocp.args.JsonSave(dict(loop_state or {})))
-    return self._best.save(step, args=ocp.args.Composite(**items), force=True)
+    if step in self._best.all_steps():
+      self.wait_best()
+      logging.info("replacing %s/%d, written before this run resumed", BEST, step)
+      self._best.delete(step)
+    return self._save(self._best, step, items, True)
+
+  def wait_best(self) -> None:
+    self._wait(self._best)
+
+  def _wait(self, mngr) -> None:
+    try:
+      mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      step, folder = self._submitted.get(id(mngr), (None, str(mngr.directory)))
+      raise CheckpointSaveError(
+          f"saving checkpoint {step} to {folder} failed: {_os_error_text(e)}. "
+          f"{self._intact_hint()}") from e
+
+  def _raise_if_failed(self, mngr) -> None:
+    if not mngr.is_saving_in_progress():
+      self._wait(mngr)  # returns at once unless the finished save failed
+
+  def check(self) -> None:
+    """Raises :class:`CheckpointSaveError` if an asynchronous save has failed (cheap:
+    the trainer calls it every step, so a failed save stops the run at once)."""
+    self._raise_if_failed(self._latest)
+    self._raise_if_failed(self._best)
+
+  def _intact_hint(self) -> str:
+    steps = [s for s in self._latest.all_steps()
+             if s != self._submitted.get(id(self._latest), (None,))[0]]
+    if steps:
+      return (f"The previous checkpoint, step {max(steps)}, is intact; fix the cause and "
+              "rerun the same command to resume from it.")
+    return "No earlier checkpoint exists."
 
   def wait(self) -> None:
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    self._wait(self._latest)
+    self._wait(self._best)
 
   def close(self) -> None:
     self._latest.close()
@@ -139,7 +242,7 @@ def load_variables(workdir: str, which: int | str = "best") -> dict:
   workdir = _abs(workdir)
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir!r} (to initialise from) does not exist")
-  ckpt = Checkpointer(workdir, keep=1000, async_save=False)
+  ckpt = Checkpointer(workdir, keep=1000, async_save=False, create=False)
   try:
     if which == "best" and ckpt.best_step() is None:
       logging.warning("%s has no best checkpoint; using the latest one", workdir)

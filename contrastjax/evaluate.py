@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -23,6 +22,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from contrastjax import checkpoint as ckpt_lib
+from contrastjax import cli
 from contrastjax import evaluators as evaluators_lib
 from contrastjax import parallel
 from contrastjax import platform
@@ -146,6 +146,19 @@ def evaluate(config, workdir: str, *, checkpoint: str = "best", splits=None,
 def _evaluate(config, workdir: str, mesh, *, checkpoint: str, splits,
               save_predictions: int, original_resolution: bool,
               output_dir: str | None) -> dict[str, float]:
+  # First, so that a mistyped workdir fails at once (and nothing is written into it).
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False, create=False)
+  try:
+    return _evaluate_with(ckpt, config, workdir, mesh, checkpoint=checkpoint, splits=splits,
+                          save_predictions=save_predictions,
+                          original_resolution=original_resolution, output_dir=output_dir)
+  finally:
+    ckpt.close()
+
+
+def _evaluate_with(ckpt, config, workdir: str, mesh, *, checkpoint: str, splits,
+                   save_predictions: int, original_resolution: bool,
+                   output_dir: str | None) -> dict[str, float]:
   local_batch = parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
   eval_batch = config.get("eval_batch_size", config.batch_size)
   local_eval = parallel.check_batch_size(eval_batch, mesh, "config.eval_batch_size")
@@ -156,7 +169,7 @@ def _evaluate(config, workdir: str, mesh, *, checkpoint: str, splits,
     splits = [e.get("split", n) for n, e in evals_cfg.items()] or ["val"]
   unknown = [s for s in splits if s not in inputs.spec.sources]
   if unknown:
-    raise ValueError(f"--splits {unknown} not in the dataset; have "
+    raise cli.ConfigError(f"--splits {unknown} not in the dataset; have "
                      f"{sorted(inputs.spec.sources)}")
 
   method = get_method_class(config.method)(config)
@@ -165,11 +178,7 @@ def _evaluate(config, workdir: str, mesh, *, checkpoint: str, splits,
   global_example = parallel.host_to_global(example, mesh)
   total = train_lib.resolve_steps(config, inputs.num_train)["total"]
   m = train_lib.build_machinery(config, method, mesh, rng, global_example, total)
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
-  try:
-    state, _, step = ckpt.restore(m.abstract, step=checkpoint)
-  finally:
-    ckpt.close()
+  state, _, step = ckpt.restore(m.abstract, step=checkpoint)
   logging.info("evaluating %s checkpoint (step %d) of %s", checkpoint, step, workdir)
 
   out_dir = output_dir or os.path.join(os.path.abspath(workdir), "eval",
@@ -241,22 +250,18 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  train_lib.quiet_library_logs()
+  cli.quiet_library_logs()
   f = flags.FLAGS
   if f.config is None or not f.workdir:
     raise app.UsageError("--config and --workdir are required")
   platform.configure_cpu_for(f.config)  # before the backend starts
-  try:
-    evaluate(f.config, f.workdir, checkpoint=f.checkpoint, splits=f.splits,
-             save_predictions=f.save_predictions,
-             original_resolution=f.original_resolution, output_dir=f.output_dir)
-  except FileNotFoundError as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    sys.exit(2)
+  evaluate(f.config, f.workdir, checkpoint=f.checkpoint, splits=f.splits,
+           save_predictions=f.save_predictions,
+           original_resolution=f.original_resolution, output_dir=f.output_dir)
 
 
 if __name__ == "__main__":
   _define_flags()
   jax.config.parse_flags_with_absl()
   platform.configure_compilation_cache()
-  app.run(main)
+  cli.run(main)

@@ -21,9 +21,14 @@ class MetricWriter:
   the same scalars as TensorBoard events under ``<workdir>/tensorboard``.
 
   Only process 0 writes; on other processes every call is a no-op.
+
+  ``resume_step``: the step the run (re)starts from. Records of later steps, written
+  before a kill, are dropped from ``metrics.jsonl`` (and TensorBoard purges its events
+  after it), because the resumed run replays those steps: each step is logged once.
   """
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True,
+               resume_step: int | None = None):
     self.active = jax.process_index() == 0
     self.workdir = workdir
     self._tb = None
@@ -31,12 +36,36 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      self._drop_after(int(resume_step))
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(
+            os.path.join(workdir, "tensorboard"),
+            purge_step=None if resume_step is None else int(resume_step) + 1)
       except ImportError:  # pragma: no cover - tensorboardX is a dependency
         logging.warning("tensorboardX is not installed: no TensorBoard events")
+
+  def _drop_after(self, step: int) -> None:
+    if not os.path.exists(self._path):
+      return
+    with open(self._path) as f:
+      lines = [line for line in f if line.strip()]
+    def step_of(line: str) -> float:
+      try:
+        return json.loads(line).get("step", 0)
+      except ValueError:  # a line cut short by a kill
+        return float("inf")
+    keep = [line for line in lines if step_of(line) <= step]
+    if len(keep) == len(lines):
+      return
+    tmp = self._path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, self._path)
+    logging.info("metrics.jsonl: dropped %d records after step %d (replayed on resume)",
+                 len(lines) - len(keep), step)
 
   def write_config(self, config) -> None:
     if not self.active:
@@ -72,8 +101,31 @@ class MetricWriter:
       self._tb = None
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """Reads ``metrics.jsonl`` back (for plots, tests and notebooks)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+def read_metrics(path: str) -> list[dict]:
+  """Reads ``metrics.jsonl`` (or a workdir holding it) back, one record per step in step
+  order (for plots, tests and notebooks).
+
+  Records of one step are merged. Files written before resumes dropped replayed records
+  could hold a step twice: a record whose step is lower than the one before it starts a
+  replay, which replaces the records from that step on (the last value wins). Lines cut
+  short by a kill are skipped.
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, "metrics.jsonl")
+  records: list[dict] = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except ValueError:
+        continue
+      step = rec.get("step", len(records))
+      if records and step < records[-1]["step"]:  # a replay after a resume
+        records = [r for r in records if r["step"] < step]
+      if records and records[-1]["step"] == step:
+        records[-1].update(rec)
+      else:
+        records.append(dict(rec, step=step))
+  return records

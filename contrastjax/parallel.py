@@ -20,6 +20,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from contrastjax.errors import ConfigError
+
 P = jax.sharding.PartitionSpec
 DATA_AXIS = "data"
 
@@ -84,16 +86,16 @@ def make_mesh(mesh_axes: Sequence[tuple[str, int]] | None = None,
   names = [str(n) for n, _ in mesh_axes]
   sizes = [int(s) for _, s in mesh_axes]
   if DATA_AXIS not in names:
-    raise ValueError(f"config.mesh={mesh_axes!r} must contain a {DATA_AXIS!r} axis")
+    raise ConfigError(f"config.mesh={mesh_axes!r} must contain a {DATA_AXIS!r} axis")
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh={mesh_axes!r}: at most one axis may have size -1")
+    raise ConfigError(f"config.mesh={mesh_axes!r}: at most one axis may have size -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"config.mesh={mesh_axes!r} does not divide {len(devices)} devices")
+      raise ConfigError(f"config.mesh={mesh_axes!r} does not divide {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh={mesh_axes!r} has {int(np.prod(sizes))} devices but "
         f"{len(devices)} are available")
   return jax.make_mesh(tuple(sizes), tuple(names), devices=devices,
@@ -117,11 +119,11 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, what: str)
   """Validates a global batch size and returns the per-process batch size."""
   n = num_data_shards(mesh)
   if global_batch_size % n:
-    raise ValueError(
+    raise ConfigError(
         f"{what}={global_batch_size} must be divisible by the {n} devices of the "
         f"mesh's {DATA_AXIS!r} axis")
   if global_batch_size % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
         f"{what}={global_batch_size} must be divisible by the {jax.process_count()} "
         "processes")
   return global_batch_size // jax.process_count()

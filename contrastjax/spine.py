@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 from contrastjax import parallel
+from contrastjax.errors import ConfigError
 
 PyTree = Any
 
@@ -73,7 +74,7 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, base_lr: float,
   elif sched == "warmup_cosine":
     main = optax.cosine_decay_schedule(base_lr, max(total_steps - warmup, 1))
   else:
-    raise ValueError(f"config.optimizer.schedule={sched!r}: expected 'constant', "
+    raise ConfigError(f"config.optimizer.schedule={sched!r}: expected 'constant', "
                      "'warmup_poly', 'warmup_poly_mmcv' or 'warmup_cosine'")
   if warmup:
     warm = optax.linear_schedule(base_lr * float(cfg.get("warmup_init_factor", 0.0)),
@@ -124,7 +125,7 @@ def _base_optimizer(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
     if weight_decay:
       tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
     return tx
-  raise ValueError(f"config.optimizer.name={name!r}: expected 'adam', 'adamw' or 'sgd'")
+  raise ConfigError(f"config.optimizer.name={name!r}: expected 'adam', 'adamw' or 'sgd'")
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, params: PyTree,
@@ -145,7 +146,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: PyTree,
     transforms, names = {}, []
     for i, g in enumerate(groups):
       if len(g) != 3:
-        raise ValueError(f"config.optimizer.groups[{i}]={g!r}: expected "
+        raise ConfigError(f"config.optimizer.groups[{i}]={g!r}: expected "
                          "(regex, lr_mult, wd_mult)")
       rx, lr_mult, wd_mult = g
       name = f"group{i}:{rx}"
@@ -215,6 +216,22 @@ def initialise_state(create: Callable, state_sharding: PyTree, rng: jax.Array,
 
 def _tree_norm(tree: PyTree) -> jax.Array:
   return optax.tree.norm(tree)
+
+
+@jax.jit
+def tree_all_finite(tree: PyTree) -> jax.Array:
+  """True when every floating-point leaf of ``tree`` is free of NaN and Inf."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def state_is_finite(state: TrainState) -> bool:
+  """The trainer's check before writing a checkpoint and after restoring one: the
+  parameters, BatchNorm state, optimizer state and method state hold no NaN/Inf. (The
+  plateau state is left out: its best value starts at +Inf.)"""
+  return bool(tree_all_finite((state.params, state.model_state, state.opt_state,
+                               state.extra)))
 
 
 def make_train_step(method, tx: optax.GradientTransformation) -> Callable:

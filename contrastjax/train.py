@@ -9,7 +9,12 @@ compiled steps, checkpoint (auto-resume), evaluators, loop. Methods differ in
 
 Restarting the same command resumes from the newest checkpoint in ``--workdir``.
 SIGTERM (e.g. a preempted Cloud TPU VM) saves a checkpoint and exits cleanly; a
-non-finite loss stops training, names the step and keeps the last good checkpoint.
+non-finite loss, gradient or parameter stops training, names the step and keeps the last
+good checkpoint (a checkpoint is only written from a state checked to be finite).
+
+Expected errors print one line (the traceback with ``--verbosity=1``) and exit with
+:data:`EXIT_CODES`: 2 config or usage, 3 divergence, 4 data, 5 workdir in use or
+unusable, 6 checkpoint or disk I/O.
 """
 from __future__ import annotations
 
@@ -30,19 +35,28 @@ from ml_collections import config_flags
 import numpy as np
 
 from contrastjax import checkpoint as ckpt_lib
+from contrastjax import cli
+from contrastjax import errors
 from contrastjax import parallel
 from contrastjax import spine
 from contrastjax import evaluators as evaluators_lib
 from contrastjax import metric_writer
+from contrastjax import workdir as workdir_lib
 from contrastjax.data import builder as data_builder
+from contrastjax.data import validation as data_validation
 from contrastjax.methods import get_method_class
+from contrastjax.errors import ConfigError
 
 
 _PROCESS_START = time.time()
 
 
-class DivergenceError(RuntimeError):
-  """Raised when the training loss becomes NaN or Inf."""
+DivergenceError = errors.DivergenceError  # raised by the loop (re-exported for callers)
+
+#: The metrics of every train step checked for NaN/Inf: the loss (computed before the
+#: update), and the gradient and parameter norms (after it: an update can make the
+#: parameters non-finite while its loss was finite).
+_FINITE_METRICS = ("loss", "grad_norm", "param_norm")
 
 
 class _Preemption:
@@ -129,14 +143,14 @@ def resolve_steps(config: ml_collections.ConfigDict, num_train: int) -> dict[str
   """Turns ``*_epochs`` / ``*_steps`` settings into step counts."""
   steps_per_epoch = max(num_train // config.batch_size, 1)
   if num_train < config.batch_size:
-    raise ValueError(
+    raise ConfigError(
         f"config.batch_size={config.batch_size} is larger than the {num_train} training "
         "examples: nothing to train on (batches drop the incomplete remainder)")
 
   def get(prefix: str, default: int | None) -> int | None:
     s, e = config.get(f"{prefix}_steps"), config.get(f"{prefix}_epochs")
     if s and e:
-      raise ValueError(f"set only one of config.{prefix}_steps and config.{prefix}_epochs")
+      raise ConfigError(f"set only one of config.{prefix}_steps and config.{prefix}_epochs")
     if s:
       return int(s)
     if e:
@@ -145,7 +159,7 @@ def resolve_steps(config: ml_collections.ConfigDict, num_train: int) -> dict[str
 
   total = get("total", None)
   if total is None:
-    raise ValueError("config.total_steps or config.total_epochs must be set")
+    raise ConfigError("config.total_steps or config.total_epochs must be set")
   return dict(steps_per_epoch=steps_per_epoch, total=total,
               log_every=get("log_every", 50), eval_every=get("eval_every", 0) or 0,
               ckpt_every=get("ckpt_every", 1000))
@@ -281,15 +295,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ===================================================================== devices
   parallel.maybe_initialize_distributed()
   mesh = parallel.make_mesh(config.get("mesh"))
+  workdir = workdir_lib.resolve(workdir)
   with jax.set_mesh(mesh):  # scoped: callers (notebooks, tests) keep their own mesh
-    return _train_and_evaluate(config, workdir, mesh)
+    with _locked(workdir):
+      return _train_and_evaluate(config, workdir, mesh)
+
+
+class _locked:
+  """Holds the workdir lock for the run (process 0 takes it; all processes stop together
+  when it is held by another run)."""
+
+  def __init__(self, workdir: str):
+    self.lock = workdir_lib.WorkdirLock(workdir)
+
+  def __enter__(self):
+    error = None
+    if jax.process_index() == 0:
+      try:
+        self.lock.acquire()
+      except workdir_lib.WorkdirError as e:
+        error = e
+    if jax.process_count() > 1 and parallel.process_any(error is not None) and error is None:
+      error = workdir_lib.WorkdirBusyError(
+          f"process 0 could not take the lock of the workdir {self.lock.workdir}; its "
+          "log says why")
+    if error is not None:
+      raise error
+    return self
+
+  def __exit__(self, *exc):
+    self.lock.release()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
+                               async_save=config.get("async_checkpointing", True))
+  writer = None
+  try:
+    resume_step = ckpt.latest_step()
+    # Records after the step being resumed from are replayed: the writer drops them.
+    writer = metric_writer.MetricWriter(
+        workdir, tensorboard=config.get("tensorboard", True), resume_step=resume_step or 0)
+    return _train(config, workdir, mesh, ckpt, writer, resume_step)
+  finally:
+    failing = sys.exc_info()[0] is not None
+    try:
+      ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not failing:
+        raise
+      logging.warning("closing the checkpointer after the error also failed: %s",
+                      str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if writer is not None:
+      writer.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+           ckpt: ckpt_lib.Checkpointer, writer: metric_writer.MetricWriter,
+           resume_step: int | None) -> dict[str, Any]:
+  """The run itself, on an open checkpointer and metric writer."""
   is_chief = jax.process_index() == 0
-  workdir = os.path.abspath(workdir)
-  writer = metric_writer.MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
   writer.write_config(config)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape),
                jax.device_count(), jax.process_count())
@@ -300,6 +366,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   local_eval_batch = parallel.check_batch_size(eval_batch, mesh, "config.eval_batch_size")
   inputs = data_builder.build(config, local_batch_size=local_batch,
                               local_eval_batch_size=local_eval_batch, workdir=workdir)
+  data_validation.check_sources(inputs.spec.sources, config.data.get("validate", "auto"),
+                                progress=config.get("progress_bar", True))
   steps = resolve_steps(config, inputs.num_train)
   total_steps = steps["total"]
   train_iter = iter(inputs.train)
@@ -323,12 +391,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                    abstract, global_example))
 
   # ===================================================================== checkpoint
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
-                               async_save=config.get("async_checkpointing", True))
   loop_state: dict[str, Any] = dict(best_value=None, best_step=None, bad_evals=0,
                                     last_eval={})
-  if ckpt.latest_step() is not None:
+  if resume_step is not None:
     state, loop_state, restored_step = ckpt.restore(abstract, data_iter=train_iter)
+    if not spine.state_is_finite(state):
+      raise DivergenceError(
+          f"checkpoint {restored_step} in {os.path.join(workdir, ckpt_lib.CHECKPOINTS)} "
+          "holds non-finite (NaN/Inf) values (written by a version that did not check); "
+          f"delete the folder {os.path.join(workdir, ckpt_lib.CHECKPOINTS, str(restored_step))} "
+          "to resume from the one before it")
     logging.info("resumed from %s at step %d", ckpt.workdir, restored_step)
   else:
     t0 = time.time()
@@ -396,23 +468,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_eval: dict[str, float] = dict(loop_state.get("last_eval") or {})
   stop_reason = None
 
+  def diverged(s: int, what: str) -> DivergenceError:
+    good = ("step " + str(last_good_ckpt) if last_good_ckpt is not None else "none")
+    return DivergenceError(
+        f"training diverged: {what} at step {s}. Parameters after step {s - 1} are "
+        f"discarded; the last good checkpoint is {good} in "
+        f"{os.path.join(workdir, ckpt_lib.CHECKPOINTS)}. Lower the learning rate or check "
+        "the data, then rerun the same command to resume from it.")
+
   def check_finite(upto_all: bool) -> None:
-    """Checks the losses of finished steps (lagging one step behind to keep the
-    device busy) and raises DivergenceError on NaN/Inf."""
+    """Checks the loss, gradient norm and parameter norm of finished steps (lagging one
+    step behind to keep the device busy) and raises DivergenceError on NaN/Inf."""
     while pending and (upto_all or len(pending) > 1):
       s, m = pending.pop(0)
-      loss = float(jax.device_get(m["loss"]))
-      if not np.isfinite(loss):
-        raise DivergenceError(
-            f"training diverged: loss is {loss} at step {s}. Parameters after step "
-            f"{s - 1} are discarded; the last good checkpoint is "
-            f"{'step ' + str(last_good_ckpt) if last_good_ckpt is not None else 'none'} in "
-            f"{os.path.join(workdir, ckpt_lib.CHECKPOINTS)}. Lower the learning rate or "
-            "check the data, then rerun the same command to resume from it.")
+      values = {k: float(v) for k, v in jax.device_get(
+          {k: m[k] for k in _FINITE_METRICS}).items()}
+      if not np.isfinite(values["loss"]):
+        raise diverged(s, f"loss is {values['loss']}")
+      bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+      if bad:
+        raise diverged(s, "the update made the parameters non-finite (" + ", ".join(
+            f"{k}={v}" for k, v in bad.items()) + f", while the loss was {values['loss']:.6g})")
 
   def save(step: int, force: bool = False) -> None:
     nonlocal last_good_ckpt
     check_finite(upto_all=True)
+    if not spine.state_is_finite(state):  # e.g. a BatchNorm statistic overflowed
+      raise diverged(step, "the train state holds NaN/Inf values")
     loop_state["last_eval"] = last_eval
     if ckpt.save(step, state, data_iter=train_iter, loop_state=loop_state, force=force):
       last_good_ckpt = step
@@ -430,6 +512,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      time.time() - t_start)
       pending.append((step, metrics))
       check_finite(upto_all=False)
+      ckpt.check()  # an asynchronous save that failed (e.g. a full disk) stops the run here
       imgs_since += config.batch_size
 
       if step % steps["log_every"] == 0 or step == total_steps:
@@ -451,7 +534,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_eval = run_evals(step)
         if plateau_monitor:
           if plateau_monitor not in last_eval:
-            raise KeyError(f"config.plateau.monitor={plateau_monitor!r} is not an "
+            raise ConfigError(f"config.plateau.monitor={plateau_monitor!r} is not an "
                            f"evaluation metric; have {sorted(last_eval)}")
           state = state.replace(plateau=spine.plateau_update(
               plateau_tx, state.plateau, last_eval[plateau_monitor]))
@@ -463,7 +546,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               if not k.endswith("eval_seconds")))
         if best_metric:
           if best_metric not in last_eval:
-            raise KeyError(f"config.best_metric={best_metric!r} is not an evaluation "
+            raise ConfigError(f"config.best_metric={best_metric!r} is not an evaluation "
                            f"metric; have {sorted(last_eval)}")
           value = last_eval[best_metric]
           if _is_better(value, loop_state["best_value"], best_mode):
@@ -495,9 +578,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     preemption.uninstall()
     if progress is not None:
       progress.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+  ckpt.wait()  # the last save is on disk (or its failure raises) before "done"
   if is_chief and config.get("plot_curves", True):
     try:
       from contrastjax import visualize  # pylint: disable=g-import-not-at-top
@@ -510,27 +591,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 # ============================================================================= CLI
-class _QuietLibraries:
-  """absl logging filter: drops INFO lines of orbax/grain (dozens per checkpoint) so
-  the progress bar and our own messages stay readable; warnings still show."""
-
-  def filter(self, record) -> bool:
-    noisy = ("/orbax/", "/grain/", "/tensorstore/")
-    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
-
-
-def quiet_library_logs() -> None:
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  std_logging.getLogger("absl").addFilter(_QuietLibraries())
-
-
 def main(argv):
   """Entry point of ``python -m contrastjax.train`` (flags are defined in __main__, so
   importing this module from evaluate/benchmark/tests defines no flags)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
+  cli.quiet_library_logs()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/condseg_kvasir.py:demo")
@@ -538,12 +604,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   from contrastjax import platform  # pylint: disable=g-import-not-at-top
   platform.configure_cpu_for(config)  # before the backend starts: it reads XLA_FLAGS once
-  try:
-    result = train_and_evaluate(config, workdir)
-  except DivergenceError as e:
-    logging.error("%s", e)
-    print(f"ERROR: {e}", file=sys.stderr)
-    sys.exit(3)
+  result = train_and_evaluate(config, workdir)  # expected errors: cli.run's one line
   logging.info("done: %s", result)
 
 
@@ -555,4 +616,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
   jax.config.parse_flags_with_absl()
   platform.configure_compilation_cache()
-  app.run(main)
+  cli.run(main)

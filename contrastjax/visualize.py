@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -150,20 +149,17 @@ def plot_curves(metrics_jsonl_path: str, out_png: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  from contrastjax import metric_writer  # pylint: disable=g-import-not-at-top
   series: dict[str, tuple[list[float], list[float]]] = {}
-  with open(metrics_jsonl_path) as f:
-    for line_no, line in enumerate(f):
-      if not line.strip():
+  for record in metric_writer.read_metrics(metrics_jsonl_path):
+    step = _numeric(record["step"])
+    for key, value in record.items():
+      v = _numeric(value)
+      if key == "step" or v is None or not math.isfinite(v):
         continue
-      record = json.loads(line)
-      step = _numeric(record.get("step", line_no))
-      for key, value in record.items():
-        v = _numeric(value)
-        if key == "step" or v is None or not math.isfinite(v):
-          continue
-        xs, ys = series.setdefault(key, ([], []))
-        xs.append(step)
-        ys.append(v)
+      xs, ys = series.setdefault(key, ([], []))
+      xs.append(step)
+      ys.append(v)
 
   def leaf(key: str) -> str:
     return key.rsplit("/", 1)[-1]

@@ -1,6 +1,8 @@
 """A tiny but real method and dataset for spine tests (conv + BatchNorm segmenter)."""
 from __future__ import annotations
 
+import time
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,8 @@ class ToyMethod(Method):
     super().__init__(config)
     self.model = ToyModel(width=config.get("toy_width", 8))
     self.nan_at_step = int(config.get("toy_nan_at_step", -1))
+    # Seconds each train step waits on the host: widens the windows kill tests aim at.
+    self.step_sleep = float(config.get("toy_step_sleep", 0.0))
 
   def init(self, rng, batch):
     v = self.model.init(rng, batch["image"], train=False)
@@ -41,6 +45,11 @@ class ToyMethod(Method):
                                          train=True, mutable=["batch_stats"])
     loss = optax.sigmoid_binary_cross_entropy(logits, batch["mask"]).mean()
     loss = jnp.where(step + 1 == self.nan_at_step, jnp.nan, loss)
+    if self.step_sleep > 0:
+      sleep = self.step_sleep
+      loss = loss + jax.pure_callback(
+          lambda s: (time.sleep(sleep), np.zeros((), np.float32))[1],
+          jax.ShapeDtypeStruct((), jnp.float32), step)
     return loss, (new_state, {"bce": loss})
 
   def predict(self, params, model_state, extra, batch):
@@ -105,6 +114,8 @@ def toy_config(**overrides):
   c.early_stop_patience = 0
   c.toy_width = 8
   c.toy_nan_at_step = -1
+  c.toy_step_sleep = 0.0
+  c.tensorboard = True
   c.optimizer = ml_collections.ConfigDict(dict(name="adam", lr=1e-2))
   c.plateau = ml_collections.ConfigDict(dict(monitor="val/loss", factor=0.5, patience=1))
   c.data = ml_collections.ConfigDict(dict(name="_toy:toy_data", num_train=32, num_val=10,

@@ -83,8 +83,11 @@ def test_jpeg_mask_threshold_close_to_truth(dataset):
 def test_glas_instance_labels_binarise_to_nonzero(dataset):
   mask = MedSegSource(dataset, 'train')[2]['mask']
   np.testing.assert_array_equal(mask > 0, _glas_labels() > 0)
-  # The reference's behaviour (threshold a 0..K label mask) loses every gland (issue #18).
-  assert not MedSegSource(dataset, 'train', binarize='threshold')[2]['mask'].any()
+  # The reference's behaviour (threshold a 0..K label mask) loses every gland (issue #18):
+  # here that is an error naming the file and the rule, never an empty mask.
+  with pytest.raises(DatasetError, match=r"c\.bmp.*'threshold'.*binarize='nonzero'") as e:
+    MedSegSource(dataset, 'train', binarize='threshold')[2]
+  assert e.value.kind == 'label_mask_under_threshold_rule'
 
 
 def test_binarize_rules():
@@ -281,12 +284,14 @@ def test_validate_reports_every_problem_with_counts(dataset):
   _save(dataset / 'masks' / 'empty.png', np.zeros((H, W), np.uint8))
   (dataset / 'all.txt').write_text('a\ntrunc\nb\nmism\nc\nempty')
   report = validate(MedSegSource(dataset, 'all', binarize='threshold'))
-  assert report.num_examples == 6 and report.num_ok == 4 and not report.ok
-  assert report.counts == {'unreadable': 1, 'size_mismatch': 1}
-  assert report.warnings['empty_mask'] == ['c', 'empty']   # c: labels lost by 'threshold'
-  assert report.warnings['label_mask_under_threshold_rule'] == ['c']
+  assert report.num_examples == 6 and report.num_ok == 3 and not report.ok
+  # c: a label mask whose foreground the 'threshold' rule would silently empty
+  assert report.counts == {'unreadable': 1, 'size_mismatch': 1,
+                           'label_mask_under_threshold_rule': 1}
+  assert report.warnings['empty_mask'] == ['empty']
   text = report.summary()
-  assert 'trunc.png' in text and 'mism.png' in text and '4/6' in text
+  assert 'trunc.png' in text and 'mism.png' in text and '3/6' in text
+  assert "binarize='nonzero'" in text and 'c.png' in text
   assert validate(MedSegSource(dataset, 'train')).ok
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from contrastjax.errors import ConfigError
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses ``"a,b=1,c=x"`` against typed ``defaults`` (bare names mean True).
@@ -20,18 +22,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"config argument {key!r} (in {arg!r}) is not known; accepted: "
+      raise ConfigError(f"config argument {key!r} (in {arg!r}) is not known; accepted: "
                        f"{sorted(defaults)}")
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):
-        raise ValueError(f"config argument {key!r} needs a value: {key}=...")
+        raise ConfigError(f"config argument {key!r} needs a value: {key}=...")
       out[key] = True
       continue
     value = value.strip()
     if isinstance(default, bool):
       if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-        raise ValueError(f"config argument {key}={value!r}: expected true/false")
+        raise ConfigError(f"config argument {key}={value!r}: expected true/false")
       out[key] = value.lower() in ("1", "true", "yes")
     elif isinstance(default, int):
       out[key] = int(value)

@@ -31,6 +31,7 @@ import ml_collections
 
 from contrastjax.configs.common import parse_arg
 from contrastjax.data import siamseg_inputs
+from contrastjax.errors import ConfigError
 
 #: The reference network (``models.daformer.SiamSegNet``): MiT-B5 (drop path 0.1) + DAFormer
 #: head with separable-ASPP fusion (embed 256, channels 256, dilations 1/6/12/18, dropout 0.1)
@@ -103,14 +104,14 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
                   task="potsdam_irrg2vaihingen_irrg")
     task = a.task
     if task not in TASKS or TASKS[task][0] != "isprs":
-      raise ValueError(f"config argument task={task!r} is not an ISPRS task; expected one of "
+      raise ConfigError(f"config argument task={task!r} is not an ISPRS task; expected one of "
                        f"{sorted(k for k, v in TASKS.items() if v[0] == 'isprs')}")
   else:
     raise ValueError(f"SiamSeg task family {family!r}; expected 'loveda' or 'isprs'")
   if a.dacs and a.source_only:
-    raise ValueError(f"config arguments 'dacs' and 'source_only' exclude each other ({arg!r})")
+    raise ConfigError(f"config arguments 'dacs' and 'source_only' exclude each other ({arg!r})")
   if a.tta and a.slide:
-    raise ValueError(f"config arguments 'tta' and 'slide' exclude each other ({arg!r}); "
+    raise ConfigError(f"config arguments 'tta' and 'slide' exclude each other ({arg!r}); "
                      "tta runs whole-image inference per scale")
   maker, maker_keys, eval_every = TASKS[task]
   c = ml_collections.ConfigDict()

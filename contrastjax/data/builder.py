@@ -17,6 +17,8 @@ import jax
 import ml_collections
 
 from contrastjax.data import pipeline
+from contrastjax.data.errors import DatasetError
+from contrastjax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -55,7 +57,7 @@ def register(name: str, target: str) -> None:
 def get_maker(name: str) -> Callable[..., DataSpec]:
   target = _MAKERS.get(name, name if ":" in name else None)
   if target is None:
-    raise ValueError(f"config.data.name={name!r} is not a known dataset; expected one "
+    raise ConfigError(f"config.data.name={name!r} is not a known dataset; expected one "
                      f"of {sorted(_MAKERS)} or a 'module:function' path")
   module, fn = target.split(":")
   return getattr(importlib.import_module(module), fn)
@@ -78,11 +80,12 @@ def build(config: ml_collections.ConfigDict, *, local_batch_size: int,
   dcfg = config.data
   train_split = dcfg.get("train_split", "train")
   if train_split not in spec.sources:
-    raise ValueError(f"config.data.train_split={train_split!r}: dataset "
+    raise ConfigError(f"config.data.train_split={train_split!r}: dataset "
                      f"{dcfg.name!r} has splits {sorted(spec.sources)}")
   train_source = spec.sources[train_split]
   if len(train_source) == 0:
-    raise ValueError(f"the {train_split!r} split of {dcfg.name!r} is empty")
+    raise DatasetError(f"the {train_split!r} split of {dcfg.name!r} is empty",
+                       kind="empty_split")
   train = pipeline.train_dataset(
       train_source, spec.train_transforms,
       global_batch_size=local_batch_size * jax.process_count(), seed=int(config.seed),
@@ -91,7 +94,7 @@ def build(config: ml_collections.ConfigDict, *, local_batch_size: int,
 
   def eval_batches(split: str) -> Iterator[dict]:
     if split not in spec.sources:
-      raise ValueError(f"evaluation split {split!r} is not in dataset {dcfg.name!r}; "
+      raise ConfigError(f"evaluation split {split!r} is not in dataset {dcfg.name!r}; "
                        f"have {sorted(spec.sources)}")
     return pipeline.eval_batches(
         spec.sources[split], spec.eval_transforms,

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from contrastjax.data.errors import DatasetError
+from contrastjax.errors import ConfigError
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
@@ -156,7 +157,7 @@ def prompt_template(prompt: str) -> str:
   if prompt in PROMPTS:
     return PROMPTS[prompt]
   if "{}" not in prompt:
-    raise ValueError(f"config.data.cifar10_prompt={prompt!r}: expected one of "
+    raise ConfigError(f"config.data.cifar10_prompt={prompt!r}: expected one of "
                      f"{sorted(PROMPTS)} or a template containing '{{}}'")
   return prompt
 

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from contrastjax.data.errors import DatasetError
+from contrastjax.errors import ConfigError
 
 #: OpenAI CLIP normalisation (``open_clip.constants.OPENAI_DATASET_MEAN/STD``).
 CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -131,9 +132,11 @@ class CocoCaptionsSource:
   """Random-access COCO examples ``{'image': uint8 [H, W, 3], 'captions': [str, ...]}``
   (one caption, except in ``mode='images'``)."""
 
+  on_disk = True  # read in full at start-up by contrastjax.data.validation
+
   def __init__(self, index: CaptionIndex, mode: str = "pairs", caption_index: int = 0):
     if mode not in ("pairs", "images", "eval"):
-      raise ValueError(f"config.data.train_mode={mode!r}: expected 'pairs' or 'images'")
+      raise ConfigError(f"config.data.train_mode={mode!r}: expected 'pairs' or 'images'")
     self.index, self.mode = index, mode
     if mode == "pairs":
       self.items = [(i, j) for i, caps in enumerate(index.captions) for j in range(len(caps))]

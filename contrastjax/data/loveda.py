@@ -105,6 +105,8 @@ class LabelFolderSource:
   and reduced. Holds only paths (cheap to pickle into grain workers).
   """
 
+  on_disk = True  # read in full at start-up by contrastjax.data.validation
+
   def __init__(self, image_dir: str, label_dir: str, *, num_classes: int,
                names: Sequence[str] | None = None, names_file: str | None = None,
                what: str = 'dataset', image_exts: Sequence[str] = ('.png',)):

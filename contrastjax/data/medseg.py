@@ -343,6 +343,8 @@ class MedSegSource:
   The object holds only paths, so it pickles cheaply into grain worker processes.
   """
 
+  on_disk = True  # read in full at start-up by contrastjax.data.validation
+
   def __init__(self, root: str | os.PathLike[str], split: str = 'train', *,
                binarize: str = 'auto', mask_suffix: str = '', images_dir: str = 'images',
                masks_dir: str = 'masks'):
@@ -418,8 +420,18 @@ class MedSegSource:
             f'binarize={self.binarize!r})')
 
   def _check_mask_values(self, raw: np.ndarray, path: str) -> None:
-    """Rejects a grayscale photo in place of a 0/255 mask (rules 'auto'/'threshold')."""
-    if self.binarize == 'nonzero' or raw.max(initial=0) <= 127:
+    """Rejects masks the binarisation rule cannot read: a grayscale photo in place of a
+    0/255 mask (rules 'auto'/'threshold'), and under 'threshold' a label mask (e.g. 0/1)
+    whose foreground would silently become empty (ConDSeg issue #18)."""
+    peak = int(raw.max(initial=0))
+    if self.binarize == 'threshold' and 0 < peak <= 127:
+      raise DatasetError(
+          f'mask file {path} has values {np.unique(raw)[:8].tolist()} (maximum {peak}), but '
+          "the binarisation rule is 'threshold' (foreground = value > 127): its foreground "
+          "would become empty. For label masks (0/1, 0..K) set config.data.binarize='nonzero' "
+          "(or 'auto', which picks the rule per file)", path=path,
+          kind='label_mask_under_threshold_rule')
+    if self.binarize == 'nonzero' or peak <= 127:
       return
     midtones = float(np.mean((raw >= 32) & (raw <= 223)))
     if midtones > _MAX_MIDTONE_FRACTION:
@@ -518,8 +530,8 @@ def validate(source: Sequence[Any]) -> ValidationReport:
 
   Works for any source following the contract of :class:`MedSegSource` (also the synthetic one):
   besides the reader's own checks it verifies the output dtypes, shapes and mask values.
-  Warnings (not errors): empty masks, and masks that look like label masks (maximum in 1..127)
-  under ``binarize='threshold'``, which would become empty (ConDSeg issue #18).
+  Warnings (not errors): empty masks. (Label masks, maximum in 1..127, under
+  ``binarize='threshold'`` are errors of the reader itself: they would become empty.)
 
   Args:
     source: A random-access source.
@@ -529,7 +541,6 @@ def validate(source: Sequence[Any]) -> ValidationReport:
   """
   report = ValidationReport(source=repr(source), num_examples=len(source))
   warnings: dict[str, list[str]] = collections.defaultdict(list)
-  rule = getattr(source, 'binarize', None)
   names = getattr(source, 'names', None)
   names = list(names) if names is not None else [str(i) for i in range(len(source))]
   for i in range(len(source)):
@@ -550,10 +561,6 @@ def validate(source: Sequence[Any]) -> ValidationReport:
                            kind='bad_mask')
       if not mask.any():
         warnings['empty_mask'].append(name)
-      if rule == 'threshold' and hasattr(source, 'read_raw_mask'):
-        raw_max = int(source.read_raw_mask(i).max(initial=0))
-        if 0 < raw_max <= 127:
-          warnings['label_mask_under_threshold_rule'].append(name)
     except DatasetError as e:
       report.problems.append((i, name, e.kind, str(e)))
   report.warnings = dict(warnings)

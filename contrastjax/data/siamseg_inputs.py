@@ -57,6 +57,7 @@ from contrastjax.data import seg_transforms as ST
 from contrastjax.data import synthetic_aerial as aerial_lib
 from contrastjax.data.builder import DataSpec
 from contrastjax.data.errors import DatasetError
+from contrastjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,11 @@ class PairSource:
                          f'{len(source)} source and {len(target)} target examples '
                          f'({source!r}, {target!r})', kind='empty_split')
     self.source, self.target = source, target
+
+  @property
+  def parts(self) -> tuple[Any, Any]:
+    """The two sources read (start-up validation reads each once, not every pair)."""
+    return (self.source, self.target)
 
   def __len__(self) -> int:
     return len(self.source) * len(self.target)
@@ -159,7 +165,7 @@ def _pair2(value, key: str):
     return (value, value)
   value = tuple(value)
   if len(value) != 2:
-    raise ValueError(f'config.data.{key}={value!r}; expected a number or a pair')
+    raise ConfigError(f'config.data.{key}={value!r}; expected a number or a pair')
   return value
 
 
@@ -250,7 +256,7 @@ def synthetic_aerial(dcfg, seed: int) -> DataSpec:
   n_val = int(dcfg.get('num_val', 64))
   shift = float(dcfg.get('shift', 1.0))
   if not 0.0 <= shift <= 1.0:
-    raise ValueError(f'config.data.shift={shift!r}; expected a number in [0, 1] (0: the '
+    raise ConfigError(f'config.data.shift={shift!r}; expected a number in [0, 1] (0: the '
                      'target looks like the source, 1: the full domain shift)')
   train = PairSource(aerial_lib.SyntheticAerial(n_src, size, data_seed, 'source'),
                      aerial_lib.SyntheticAerial(n_tgt, size, data_seed, 'target', shift))

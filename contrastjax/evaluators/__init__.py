@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from contrastjax.errors import ConfigError
+
 _REGISTRY = {
     "binary_seg": "contrastjax.evaluators.binary_seg:BinarySegEvaluator",
     "semseg": "contrastjax.evaluators.semseg:SemSegEvaluator",
@@ -28,7 +30,7 @@ def build(ecfg, *, predict_fn: Callable, batches_fn: Callable, loss_fn=None,
           prefix: str = "val", reduce_fn=None):
   etype = ecfg.get("type", None)
   if etype not in _REGISTRY:
-    raise ValueError(f"evaluator type {etype!r} is not known; expected one of "
+    raise ConfigError(f"evaluator type {etype!r} is not known; expected one of "
                      f"{sorted(_REGISTRY)}")
   module, cls = _REGISTRY[etype].split(":")
   kwargs = {k: v for k, v in dict(ecfg).items() if k not in _GENERIC_KEYS}

@@ -29,6 +29,7 @@ from contrastjax.gap import bounds
 from contrastjax.gap import flows
 from contrastjax.gap import integrate
 from contrastjax.gap import measures
+from contrastjax.errors import ConfigError
 
 MODELS = ("features", "scalar")
 
@@ -49,10 +50,10 @@ def parse_mismatch(spec: str, n: int) -> tuple[int, ...] | None:
     try:
       i, j = (int(x) for x in item.split("-"))
     except ValueError:
-      raise ValueError(f"config.mismatch={spec!r}: expected swapped pairs like '3-8' or "
+      raise ConfigError(f"config.mismatch={spec!r}: expected swapped pairs like '3-8' or "
                        "'0-1,2-5'") from None
     if not (0 <= i < n and 0 <= j < n):
-      raise ValueError(f"config.mismatch={spec!r}: index out of range(0, {n})")
+      raise ConfigError(f"config.mismatch={spec!r}: index out of range(0, {n})")
     t[i], t[j] = t[j], t[i]
   return tuple(t)
 
@@ -70,7 +71,7 @@ def schedule_args(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def save_times(c: ml_collections.ConfigDict) -> np.ndarray:
   if not 0 < c.t_min < c.t1:
-    raise ValueError(f"config.t_min={c.t_min!r} must be in (0, config.t1={c.t1!r})")
+    raise ConfigError(f"config.t_min={c.t_min!r} must be in (0, config.t1={c.t1!r})")
   grid = np.geomspace(c.t_min, c.t1, int(c.num_save))
   snaps = [t for t in c.snapshot_times if 0 < t <= c.t1]
   return np.unique(np.concatenate([grid, np.asarray(snaps, float)]))
@@ -78,17 +79,17 @@ def save_times(c: ml_collections.ConfigDict) -> np.ndarray:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   if c.model not in MODELS:
-    raise ValueError(f"config.model={c.model!r} is not known; expected one of {MODELS}")
+    raise ConfigError(f"config.model={c.model!r} is not known; expected one of {MODELS}")
   if c.on_exit not in ("raise", "report"):
-    raise ValueError(f"config.on_exit={c.on_exit!r}: expected 'raise' or 'report'")
+    raise ConfigError(f"config.on_exit={c.on_exit!r}: expected 'raise' or 'report'")
   if not 0 < c.tau0:
-    raise ValueError(f"config.tau0 must be > 0, got {c.tau0!r}")
+    raise ConfigError(f"config.tau0 must be > 0, got {c.tau0!r}")
   if not -1 < c.gamma0 < 1:
-    raise ValueError(f"config.gamma0 must be in (-1, 1), got {c.gamma0!r}")
+    raise ConfigError(f"config.gamma0 must be in (-1, 1), got {c.gamma0!r}")
   if not c.t1 > 0:
-    raise ValueError(f"config.t1 must be > 0, got {c.t1!r}")
+    raise ConfigError(f"config.t1 must be > 0, got {c.t1!r}")
   if c.model == "features" and (c.n < 2 or c.d < 2):
-    raise ValueError(f"config.n and config.d must be >= 2, got n={c.n}, d={c.d}")
+    raise ConfigError(f"config.n and config.d must be >= 2, got n={c.n}, d={c.d}")
 
 
 def _finite_list(x) -> list:

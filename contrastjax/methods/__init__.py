@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 
+from contrastjax.errors import ConfigError
+
 # config.method -> "module:Class"
 _REGISTRY = {
     "condseg_stage1": "contrastjax.methods.condseg:ConDSegStage1Method",
@@ -23,7 +25,7 @@ def get_method_class(name: str):
     module, cls = name.split(":")
     return getattr(importlib.import_module(module), cls)
   if name not in _REGISTRY:
-    raise ValueError(
+    raise ConfigError(
         f"config.method={name!r} is not a known method; expected one of "
         f"{sorted(_REGISTRY)}")
   module, cls = _REGISTRY[name].split(":")

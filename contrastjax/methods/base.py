@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from contrastjax.errors import ConfigError
+
 PyTree = Any
 Metrics = Mapping[str, jax.Array]
 
@@ -48,7 +50,7 @@ def module_kwargs(cls: type, cfg: Any, where: str, skip: Sequence[str] = ()
     if key in skip:
       continue
     if key not in fields:
-      raise ValueError(f"{where}.{key} is not a field of {cls.__name__}; "
+      raise ConfigError(f"{where}.{key} is not a field of {cls.__name__}; "
                        f"valid fields: {sorted(fields)}")
     value = plain_config(value)
     if key == "dtype" and isinstance(value, str):

@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 from contrastjax.gap import temperature as temp_lib
 from contrastjax.methods.base import Method, Metrics, PyTree, plain_config
 from contrastjax.models import clip as clip_model
+from contrastjax.errors import ConfigError
 
 TEMPERATURE_MODES = ("learn", "fixed", "linear", "cosine")
 SWAPS = ("none", "hard", "soft", "hard_feature")
@@ -178,7 +179,7 @@ def modality_swap(rng: jax.Array, h_x: jax.Array, h_y: jax.Array, kind: str,
   if kind == "none" or prob <= 0:
     return h_x, h_y, jnp.zeros((), jnp.float32)
   if kind not in _SWAP_FNS:
-    raise ValueError(f"config.clip.swap={kind!r} is not known; expected one of {SWAPS}")
+    raise ConfigError(f"config.clip.swap={kind!r} is not known; expected one of {SWAPS}")
   k_apply, k_swap = jax.random.split(rng)
   apply = jax.random.bernoulli(k_apply, prob)
   sx, sy = _SWAP_FNS[kind](k_swap, h_x, h_y)
@@ -207,19 +208,19 @@ class CLIPMethod(Method):
     opt = lambda k: plain_config(cc.get(k, _CLIP_KEYS[k]))  # noqa: E731
     self.mode = str(opt("temperature"))
     if self.mode not in TEMPERATURE_MODES:
-      raise ValueError(f"config.clip.temperature={self.mode!r} is not known; expected one "
+      raise ConfigError(f"config.clip.temperature={self.mode!r} is not known; expected one "
                        f"of {TEMPERATURE_MODES}")
     try:
       self.param = temp_lib.get_parameterization(str(opt("parameterization")),
                                                  float(opt("scale")))
     except ValueError as e:
-      raise ValueError(f"config.clip.parameterization: {e}") from None
+      raise ConfigError(f"config.clip.parameterization: {e}") from None
     self.tau_init = float(opt("tau_init"))
     if not self.tau_init > 0:
-      raise ValueError(f"config.clip.tau_init={self.tau_init!r}: expected > 0")
+      raise ConfigError(f"config.clip.tau_init={self.tau_init!r}: expected > 0")
     self.beta_min, self.beta_max = float(opt("beta_min")), float(opt("beta_max"))
     if not 0 < self.beta_min < self.beta_max:
-      raise ValueError(f"config.clip.beta_min={self.beta_min}, beta_max={self.beta_max}: "
+      raise ConfigError(f"config.clip.beta_min={self.beta_min}, beta_max={self.beta_max}: "
                        "expected 0 < beta_min < beta_max")
     self.tau0, self.tau1 = float(opt("tau0")), float(opt("tau1"))
     horizon = int(opt("schedule_horizon_steps")) or int(config.get("total_steps", 0) or 0)
@@ -232,23 +233,23 @@ class CLIPMethod(Method):
         temp_lib.check_schedule(sched, tau0=self.tau0, tau1=self.tau1,
                                 horizon=self.horizon, period=self.period)
       except ValueError as e:
-        raise ValueError(f"config.clip (temperature={self.mode!r}): {e} (horizon = "
+        raise ConfigError(f"config.clip (temperature={self.mode!r}): {e} (horizon = "
                          "schedule_horizon_steps or total_steps; period = "
                          "schedule_period_steps)") from None
     self.swap = str(opt("swap"))
     if self.swap not in SWAPS:
-      raise ValueError(f"config.clip.swap={self.swap!r} is not known; expected one of "
+      raise ConfigError(f"config.clip.swap={self.swap!r} is not known; expected one of "
                        f"{SWAPS}")
     self.swap_prob = float(opt("swap_prob"))
     if not 0.0 <= self.swap_prob <= 1.0:
-      raise ValueError(f"config.clip.swap_prob={self.swap_prob!r}: expected in [0, 1]")
+      raise ConfigError(f"config.clip.swap_prob={self.swap_prob!r}: expected in [0, 1]")
     self.swap_renormalize = bool(opt("swap_renormalize"))
     nu0 = float(self.param.nu_from_tau(self.tau_init))
     with jax.ensure_compile_time_eval():
       self.nu_bounds = (float(self.param.nu_from_beta(self.beta_min)),
                         float(self.param.nu_from_beta(self.beta_max)))
     if self.mode == "learn" and not (self.beta_min <= 1.0 / self.tau_init <= self.beta_max):
-      raise ValueError(f"config.clip.tau_init={self.tau_init}: 1/tau_init is outside "
+      raise ConfigError(f"config.clip.tau_init={self.tau_init}: 1/tau_init is outside "
                        f"[beta_min, beta_max] = [{self.beta_min}, {self.beta_max}]")
     self.model = clip_model.build_clip(config.model, nu0)
 

@@ -71,6 +71,7 @@ from contrastjax.data import photometric
 from contrastjax.methods import condseg_losses as losses
 from contrastjax.methods.base import Method, Metrics, PyTree, module_kwargs, plain_config
 from contrastjax.models import condseg as condseg_model
+from contrastjax.errors import ConfigError
 
 _CONDSEG_KEYS = {
     "double_sigmoid": False,
@@ -246,7 +247,7 @@ class ConDSegStage1Method(_ConDSegBase):
         "rng", "images"}
     bad = sorted(set(self.strong_aug) - accepted)
     if bad:
-      raise ValueError(f"config.condseg.strong_aug has unknown key(s) {bad}; "
+      raise ConfigError(f"config.condseg.strong_aug has unknown key(s) {bad}; "
                        f"strong_augment accepts {sorted(accepted)}")
     for key, value in self.strong_aug.items():
       self.strong_aug[key] = plain_config(value)

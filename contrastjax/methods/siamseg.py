@@ -46,6 +46,7 @@ from contrastjax.data.siamseg_inputs import split_pair
 from contrastjax.evaluators import seg_inference
 from contrastjax.methods.base import Method, Metrics, module_kwargs, plain_config
 from contrastjax.models import mit
+from contrastjax.errors import ConfigError
 
 PyTree = Any
 IGNORE_INDEX = 255
@@ -103,7 +104,7 @@ def pseudo_label_weight(logits: jax.Array, threshold: float | None, group_size: 
 
 def _check_groups(batch: int, group_size: int) -> None:
   if group_size < 0 or (group_size and batch % group_size):
-    raise ValueError(f"config.siamseg.stat_group_size={group_size} must divide the global "
+    raise ConfigError(f"config.siamseg.stat_group_size={group_size} must divide the global "
                      f"batch of {batch} images (config.batch_size); 0 = whole-batch "
                      "statistics")
 
@@ -398,9 +399,9 @@ class EMATeacher:
   def __init__(self, alpha: float = 0.999, pseudo_threshold: float | None = 0.968,
                group_size: int = 0):
     if not 0.0 <= alpha < 1.0:
-      raise ValueError(f"config.siamseg.alpha={alpha}; expected 0 <= alpha < 1")
+      raise ConfigError(f"config.siamseg.alpha={alpha}; expected 0 <= alpha < 1")
     if pseudo_threshold is not None and not 0.0 < pseudo_threshold <= 1.0:
-      raise ValueError(f"config.siamseg.pseudo_threshold={pseudo_threshold}; expected in (0, 1]")
+      raise ConfigError(f"config.siamseg.pseudo_threshold={pseudo_threshold}; expected in (0, 1]")
     self.alpha, self.pseudo_threshold = float(alpha), pseudo_threshold
     self.group_size = int(group_size)
 
@@ -548,26 +549,26 @@ class SiamSegMethod(Method):
     opt = lambda key: plain_config(s.get(key, _SIAMSEG_KEYS[key]))  # noqa: E731
     self.variant = str(opt("variant"))
     if self.variant not in VARIANTS:
-      raise ValueError(f"config.siamseg.variant={self.variant!r}; expected one of {VARIANTS}")
+      raise ConfigError(f"config.siamseg.variant={self.variant!r}; expected one of {VARIANTS}")
     if opt("num_classes") is None:
-      raise ValueError("config.siamseg.num_classes must be set")
+      raise ConfigError("config.siamseg.num_classes must be set")
     self.num_classes = int(opt("num_classes"))
     cw = opt("class_weight")
     if cw is not None:
       cw = tuple(float(v) for v in cw)
       if len(cw) != self.num_classes:
-        raise ValueError(f"config.siamseg.class_weight has {len(cw)} entries for "
+        raise ConfigError(f"config.siamseg.class_weight has {len(cw)} entries for "
                          f"num_classes={self.num_classes}")
     self.class_weight = cw
     self.stat_group_size = int(opt("stat_group_size") or 0)
     if self.stat_group_size < 0:
-      raise ValueError(f"config.siamseg.stat_group_size={self.stat_group_size}; expected 0 "
+      raise ConfigError(f"config.siamseg.stat_group_size={self.stat_group_size}; expected 0 "
                        "(whole-batch statistics) or a positive group size")
     self.teacher = EMATeacher(float(opt("alpha")), opt("pseudo_threshold"),
                               self.stat_group_size)
     self.classmix_scope = str(opt("classmix_scope"))
     if self.classmix_scope not in ("image", "batch"):
-      raise ValueError(f"config.siamseg.classmix_scope={self.classmix_scope!r}; expected "
+      raise ConfigError(f"config.siamseg.classmix_scope={self.classmix_scope!r}; expected "
                        "'image' (reference after PR #5) or 'batch' (paper runs)")
     self.strong = dict(color_jitter_strength=float(opt("color_jitter_strength")),
                        color_jitter_probability=float(opt("color_jitter_probability")),
@@ -575,24 +576,24 @@ class SiamSegMethod(Method):
     self.contrastive_weight = float(opt("contrastive_weight"))
     self.contrastive_domain = str(opt("contrastive_domain"))
     if self.contrastive_domain not in ("target", "source", "all"):
-      raise ValueError(f"config.siamseg.contrastive_domain={self.contrastive_domain!r}; "
+      raise ConfigError(f"config.siamseg.contrastive_domain={self.contrastive_domain!r}; "
                        "expected 'target', 'source' or 'all'")
     self.views = dict(opt("views") or {})
     import inspect  # pylint: disable=g-import-not-at-top
     accepted = set(inspect.signature(simsiam_view).parameters) - {"rng", "images", "mean", "std"}
     bad = sorted(set(self.views) - accepted)
     if bad:
-      raise ValueError(f"config.siamseg.views has unknown key(s) {bad}; accepted: "
+      raise ConfigError(f"config.siamseg.views has unknown key(s) {bad}; accepted: "
                        f"{sorted(accepted)}")
     self.views = {k: plain_config(v) for k, v in self.views.items()}
     self.avg_non_ignore = bool(opt("avg_non_ignore"))
     self.backward = str(opt("backward"))
     if self.backward not in BACKWARD_MODES:
-      raise ValueError(f"config.siamseg.backward={self.backward!r}; expected one of "
+      raise ConfigError(f"config.siamseg.backward={self.backward!r}; expected one of "
                        f"{BACKWARD_MODES}")
     self.inference = str(opt("inference"))
     if self.inference not in INFERENCE_MODES:
-      raise ValueError(f"config.siamseg.inference={self.inference!r}; expected one of "
+      raise ConfigError(f"config.siamseg.inference={self.inference!r}; expected one of "
                        f"{INFERENCE_MODES}")
     self.slide_crop = tuple(int(v) for v in opt("slide_crop"))
     self.slide_stride = tuple(int(v) for v in opt("slide_stride"))
@@ -610,7 +611,7 @@ class SiamSegMethod(Method):
                          self.stat_group_size)
     self.pretrained_kind = str(opt("pretrained_kind"))
     if self.pretrained_kind not in ("mit", "siamseg"):
-      raise ValueError(f"config.siamseg.pretrained_kind={self.pretrained_kind!r}; expected "
+      raise ConfigError(f"config.siamseg.pretrained_kind={self.pretrained_kind!r}; expected "
                        "'mit' (ImageNet MiT weights) or 'siamseg' (a reference checkpoint)")
 
   # ------------------------------------------------------------------ networks

@@ -32,6 +32,7 @@ import numpy as np
 
 from contrastjax.models import clip_resnet
 from contrastjax.models import resnet
+from contrastjax.errors import ConfigError
 
 Array = jax.Array
 Dtype = Any
@@ -228,13 +229,13 @@ def build_tower(cfg: Mapping[str, Any], embed_dim: int, what: str) -> nn.Module:
   name = cfg.pop("name", None)
   classes = TOWERS
   if name not in classes:
-    raise ValueError(f"config.model.{what}.name={name!r} is not a known tower; expected "
+    raise ConfigError(f"config.model.{what}.name={name!r} is not a known tower; expected "
                      f"one of {sorted(classes)}")
   cls = classes[name]
   fields = set(cls.__dataclass_fields__) - {"parent", "name"}
   bad = sorted(set(cfg) - fields)
   if bad:
-    raise ValueError(f"config.model.{what}.{bad[0]} is not a field of {cls.__name__}; "
+    raise ConfigError(f"config.model.{what}.{bad[0]} is not a field of {cls.__name__}; "
                      f"valid fields: {sorted(fields)}")
   for k, v in cfg.items():
     if isinstance(v, list):
@@ -248,11 +249,11 @@ def build_clip(model_cfg: Mapping[str, Any], logit_scale_init: float) -> CLIP:
   """``config.model = {embed_dim, image: {name, ...}, text: {name, ...}}`` -> CLIP."""
   for key in ("embed_dim", "image", "text"):
     if key not in model_cfg:
-      raise ValueError(f"config.model.{key} is missing (config.model needs embed_dim, "
+      raise ConfigError(f"config.model.{key} is missing (config.model needs embed_dim, "
                        "image and text)")
   extra = sorted(set(model_cfg.keys()) - {"embed_dim", "image", "text", "name"})
   if extra:
-    raise ValueError(f"config.model.{extra[0]} is not known; expected embed_dim, image, "
+    raise ConfigError(f"config.model.{extra[0]} is not known; expected embed_dim, image, "
                      "text")
   d = int(model_cfg["embed_dim"])
   return CLIP(build_tower(model_cfg["image"], d, "image"),

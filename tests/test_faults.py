@@ -1,0 +1,408 @@
+"""Faults a user meets: kills at the wrong moment, divergence after a finite loss, data a
+rule cannot read, two runs on one workdir, a full disk, mistyped paths. Each test fails
+on the code before the fix (fc6e996) and pins the behaviour the README promises."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import _toy
+from contrastjax import checkpoint as ckpt_lib
+from contrastjax import metric_writer
+from contrastjax import train as train_lib
+from contrastjax import workdir as workdir_lib
+from contrastjax.data.errors import DatasetError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_CONFIG = os.path.join(REPO, "tests", "_toy_config.py")
+
+
+def _env(**extra):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [os.path.join(REPO, "tests"), REPO, env.get("PYTHONPATH", "")])
+  env["CONTRASTJAX_COMPILATION_CACHE"] = "0"
+  env.update(extra)
+  return env
+
+
+def _cli(workdir, args=(), extra_flags=(), **kw):
+  config = TOY_CONFIG + (":" + ",".join(args) if args else "")
+  return subprocess.Popen(
+      [sys.executable, "-m", "contrastjax.train", f"--config={config}",
+       f"--workdir={workdir}", *extra_flags],
+      env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _steps(folder):
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
+def _variables(workdir, which):
+  v = ckpt_lib.load_variables(str(workdir), which)
+  return jax.tree.leaves((v["params"], v["model_state"]))
+
+
+def _assert_same_variables(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+# ----------------------------------------------------------------------------- bug 1
+@pytest.mark.slow
+def test_kill_after_best_before_rolling_checkpoint_resumes(tmp_path):
+  """kill -9 after ``best/N`` is committed and before ``checkpoints/N``: the rerun
+  restores an earlier step, replays N bit for bit and rewrites ``best/N`` (orbax used to
+  raise StepAlreadyExistsError on every rerun); the final and best checkpoints and the
+  metrics equal an uninterrupted run's, and no step is logged twice."""
+  args = ("total_steps=40", "ckpt_every_steps=20", "eval_every_steps=4",
+          "async_checkpointing=true", "toy_step_sleep=0.05")
+  ref = tmp_path / "ref"
+  p = _cli(ref, args)
+  out, err = p.communicate(timeout=600)
+  assert p.returncode == 0, err
+
+  killed = tmp_path / "killed"
+  p = _cli(killed, args)
+  t0 = time.time()
+  while True:  # the window: a best checkpoint newer than every rolling checkpoint
+    best, rolling = _steps(killed / "best"), _steps(killed / "checkpoints")
+    if best and best[-1] > 20 and not rolling[-1:] == [40] and (
+        not rolling or best[-1] > rolling[-1]):
+      break
+    assert p.poll() is None, p.communicate()[1]
+    assert time.time() - t0 < 300, "the run never reached the window"
+    time.sleep(0.01)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  best, rolling = _steps(killed / "best"), _steps(killed / "checkpoints")
+  assert best and (not rolling or best[-1] > rolling[-1]), (best, rolling)
+
+  p = _cli(killed, args)
+  out, err = p.communicate(timeout=600)
+  assert p.returncode == 0, err
+  assert _steps(killed / "best") == _steps(ref / "best")
+  _assert_same_variables(_variables(ref, 40), _variables(killed, 40))
+  _assert_same_variables(_variables(ref, "best"), _variables(killed, "best"))
+  # Each step logged once, with the uninterrupted run's values.
+  lines = [json.loads(l) for l in open(killed / "metrics.jsonl")]
+  train_steps = [l["step"] for l in lines if "train/loss" in l]
+  assert train_steps == sorted(set(train_steps)) == list(range(2, 41, 2))
+  ref_lines = [json.loads(l) for l in open(ref / "metrics.jsonl")]
+  assert ([l["train/loss"] for l in lines if "train/loss" in l]
+          == [l["train/loss"] for l in ref_lines if "train/loss" in l])
+  assert not os.path.exists(killed / workdir_lib.LOCK_NAME)
+
+
+def test_stale_best_checkpoint_of_the_same_step_is_replaced(tmp_path):
+  """The on-disk state such a kill leaves, rebuilt exactly: a finished run whose rolling
+  checkpoints after step 6 are removed (orbax commits are atomic renames, so this is what
+  the disk holds). The rerun must finish and equal the uninterrupted run."""
+  cfg = _toy.toy_config(total_steps=12, ckpt_every_steps=6, eval_every_steps=4)
+  ref = tmp_path / "ref"
+  train_lib.train_and_evaluate(cfg, str(ref))
+  best_step = _steps(ref / "best")[-1]
+  assert best_step > 6  # the case under test: the best was saved after checkpoint 6
+  killed = tmp_path / "killed"
+  shutil.copytree(ref, killed)
+  shutil.rmtree(killed / "checkpoints" / "12")
+  train_lib.train_and_evaluate(cfg, str(killed))
+  _assert_same_variables(_variables(ref, 12), _variables(killed, 12))
+  _assert_same_variables(_variables(ref, "best"), _variables(killed, "best"))
+  # A fresh start beside a stale best checkpoint (killed before any rolling checkpoint).
+  fresh = tmp_path / "fresh"
+  shutil.copytree(ref, fresh)
+  shutil.rmtree(fresh / "checkpoints")
+  train_lib.train_and_evaluate(cfg, str(fresh))
+  _assert_same_variables(_variables(ref, "best"), _variables(fresh, "best"))
+
+
+# ----------------------------------------------------------------------------- bug 2
+@pytest.mark.parametrize("total", [9, 7])
+def test_update_that_makes_parameters_non_finite_is_never_saved(tmp_path, total):
+  """The loss of step 7 is finite (computed before the update), but lr=1e39 makes the
+  parameters infinite. Nothing non-finite is saved, the error names step 7 and the last
+  finite checkpoint, and a run that diverges at its last step does not finish as done."""
+  workdir = str(tmp_path)
+  train_lib.train_and_evaluate(_toy.toy_config(total_steps=6, ckpt_every_steps=3),
+                               workdir)
+  cfg = _toy.toy_config(total_steps=total, ckpt_every_steps=1)
+  cfg.optimizer.lr = 1e39
+  with pytest.raises(train_lib.DivergenceError) as e:
+    train_lib.train_and_evaluate(cfg, workdir)
+  text = str(e.value)
+  assert "at step 7" in text and "param_norm=" in text and "last good checkpoint is step 6" in text
+  assert _steps(tmp_path / "checkpoints") == [3, 6]
+  for x in _variables(tmp_path, "latest"):
+    assert np.isfinite(x).all()
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert all(l["step"] <= 7 for l in lines)
+  assert not any(str(v) in ("nan", "inf") for l in lines for k, v in l.items()
+                 if k.startswith("val/"))
+
+
+def test_restoring_a_non_finite_checkpoint_is_a_named_error(tmp_path, monkeypatch):
+  """A NaN checkpoint written by an older version (simulated: the checks switched off)
+  is not resumed from silently."""
+  cfg = _toy.toy_config(total_steps=3, ckpt_every_steps=3)
+  train_lib.train_and_evaluate(cfg, str(tmp_path))
+  with monkeypatch.context() as m:  # the old trainer: only the loss was checked
+    m.setattr(train_lib, "_FINITE_METRICS", ("loss",))
+    m.setattr(train_lib.spine, "state_is_finite", lambda state: True)
+    bad = _toy.toy_config(total_steps=4, ckpt_every_steps=1, eval_every_steps=0)
+    bad.optimizer.lr = 1e39
+    train_lib.train_and_evaluate(bad, str(tmp_path))
+  assert not all(np.isfinite(x).all() for x in _variables(tmp_path, 4))
+  with pytest.raises(train_lib.DivergenceError, match=r"checkpoint 4 .*non-finite.*delete"):
+    train_lib.train_and_evaluate(_toy.toy_config(total_steps=6), str(tmp_path))
+
+
+def test_cli_divergence_exit_code_and_one_line(tmp_path):
+  p = _cli(tmp_path, ("toy_nan_at_step=5",))
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 3, err
+  lines = [l for l in err.splitlines() if l.startswith("ERROR: ")]
+  assert len(lines) == 1 and "loss is nan at step 5" in lines[0]
+  assert "Traceback" not in err
+  assert "last good checkpoint is step 3" in lines[0]
+
+
+# ----------------------------------------------------------------------------- bug 3
+def _kvasir_with_01_masks(root):
+  rng = np.random.default_rng(0)
+  for sub in ("images", "masks"):
+    os.makedirs(root / sub)
+  ids = [f"im{i}" for i in range(12)]
+  for i in ids:
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(root / "images" / f"{i}.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 6:18] = 1  # 0/1, as some converted datasets store them
+    Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+  (root / "train.txt").write_text("\n".join(ids[:8]))
+  (root / "val.txt").write_text("\n".join(ids[8:]))
+
+
+def test_masks_the_threshold_rule_would_empty_stop_the_run_at_start_up(tmp_path):
+  from contrastjax.configs import condseg  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "Kvasir-SEG"
+  _kvasir_with_01_masks(root)
+  config = condseg.get_config("kvasir_seg", f"stage1,root={root}")
+  config.data.binarize = "threshold"  # the ISIC configs' rule, on 0/1 masks
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.progress_bar = False
+  with pytest.raises(DatasetError) as e:
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+  text = str(e.value)
+  assert "12 of the 12 examples failed validation" in text
+  assert "label_mask_under_threshold_rule: 12" in text and "im0.png" in text
+  assert "binarize='nonzero'" in text
+  assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")
+
+
+def test_validation_switch_and_auto_limit(tmp_path, monkeypatch):
+  from contrastjax.data import medseg  # pylint: disable=g-import-not-at-top
+  from contrastjax.data import validation  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "Kvasir-SEG"
+  _kvasir_with_01_masks(root)
+  sources = {s: medseg.MedSegSource(root, s, binarize="threshold") for s in ("train", "val")}
+  assert validation.check_sources(sources, False) == 0  # the switch: nothing read
+  with pytest.raises(DatasetError, match="12 of the 12"):
+    validation.check_sources(sources, "auto", progress=False)
+  monkeypatch.setattr(validation, "AUTO_MAX_EXAMPLES", 5)  # too many for 'auto': skipped
+  assert validation.check_sources(sources, "auto") == 0
+  with pytest.raises(DatasetError):
+    validation.check_sources(sources, True, progress=False)  # True reads them anyway
+  ok = {s: medseg.MedSegSource(root, s, binarize="nonzero") for s in ("train", "val")}
+  assert validation.check_sources(ok, True, progress=False) == 12
+  with pytest.raises(ValueError, match="config.data.validate='yes'"):
+    validation.check_sources(ok, "yes")
+
+
+# ----------------------------------------------------------------------------- bug 4
+def test_second_run_on_a_workdir_refuses_naming_the_holder(tmp_path):
+  args = ("total_steps=100000", "ckpt_every_steps=100000", "eval_every_steps=0",
+          "toy_step_sleep=0.01")
+  first = _cli(tmp_path, args)
+  try:
+    t0 = time.time()
+    while not (tmp_path / "metrics.jsonl").exists():
+      assert first.poll() is None, first.communicate()[1]
+      assert time.time() - t0 < 240
+      time.sleep(0.05)
+    second = _cli(tmp_path, args)
+    out, err = second.communicate(timeout=240)
+    assert second.returncode == 5, err
+    line = [l for l in err.splitlines() if l.startswith("ERROR: ")][0]
+    assert f"PID {first.pid}" in line and os.uname().nodename in line
+    assert first.poll() is None  # the first run goes on
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=240)
+  assert first.returncode == 0
+  assert not (tmp_path / workdir_lib.LOCK_NAME).exists()  # released at the end
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (tmp_path / workdir_lib.LOCK_NAME).write_text(json.dumps(
+      dict(host=os.uname().nodename, pid=dead.pid, pid_start=None, started=time.time())))
+  with caplog.at_level("WARNING"):
+    with workdir_lib.WorkdirLock(str(tmp_path)) as lock:
+      assert lock.read()["pid"] == os.getpid()
+  assert f"process {dead.pid} on this host is gone" in caplog.text
+  assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
+
+
+def test_lock_held_by_a_live_process_and_by_another_host(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", textwrap.dedent(f"""
+          import sys, time
+          from contrastjax import workdir
+          lock = workdir.WorkdirLock({str(tmp_path)!r})
+          lock.acquire()
+          print("held", flush=True)
+          time.sleep(60)
+          """)], env=_env(), stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir_lib.WorkdirBusyError, match=f"PID {holder.pid} on host"):
+      workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    holder.kill()
+    holder.wait()
+  # A lock from another host is live while its heartbeat is fresh, stale after.
+  path = tmp_path / workdir_lib.LOCK_NAME
+  path.write_text(json.dumps(dict(host="other-node", pid=1, started=time.time())))
+  with pytest.raises(workdir_lib.WorkdirBusyError, match="other-node"):
+    workdir_lib.WorkdirLock(str(tmp_path), stale_after_s=60).acquire()
+  old = time.time() - 120
+  os.utime(path, (old, old))
+  lock = workdir_lib.WorkdirLock(str(tmp_path), stale_after_s=60)
+  lock.acquire()
+  lock.release()
+  assert not path.exists()
+
+
+# ----------------------------------------------------------------------------- bug 5
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+  """A 2 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
+  mnt = tmp_path / "tmpfs"
+  mnt.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  try:
+    yield mnt
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_stops_at_the_failed_save_with_one_line(tiny_tmpfs):
+  # ~1.3 MB per checkpoint (4096-wide toy, random weights, Adam moments): the first
+  # checkpoint fits the 2 MiB disk, the second does not.
+  workdir = tiny_tmpfs / "run"
+  args = ("total_steps=30", "ckpt_every_steps=3", "eval_every_steps=0",
+          "async_checkpointing=true", "toy_width=4096", "toy_step_sleep=0.05",
+          "tensorboard=false")
+  p = _cli(workdir, args)
+  out, err = p.communicate(timeout=600)
+  assert p.returncode == 6, err
+  errors = [l for l in err.splitlines() if l.startswith("ERROR: ")]
+  assert len(errors) == 1, err
+  assert ("saving checkpoint 6 to " + str(workdir / "checkpoints" / "6") in errors[0]
+          and "[Errno 28] No space left on device" in errors[0]
+          and "step 3, is intact" in errors[0]), errors[0]
+  assert "Traceback" not in err and "Event loop is closed" not in err
+  assert len(err.splitlines()) < 40, err
+  # It stopped at the failed save, not steps later.
+  lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  assert max(l["step"] for l in lines) <= 8
+  assert _steps(workdir / "checkpoints") == [3]
+  for x in _variables(workdir, 3):
+    assert np.isfinite(x).all()
+
+
+# ----------------------------------------------------------------------------- also
+def test_evaluate_on_a_mistyped_workdir_writes_nothing(tmp_path):
+  from contrastjax import evaluate  # pylint: disable=g-import-not-at-top
+  missing = tmp_path / "no_such_run"
+  with pytest.raises(workdir_lib.WorkdirNotFoundError, match="does not exist"):
+    evaluate.evaluate(_toy.toy_config(), str(missing))
+  assert not missing.exists()
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(workdir_lib.WorkdirNotFoundError, match="holds no checkpoints"):
+    evaluate.evaluate(_toy.toy_config(), str(empty))
+  assert os.listdir(empty) == []
+
+
+def test_misspelt_config_key_is_one_line_with_exit_code_2(tmp_path):
+  p = subprocess.run(
+      [sys.executable, "-m", "contrastjax.train", f"--config={TOY_CONFIG}",
+       "--config.optimizer.lrr=1", f"--workdir={tmp_path}"],
+      env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr
+  assert "Traceback" not in p.stderr
+  line = [l for l in p.stderr.splitlines() if l.startswith("ERROR: ")][0]
+  assert line == ("ERROR: --config.optimizer.lrr: 'lrr' is not a key of the config (did you "
+                  "mean 'lr'?); overrides can only set keys the config file defines")
+  p = subprocess.run(
+      [sys.executable, "-m", "contrastjax.train", f"--config={TOY_CONFIG}",
+       "--config.optimizer.lrr=1", f"--workdir={tmp_path}", "--verbosity=1"],
+      env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and "Traceback" in p.stderr
+
+
+def test_read_metrics_takes_the_replayed_records(tmp_path):
+  """Files written before replays were dropped hold replayed steps twice."""
+  path = tmp_path / "metrics.jsonl"
+  rows = [dict(step=2, **{"train/loss": 1.0}), dict(step=4, **{"train/loss": 0.9}),
+          dict(step=4, **{"val/mIoU": 0.1}), dict(step=6, **{"train/loss": 0.8}),
+          dict(step=4, **{"train/loss": 0.7}), dict(step=4, **{"val/mIoU": 0.2}),
+          dict(step=6, **{"train/loss": 0.6})]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 8, "train/lo')
+  got = metric_writer.read_metrics(str(tmp_path))
+  assert got == [dict(step=2, **{"train/loss": 1.0}),
+                 dict(step=4, **{"train/loss": 0.7, "val/mIoU": 0.2}),
+                 dict(step=6, **{"train/loss": 0.6})]
+  # The writer itself drops the records after the step a run resumes from.
+  w = metric_writer.MetricWriter(str(tmp_path), tensorboard=False, resume_step=4)
+  w.close()
+  assert [json.loads(l)["step"] for l in open(path)] == [2, 4, 4, 4, 4]
+
+
+def test_stderr_filter_drops_only_closed_loop_tracebacks():
+  import io  # pylint: disable=g-import-not-at-top
+  from contrastjax import cli  # pylint: disable=g-import-not-at-top
+  sink = io.StringIO()
+  f = cli._DropClosedLoopTracebacks(sink)  # pylint: disable=protected-access
+  closed = ("Traceback (most recent call last):\n"
+            '  File "base_events.py", line 806, in call_soon_threadsafe\n'
+            "    self._check_closed()\n"
+            "RuntimeError: Event loop is closed\n")
+  other = ("Traceback (most recent call last):\n"
+           '  File "x.py", line 1, in <module>\n'
+           "ValueError: kept\n")
+  f.write("progress 10%\r")  # a partial line passes through at once
+  assert sink.getvalue() == "progress 10%\r"
+  for chunk in (closed[:20], closed[20:], "line\n", other, closed, "Trace"):
+    f.write(chunk)
+  f.write("back is a word\n")
+  assert sink.getvalue() == "progress 10%\rline\n" + other + "Traceback is a word\n"
