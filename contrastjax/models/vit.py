@@ -728,7 +728,7 @@ _RULES: dict[str, Callable[[str, tuple[int, ...]], Rule]] = {
 #: Keys (after the prefix) each naming may hold beside the encoder: classifier heads,
 #: the 21k models' pre-logits layer, Hugging Face's pooler.
 _IGNORABLE: dict[str, tuple[str, ...]] = {
-    "timm": ("head.", "fc_norm.", "head_drop."),
+    "timm": ("head.", "fc_norm."),
     "google": ("head/", "pre_logits/"),
     "hf": ("pooler.", "classifier."),
     "hf_v5": ("pooler.", "classifier."),
