@@ -7,7 +7,7 @@ to the reference PyTorch ConDSeg on the same batch and the same CPU.
       [--xla_flags='--xla_cpu_...'] [--nocpu_flags] \
       [--hugepages] [--init=host] [--json_out=bench.json]
 
-The JAX side goes through the real spine: ``contrastjax.train.build_machinery`` builds
+The JAX side goes through the real spine: ``contrastjax.spine.build_run`` builds
 the optimizer, the state shardings and ``spine.CompiledSteps``; the train step is then
 lowered and compiled ahead of time (``.lower(state, batch).compile()``, so tracing and
 XLA compilation are timed separately) and run ``--steps`` times on one synthetic batch
@@ -57,8 +57,7 @@ import numpy as np
 # first computation (``set_xla_flags`` checks that).
 from contrastjax import parallel
 from contrastjax import spine
-from contrastjax import train as train_lib
-from contrastjax.methods import get_method_class
+from contrastjax import methods as methods_lib
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
@@ -241,7 +240,7 @@ def _host_values(tree: Any, seed: int) -> Any:
   return jax.tree_util.tree_map_with_path(fill, tree)
 
 
-def host_initialised_state(machinery: train_lib.Machinery, rng: jax.Array,
+def host_initialised_state(machinery: spine.CompiledRun, rng: jax.Array,
                            seed: int = 0) -> spine.TrainState:
   """A train state with the spine's structure, dtypes and shardings whose parameters
   come from NumPy (:func:`_host_values`); optimizer and plateau states are the real
@@ -325,12 +324,12 @@ def run_jax(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray],
 def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
   memory = PeakMemory()
   parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
-  method = get_method_class(config.method)(config)
+  method = methods_lib.build(config)
   rng = jax.random.PRNGKey(config.seed)
   batch = parallel.host_to_global(batch_np, mesh)
 
   t0 = time.perf_counter()
-  machinery = train_lib.build_machinery(config, method, mesh, rng, batch, total_steps=1000)
+  machinery = spine.build_run(config, method, mesh, rng, batch, total_steps=1000)
   if init == "host":
     state = host_initialised_state(machinery, rng, config.seed)
   else:

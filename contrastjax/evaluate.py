@@ -26,95 +26,26 @@ from contrastjax import cli
 from contrastjax import evaluators as evaluators_lib
 from contrastjax import parallel
 from contrastjax import platform
+from contrastjax import methods as methods_lib
+from contrastjax import spine
 from contrastjax import train as train_lib
 from contrastjax.data import builder as data_builder
 from contrastjax.data import transforms as data_transforms
 from contrastjax.evaluators import binary_seg
-from contrastjax.methods import get_method_class
-
-
-class _PredictionSaver:
-  """``on_batch`` callback: writes masks and overlays of valid examples (process 0)."""
-
-  def __init__(self, out_dir: str, source, limit: int, threshold: float,
-               channel_order: str):
-    self.out_dir, self.source, self.limit = out_dir, source, limit
-    self.threshold, self.channel_order = threshold, channel_order
-    self.saved = 0
-    os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
-
-  def _name(self, index: int) -> str:
-    names = getattr(self.source, "names", None)
-    name = names[index] if names is not None else f"{index:06d}"
-    return os.path.basename(str(name))
-
-  def __call__(self, batch, outputs) -> None:
-    from contrastjax import visualize  # pylint: disable=g-import-not-at-top
-    valid = np.asarray(batch["valid"]).astype(bool)
-    prob = np.asarray(outputs["prob"])[..., 0]
-    for r in np.flatnonzero(valid):
-      index = int(batch["index"][r])
-      name = self._name(index)
-      pred = prob[r] > self.threshold
-      visualize.save_mask_png(os.path.join(self.out_dir, "masks", name + ".png"), pred)
-      if self.saved < self.limit:
-        image = np.asarray(batch["image"][r])
-        if self.channel_order == "bgr":
-          image = image[..., ::-1]
-        visualize.save_overlay_png(
-            os.path.join(self.out_dir, "overlays", name + ".png"), image,
-            np.asarray(batch["mask"][r])[..., 0] > 0.5, pred)
-        self.saved += 1
-
-
-class _SemSegPredictionSaver(_PredictionSaver):
-  """``on_batch`` callback of ``type='semseg'`` evaluators: class maps as palette PNGs and
-  ``image | ground truth | prediction`` panels (process 0)."""
-
-  def __init__(self, out_dir: str, source, limit: int, palette):
-    super().__init__(out_dir, source, limit, threshold=0.5, channel_order="rgb")
-    self.palette = palette
-
-  def __call__(self, batch, outputs) -> None:
-    from contrastjax.data import seg_transforms  # pylint: disable=g-import-not-at-top
-    from contrastjax.evaluators import semseg  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    valid = np.asarray(batch["valid"]).astype(bool)
-    pred = semseg.predictions_from_outputs(outputs)
-    for r in np.flatnonzero(valid):
-      name = self._name(int(batch["index"][r]))
-      Image.fromarray(semseg.colorize(pred[r], self.palette)).save(
-          os.path.join(self.out_dir, "masks", name + ".png"))
-      if self.saved < self.limit:
-        semseg.save_semseg_png(os.path.join(self.out_dir, "overlays", name + ".png"),
-                               seg_transforms.denormalize(batch["image"][r]),
-                               np.asarray(batch["label"][r]), pred[r], self.palette)
-        self.saved += 1
-
-
-def _semseg_palette(config, num_classes: int):
-  """The dataset's class colours (``data.siamseg_inputs.dataset_info``), else a fixed map."""
-  from contrastjax.data import siamseg_inputs  # pylint: disable=g-import-not-at-top
-  try:
-    return siamseg_inputs.dataset_info(config.data.name).palette
-  except ValueError:
-    rng = np.random.default_rng(0)
-    return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
 
 
 class _OriginalResolution:
   """``on_batch`` callback: metrics with the prediction resized (bilinear) to each
   image's original size and scored against the original, un-resized mask."""
 
-  def __init__(self, source, threshold: float):
-    self.source, self.threshold = source, threshold
+  def __init__(self, source, threshold: float, output_key: str = "prob"):
+    self.source, self.threshold, self.output_key = source, threshold, output_key
     self.sums = {k: 0.0 for k in binary_seg.METRIC_NAMES}
     self.count = 0.0
 
   def __call__(self, batch, outputs) -> None:
     valid = np.asarray(batch["valid"]).astype(bool)
-    prob = np.asarray(outputs["prob"])[..., 0]
+    prob = np.asarray(outputs[self.output_key])[..., 0]
     for r in np.flatnonzero(valid):
       raw = self.source[int(batch["index"][r])]
       gt = np.asarray(raw["mask"], np.float32) / 255.0
@@ -129,6 +60,17 @@ class _OriginalResolution:
     n = max(float(sums["count"]), 1.0)
     return {f"{prefix}/orig_res/{name}": float(sums[k]) / n
             for k, name in binary_seg.METRIC_NAMES.items()}
+
+
+def _eval_config(evals_cfg: dict, split: str) -> dict:
+  """The config's evaluation of ``split``; else its first evaluation applied to that split
+  (e.g. ``--splits=test`` for a run that validated on ``val``)."""
+  for ecfg in evals_cfg.values():
+    if ecfg.get("split") == split:
+      return dict(ecfg)
+  first = dict(next(iter(evals_cfg.values()), {"type": "binary_seg"}))
+  first["split"] = split
+  return first
 
 
 def evaluate(config, workdir: str, *, checkpoint: str = "best", splits=None,
@@ -172,50 +114,40 @@ def _evaluate_with(ckpt, config, workdir: str, mesh, *, checkpoint: str, splits,
     raise cli.ConfigError(f"--splits {unknown} not in the dataset; have "
                      f"{sorted(inputs.spec.sources)}")
 
-  method = get_method_class(config.method)(config)
+  steps = train_lib.resolve_steps(config, inputs.num_train)
+  method = methods_lib.build(config, train_lib.run_info(config, inputs.num_train, steps))
   rng = jax.random.PRNGKey(config.seed)
   example = next(iter(inputs.train))
   global_example = parallel.host_to_global(example, mesh)
-  total = train_lib.resolve_steps(config, inputs.num_train)["total"]
-  m = train_lib.build_machinery(config, method, mesh, rng, global_example, total)
-  state, _, step = ckpt.restore(m.abstract, step=checkpoint)
+  run = spine.build_run(config, method, mesh, rng, global_example, steps["total"])
+  state, _, step = ckpt.restore(run.abstract, step=checkpoint)
   logging.info("evaluating %s checkpoint (step %d) of %s", checkpoint, step, workdir)
 
-  out_dir = output_dir or os.path.join(os.path.abspath(workdir), "eval",
-                                       f"{checkpoint}_{step}")
-  template = next(iter(evals_cfg.values()), {"type": "binary_seg"})
-  threshold = float(template.get("threshold", 0.5))
+  out_dir = output_dir or os.path.join(ckpt.workdir, "eval", f"{checkpoint}_{step}")
   results: dict[str, float] = {"step": float(step)}
-
-  predict_np, loss_np = train_lib.make_eval_fns(m.compiled, mesh, lambda: state,
-                                                with_loss=True)
+  context = train_lib.data_context(config, inputs.spec)
 
   for split in splits:
+    ecfg = _eval_config(evals_cfg, split)
     source = inputs.spec.sources[split]
-    callbacks = []
-    is_semseg = template.get("type") == "semseg"
-    if save_predictions and jax.process_index() == 0:
-      if is_semseg:
-        callbacks.append(_SemSegPredictionSaver(
-            os.path.join(out_dir, split), source, save_predictions,
-            _semseg_palette(config, int(template.get("num_classes", 0)))))
-      else:
-        callbacks.append(_PredictionSaver(
-            os.path.join(out_dir, split), source, save_predictions, threshold,
-            config.data.get("channel_order", "rgb")))
-    if original_resolution and is_semseg:
-      raise ValueError("--original_resolution is only for binary_seg evaluators; semseg "
-                       "evaluation data are already at their original size")
-    orig = _OriginalResolution(source, threshold) if original_resolution else None
-    if orig is not None:
-      callbacks.append(orig)
-    ecfg = dict(template)
-    ecfg.pop("on_batch", None)
+    predict_np, loss_np = spine.make_eval_fns(run.compiled, mesh, lambda: state,
+                                              with_loss=bool(ecfg.get("with_loss", True)))
+    orig = None
+    if original_resolution:
+      if ecfg.get("type") != "binary_seg":
+        raise cli.ConfigError(
+            "--original_resolution is only for binary_seg evaluators; semseg evaluation "
+            "data are already at their original size")
+      orig = _OriginalResolution(source, float(ecfg.get("threshold", 0.5)),
+                                 ecfg.get("output_key", "prob"))
+    save = dict(save_dir=os.path.join(out_dir, split), save_overlays=save_predictions,
+                names=getattr(source, "names", None)) if save_predictions else {}
     ev = evaluators_lib.build(
-        ecfg, predict_fn=predict_np,
-        batches_fn=lambda s=split: inputs.eval_batches(s), loss_fn=loss_np,
-        prefix=split, reduce_fn=parallel.process_sum)
-    ev.on_batch = (lambda b, o, cbs=tuple(callbacks): [cb(b, o) for cb in cbs])
+        ecfg, predict_fn=predict_np, batches_fn=lambda s=split: inputs.eval_batches(s),
+        loss_fn=loss_np, prefix=split, reduce_fn=parallel.process_sum, samples=0,
+        **save, **context)
+    if orig is not None:
+      ev.on_batch = orig
     for k, v in ev.run():
       results[k] = float(v)
     if orig is not None:

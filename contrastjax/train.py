@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -32,111 +30,37 @@ from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
 from contrastjax import checkpoint as ckpt_lib
 from contrastjax import cli
 from contrastjax import errors
+from contrastjax import evaluators as evaluators_lib
+from contrastjax import loop
+from contrastjax import methods as methods_lib
+from contrastjax import metric_writer
 from contrastjax import parallel
 from contrastjax import spine
-from contrastjax import evaluators as evaluators_lib
-from contrastjax import metric_writer
 from contrastjax import workdir as workdir_lib
 from contrastjax.data import builder as data_builder
 from contrastjax.data import validation as data_validation
-from contrastjax.methods import get_method_class
 from contrastjax.errors import ConfigError
+from contrastjax.methods.base import RunInfo
 
 
 _PROCESS_START = time.time()
 
-
 DivergenceError = errors.DivergenceError  # raised by the loop (re-exported for callers)
 
-#: The metrics of every train step checked for NaN/Inf: the loss (computed before the
-#: update), and the gradient and parameter norms (after it: an update can make the
-#: parameters non-finite while its loss was finite).
-_FINITE_METRICS = ("loss", "grad_norm", "param_norm")
 
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks at step boundaries."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def install(self):
-    def handler(signum, frame):  # pylint: disable=unused-argument
-      logging.warning("SIGTERM received: will save a checkpoint and stop.")
-      self.requested = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread (e.g. called from a notebook thread)
-      self._previous = None
-
-  def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class _SampleCollector:
-  """Keeps the first evaluation examples of segmentation methods (``image``, ``mask``
-  and predicted ``prob``) and writes them as overlays to TensorBoard and a PNG."""
-
-  def __init__(self, n: int, palette=None):
-    self.n, self.rows = n, []
-    self.palette = palette  # semantic segmentation: class colours (None: binary masks)
-
-  def __call__(self, batch, outputs) -> None:
-    if len(self.rows) >= self.n:
-      return
-    if self.palette is not None and "pred" in outputs and "label" in batch:
-      mask_key, out_key = "label", "pred"   # class maps (semseg evaluator)
-    elif "prob" in outputs and "mask" in batch:
-      mask_key, out_key = "mask", "prob"
-    else:
-      return
-    for r in np.flatnonzero(np.asarray(batch["valid"]).astype(bool)):
-      if len(self.rows) >= self.n:
-        break
-      self.rows.append((np.asarray(batch["image"][r]), np.asarray(batch[mask_key][r]),
-                        np.asarray(outputs[out_key][r])))
-
-  def write(self, writer, step: int, tag: str, path: str, channel_order: str) -> None:
-    if not self.rows or not writer.active:
-      return
-    from contrastjax import visualize  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    panels = []
-    for image, mask, prob in self.rows:
-      if self.palette is not None:  # normalised image, label and predicted class map
-        from contrastjax.data import seg_transforms  # pylint: disable=g-import-not-at-top
-        from contrastjax.evaluators import semseg  # pylint: disable=g-import-not-at-top
-        panels.append(semseg.semseg_panel(seg_transforms.denormalize(image), mask, prob,
-                                          self.palette))
-        continue
-      if channel_order == "bgr":
-        image = image[..., ::-1]
-      panels.append(visualize.overlay(image, mask[..., 0] > 0.5, prob[..., 0] > 0.5))
-    grid = np.concatenate(panels, axis=0)
-    writer.write_images(step, {tag: grid})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
-
-
-def _palette(config: ml_collections.ConfigDict, eval_name: str):
-  """Class colours for the sample pictures of a ``type='semseg'`` evaluator, else None."""
-  ecfg = (config.get("evals") or {}).get(eval_name, {})
-  if ecfg.get("type") != "semseg":
-    return None
-  from contrastjax.data import siamseg_inputs  # pylint: disable=g-import-not-at-top
-  try:
-    return siamseg_inputs.dataset_info(config.data.name).palette
-  except ValueError:
-    rng = np.random.default_rng(0)
-    return [tuple(int(v) for v in rng.integers(0, 256, 3))
-            for _ in range(int(ecfg.get("num_classes", 1)))]
+def data_context(config: ml_collections.ConfigDict, spec) -> dict[str, Any]:
+  """What evaluators may take from the dataset (see ``evaluators.build``): class names,
+  palette and ignore index of ``spec.info``, and how to draw a model input."""
+  info = getattr(spec, "info", None)
+  context: dict[str, Any] = dict(display=getattr(spec, "display", None))
+  if info is not None:
+    context.update(class_names=info.classes, palette=info.palette,
+                   ignore_index=info.ignore_index)
+  return context
 
 
 def resolve_steps(config: ml_collections.ConfigDict, num_train: int) -> dict[str, int]:
@@ -165,90 +89,12 @@ def resolve_steps(config: ml_collections.ConfigDict, num_train: int) -> dict[str
               ckpt_every=get("ckpt_every", 1000))
 
 
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-  if best is None:
-    return True
-  return value > best if mode == "max" else value < best
-
-
-def _is_worse(value: float, best: float | None, mode: str) -> bool:
-  if best is None:
-    return False
-  return value < best if mode == "max" else value > best
-
-
-class Machinery(NamedTuple):
-  tx: Any
-  plateau_tx: Any
-  create: Any             # (rng, batch) -> TrainState, traceable
-  abstract: Any           # abstract TrainState with shardings (restore target)
-  state_sharding: Any
-  compiled: spine.CompiledSteps
-
-
-def build_machinery(config: ml_collections.ConfigDict, method, mesh, rng,
-                    global_example, total_steps: int) -> Machinery:
-  """Optimizer, state constructor, abstract state with shardings, compiled steps."""
-  params_shape = jax.eval_shape(lambda r, b: method.init(r, b)[0], rng, global_example)
-  tx = spine.make_optimizer(config.optimizer, params_shape, total_steps)
-  plateau_tx = spine.make_plateau(config.get("plateau"))
-  create = functools.partial(spine.create_train_state, method, tx, plateau_tx)
-  abstract = jax.eval_shape(create, rng, global_example)
-  state_sharding = spine.state_shardings(abstract, mesh)
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-      state_sharding)
-  compiled = spine.CompiledSteps(method, tx, mesh, state_sharding)
-  return Machinery(tx, plateau_tx, create, abstract, state_sharding, compiled)
-
-
-class CompileAhead:
-  """Compiles jitted steps from abstract arguments on background threads.
-
-  The train and evaluation steps only need the state's shapes and shardings, so they
-  can compile while the state is initialised or restored (XLA's compiler and the
-  initialiser run outside the GIL). On the 2-core development machine the ConDSeg demo
-  reaches its first step 8 s sooner and skips its first evaluation's 17 s compilation
-  (BENCHMARKS.md); on many-core hosts the compilations overlap fully. ``jit``'s call
-  cache then holds the executables, so the loop's first calls do not compile again. A
-  failure here is only logged: the first call compiles on its own and raises the error
-  where it belongs.
-  """
-
-  def __init__(self, mesh, jobs: dict[str, tuple[Any, tuple]]):
-    self.seconds: dict[str, float] = {}
-    self.errors: dict[str, BaseException] = {}
-
-    def work(name, fn, args):
-      t0 = time.time()
-      try:
-        with jax.set_mesh(mesh):  # the mesh context is per thread
-          fn.lower(*args).compile()
-        self.seconds[name] = time.time() - t0
-      except BaseException as e:  # pylint: disable=broad-except
-        self.errors[name] = e
-
-    self._threads = [threading.Thread(target=work, args=(name, fn, args), daemon=True,
-                                      name=f"compile-ahead-{name}")
-                     for name, (fn, args) in jobs.items()]
-    for t in self._threads:
-      t.start()
-
-  def join(self) -> None:
-    t0 = time.time()
-    for t in self._threads:
-      t.join()
-    for name, e in self.errors.items():
-      logging.warning("compiling the %s ahead failed (%s: %s); it compiles at its first "
-                      "call instead", name, type(e).__name__, e)
-    if self.seconds:
-      logging.info("compiled ahead: %s (waited %.1f s)", ", ".join(
-          f"{k} {v:.1f} s" for k, v in self.seconds.items()), time.time() - t0)
-
-
-# Evaluators that hand the input pipeline's evaluation batches to ``predict_fn``
-# unchanged, so their step can be compiled ahead from the first batch's shapes.
-_PIPELINE_BATCH_EVALUATORS = ("binary_seg", "semseg")
+def run_info(config: ml_collections.ConfigDict, num_train: int,
+             steps: dict[str, int] | None = None) -> RunInfo:
+  """The facts a method gets about its run (:class:`~contrastjax.methods.base.RunInfo`)."""
+  steps = steps or resolve_steps(config, num_train)
+  return RunInfo(total_steps=steps["total"], steps_per_epoch=steps["steps_per_epoch"],
+                 global_batch_size=int(config.batch_size), num_train=int(num_train))
 
 
 def _compile_ahead_jobs(config, compiled, inputs, mesh, abstract, global_example) -> dict:
@@ -256,7 +102,7 @@ def _compile_ahead_jobs(config, compiled, inputs, mesh, abstract, global_example
   seen = set()  # evaluations of one split with one step share one program
   for name, ecfg in (config.get("evals") or {}).items():
     split, with_loss = ecfg.get("split", name), bool(ecfg.get("with_loss", True))
-    if ecfg.get("type") not in _PIPELINE_BATCH_EVALUATORS or (split, with_loss) in seen:
+    if not evaluators_lib.pipeline_batches(ecfg) or (split, with_loss) in seen:
       continue
     seen.add((split, with_loss))
     first = next(iter(inputs.eval_batches(split)), None)
@@ -267,32 +113,8 @@ def _compile_ahead_jobs(config, compiled, inputs, mesh, abstract, global_example
   return jobs
 
 
-def make_eval_fns(compiled: spine.CompiledSteps, mesh, get_state, *, with_loss: bool):
-  """Host-side ``predict_fn(batch) -> numpy outputs`` and ``loss_fn(batch) -> float``
-  for evaluators. With the loss, both come from one compiled ``eval_step`` call per
-  batch (the loss is kept for the ``loss_fn`` call on the same batch)."""
-  last: dict[str, Any] = {}
-
-  def predict_fn(batch_np):
-    gb = parallel.host_to_global(batch_np, mesh)
-    if with_loss:
-      out, loss = compiled.eval_step(get_state(), gb)
-      last.update(batch=batch_np, loss=loss)
-    else:
-      out = compiled.predict(get_state(), gb)
-    return parallel.global_to_local(out, mesh)
-
-  def loss_fn(batch_np):
-    if last.get("batch") is not batch_np:  # not the batch just predicted: compute it
-      predict_fn(batch_np)
-    return float(jax.device_get(last.pop("loss")))
-
-  return predict_fn, (loss_fn if with_loss else None)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming if possible) and returns the last evaluation's metrics."""
-  # ===================================================================== devices
   parallel.maybe_initialize_distributed()
   mesh = parallel.make_mesh(config.get("mesh"))
   workdir = workdir_lib.resolve(workdir)
@@ -369,32 +191,27 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
   data_validation.check_sources(inputs.spec.sources, config.data.get("validate", "auto"),
                                 progress=config.get("progress_bar", True))
   steps = resolve_steps(config, inputs.num_train)
-  total_steps = steps["total"]
+  run = run_info(config, inputs.num_train, steps)
+  total_steps = run.total_steps
   train_iter = iter(inputs.train)
   example = next(iter(inputs.train))  # a separate iterator: shapes only
 
-  # ===================================================================== model & optimizer
-  method = get_method_class(config.method)(config)
+  # ===================================================================== method, optimizer, steps
+  method = methods_lib.build(config, run)
   rng = jax.random.PRNGKey(config.seed)
   global_example = parallel.host_to_global(example, mesh)
-
-  # ===================================================================== sharding & steps
-  machinery = build_machinery(config, method, mesh, rng, global_example, total_steps)
-  create, abstract = machinery.create, machinery.abstract
-  plateau_tx, compiled = machinery.plateau_tx, machinery.compiled
-  state_sharding = machinery.state_sharding
-
-  # ===================================================================== compile ahead
+  compiled_run = spine.build_run(config, method, mesh, rng, global_example, total_steps)
+  compiled = compiled_run.compiled
   ahead = None
-  if config.get("compile_ahead", True):
-    ahead = CompileAhead(mesh, _compile_ahead_jobs(config, compiled, inputs, mesh,
-                                                   abstract, global_example))
+  if config.get("compile_ahead", True):  # compiles while the state is initialised below
+    ahead = spine.CompileAhead(mesh, _compile_ahead_jobs(
+        config, compiled, inputs, mesh, compiled_run.abstract, global_example))
 
-  # ===================================================================== checkpoint
-  loop_state: dict[str, Any] = dict(best_value=None, best_step=None, bad_evals=0,
-                                    last_eval={})
+  # ===================================================================== state: resume or init
+  loop_state: dict[str, Any] = {}
   if resume_step is not None:
-    state, loop_state, restored_step = ckpt.restore(abstract, data_iter=train_iter)
+    state, loop_state, restored_step = ckpt.restore(compiled_run.abstract,
+                                                    data_iter=train_iter)
     if not spine.state_is_finite(state):
       raise DivergenceError(
           f"checkpoint {restored_step} in {os.path.join(workdir, ckpt_lib.CHECKPOINTS)} "
@@ -404,11 +221,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     logging.info("resumed from %s at step %d", ckpt.workdir, restored_step)
   else:
     t0 = time.time()
-    state = spine.initialise_state(create, state_sharding, rng, global_example)
+    state = spine.initialise_state(compiled_run.create, compiled_run.state_sharding, rng,
+                                   global_example)
     params, model_state, extra = method.load_pretrained(
         state.params, state.model_state, state.extra)
     state = state.replace(params=params, model_state=model_state, extra=extra)
-    state = jax.device_put(state, state_sharding)
+    state = jax.device_put(state, compiled_run.state_sharding)
     logging.info("initialised the train state in %.1f s", time.time() - t0)
   first_step = int(jax.device_get(state.step))
   if ahead is not None:
@@ -416,166 +234,104 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
 
   # ===================================================================== evaluators
   state_box = [state]  # evaluators always see the current state
-  evals = {}
+  evaluators, every = {}, {}
+  context = data_context(config, inputs.spec)
   for name, ecfg in (config.get("evals") or {}).items():
-    predict_fn, loss_fn = make_eval_fns(compiled, mesh, lambda: state_box[0],
-                                        with_loss=ecfg.get("with_loss", True))
-    evals[name] = evaluators_lib.build(
+    predict_fn, loss_fn = spine.make_eval_fns(compiled, mesh, lambda: state_box[0],
+                                              with_loss=ecfg.get("with_loss", True))
+    evaluators[name] = evaluators_lib.build(
         ecfg, predict_fn=predict_fn,
         batches_fn=functools.partial(inputs.eval_batches, ecfg.get("split", name)),
-        loss_fn=loss_fn, prefix=ecfg.get("prefix", name), reduce_fn=parallel.process_sum)
-
-  best_metric = config.get("best_metric", None)
-  best_mode = config.get("best_mode", "max")
+        loss_fn=loss_fn, prefix=ecfg.get("prefix", name), reduce_fn=parallel.process_sum,
+        samples=int(config.get("eval_samples", 4)), **context)
+    every[name] = int(ecfg.get("every_steps", 0) or 0)
+  evaluations = loop.Evaluations(evaluators, every, writer, os.path.join(workdir, "samples"))
+  best = loop.BestTracker(config.get("best_metric", None), config.get("best_mode", "max"),
+                          config.get("early_stop_patience", 0), loop_state)
   plateau_monitor = (config.get("plateau") or {}).get("monitor", None)
-  early_patience = int(config.get("early_stop_patience", 0) or 0)
+  guard = loop.DivergenceGuard(os.path.join(workdir, ckpt_lib.CHECKPOINTS),
+                               ckpt.latest_step())
+  last_eval: dict[str, float] = dict(loop_state.get("last_eval") or {})
 
-  num_samples = int(config.get("eval_samples", 4)) if is_chief else 0
-
-  def run_evals(step: int) -> dict[str, float]:
-    state_box[0] = state
-    results: dict[str, float] = {}
-    for name, ev in evals.items():
-      every = int(config.evals[name].get("every_steps", 0) or 0)
-      if every and step % every and step != total_steps:
-        continue  # an expensive eval (e.g. a linear probe) on its own, sparser cadence
-      t0 = time.time()
-      samples = _SampleCollector(num_samples, _palette(config, name))
-      if hasattr(ev, "on_batch") and ev.on_batch is None:
-        ev.on_batch = samples
-      for k, v in ev.run():
-        results[k] = float(v)
-      if ev.on_batch is samples:
-        ev.on_batch = None
-        samples.write(writer, step, f"{name}/samples",
-                      os.path.join(workdir, "samples", f"{name}_{step:08d}.png"),
-                      config.get("data", {}).get("channel_order", "rgb"))
-      results[f"{name}/eval_seconds"] = time.time() - t0
-    return results
+  def save(step: int) -> None:
+    guard.check()
+    if not spine.state_is_finite(state):  # e.g. a BatchNorm statistic overflowed
+      raise guard.error(step, "the train state holds NaN/Inf values")
+    if ckpt.save(step, state, data_iter=train_iter,
+                 loop_state=dict(best.state, last_eval=last_eval), force=True):
+      guard.last_good = step
 
   # ===================================================================== loop
-  preemption = _Preemption()
-  preemption.install()
   progress = None
   if is_chief and config.get("progress_bar", True):
     from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm.tqdm(total=total_steps, initial=first_step, unit="step",
                          dynamic_ncols=True, desc=config.method)
-  pending: list[tuple[int, Any]] = []  # (step, metrics) not yet checked for NaN
-  last_good_ckpt = ckpt.latest_step()
   t_last, imgs_since = time.time(), 0
-  t_start = _PROCESS_START
-  last_eval: dict[str, float] = dict(loop_state.get("last_eval") or {})
   stop_reason = None
-
-  def diverged(s: int, what: str) -> DivergenceError:
-    good = ("step " + str(last_good_ckpt) if last_good_ckpt is not None else "none")
-    return DivergenceError(
-        f"training diverged: {what} at step {s}. Parameters after step {s - 1} are "
-        f"discarded; the last good checkpoint is {good} in "
-        f"{os.path.join(workdir, ckpt_lib.CHECKPOINTS)}. Lower the learning rate or check "
-        "the data, then rerun the same command to resume from it.")
-
-  def check_finite(upto_all: bool) -> None:
-    """Checks the loss, gradient norm and parameter norm of finished steps (lagging one
-    step behind to keep the device busy) and raises DivergenceError on NaN/Inf."""
-    while pending and (upto_all or len(pending) > 1):
-      s, m = pending.pop(0)
-      values = {k: float(v) for k, v in jax.device_get(
-          {k: m[k] for k in _FINITE_METRICS}).items()}
-      if not np.isfinite(values["loss"]):
-        raise diverged(s, f"loss is {values['loss']}")
-      bad = {k: v for k, v in values.items() if not np.isfinite(v)}
-      if bad:
-        raise diverged(s, "the update made the parameters non-finite (" + ", ".join(
-            f"{k}={v}" for k, v in bad.items()) + f", while the loss was {values['loss']:.6g})")
-
-  def save(step: int, force: bool = False) -> None:
-    nonlocal last_good_ckpt
-    check_finite(upto_all=True)
-    if not spine.state_is_finite(state):  # e.g. a BatchNorm statistic overflowed
-      raise diverged(step, "the train state holds NaN/Inf values")
-    loop_state["last_eval"] = last_eval
-    if ckpt.save(step, state, data_iter=train_iter, loop_state=loop_state, force=force):
-      last_good_ckpt = step
-
   step = first_step
   try:
-    for step in range(first_step + 1, total_steps + 1):
-      batch = next(train_iter)
-      t_step = time.time()
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = compiled.train_step(state, parallel.host_to_global(batch, mesh))
-      if step == first_step + 1:
-        logging.info("first train step (tracing and compilation) dispatched in %.1f s; "
-                     "%.1f s since the process started", time.time() - t_step,
-                     time.time() - t_start)
-      pending.append((step, metrics))
-      check_finite(upto_all=False)
-      ckpt.check()  # an asynchronous save that failed (e.g. a full disk) stops the run here
-      imgs_since += config.batch_size
+    with loop.Preemption() as preemption:
+      for step in range(first_step + 1, total_steps + 1):
+        batch = next(train_iter)
+        t_step = time.time()
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = compiled.train_step(state, parallel.host_to_global(batch, mesh))
+        if step == first_step + 1:
+          logging.info("first train step (tracing and compilation) dispatched in %.1f s; "
+                       "%.1f s since the process started", time.time() - t_step,
+                       time.time() - _PROCESS_START)
+        guard.add(step, metrics)
+        ckpt.check()  # an asynchronous save that failed (e.g. a full disk) stops the run
+        imgs_since += config.batch_size
 
-      if step % steps["log_every"] == 0 or step == total_steps:
-        check_finite(upto_all=True)
-        dt = time.time() - t_last
-        scalars = {f"train/{k}": v for k, v in metrics.items()}
-        scalars["train/images_per_sec"] = imgs_since / max(dt, 1e-9)
-        scalars["train/epoch"] = step / steps["steps_per_epoch"]
-        scalars["train/elapsed_s"] = time.time() - t_start  # since this process started
-        vals = writer.write_scalars(step, scalars)
-        t_last, imgs_since = time.time(), 0
-        if progress is not None:
-          progress.set_postfix(loss=f"{vals['train/loss']:.4f}",
-                               img_s=f"{vals['train/images_per_sec']:.1f}")
+        if loop.due(step, steps["log_every"], total_steps):
+          guard.check()
+          dt = time.time() - t_last
+          scalars = {f"train/{k}": v for k, v in metrics.items()}
+          scalars["train/images_per_sec"] = imgs_since / max(dt, 1e-9)
+          scalars["train/epoch"] = step / run.steps_per_epoch
+          scalars["train/elapsed_s"] = time.time() - _PROCESS_START
+          vals = writer.write_scalars(step, scalars)
+          t_last, imgs_since = time.time(), 0
+          if progress is not None:
+            progress.set_postfix(loss=f"{vals['train/loss']:.4f}",
+                                 img_s=f"{vals['train/images_per_sec']:.1f}")
 
-      if evals and steps["eval_every"] and (
-          step % steps["eval_every"] == 0 or step == total_steps):
-        check_finite(upto_all=True)
-        last_eval = run_evals(step)
-        if plateau_monitor:
-          if plateau_monitor not in last_eval:
-            raise ConfigError(f"config.plateau.monitor={plateau_monitor!r} is not an "
-                           f"evaluation metric; have {sorted(last_eval)}")
-          state = state.replace(plateau=spine.plateau_update(
-              plateau_tx, state.plateau, last_eval[plateau_monitor]))
-          last_eval["lr_scale"] = float(jax.device_get(state.plateau.scale))
-        writer.write_scalars(step, last_eval)
-        if progress is not None:
-          progress.write(f"step {step}: " + ", ".join(
-              f"{k}={v:.4f}" for k, v in sorted(last_eval.items())
-              if not k.endswith("eval_seconds")))
-        if best_metric:
-          if best_metric not in last_eval:
-            raise ConfigError(f"config.best_metric={best_metric!r} is not an evaluation "
-                           f"metric; have {sorted(last_eval)}")
-          value = last_eval[best_metric]
-          if _is_better(value, loop_state["best_value"], best_mode):
-            loop_state.update(best_value=value, best_step=step, bad_evals=0)
-            ckpt.save_best(step, state, loop_state=dict(loop_state, last_eval=last_eval))
-          elif _is_worse(value, loop_state["best_value"], best_mode):
-            loop_state["bad_evals"] += 1  # as the reference: ties do not count
-          if early_patience and loop_state["bad_evals"] >= early_patience:
-            stop_reason = (f"early stopping: {best_metric} has not improved on "
-                           f"{loop_state['best_value']:.4f} (step "
-                           f"{loop_state['best_step']}) for {early_patience} evaluations")
+        if evaluations and loop.due(step, steps["eval_every"], total_steps):
+          guard.check()
+          state_box[0] = state
+          last_eval = evaluations.run(step, total_steps)
+          if plateau_monitor:
+            if plateau_monitor not in last_eval:
+              raise ConfigError(f"config.plateau.monitor={plateau_monitor!r} is not an "
+                                f"evaluation metric; have {sorted(last_eval)}")
+            state = state.replace(plateau=spine.plateau_update(
+                compiled_run.plateau_tx, state.plateau, last_eval[plateau_monitor]))
+            last_eval["lr_scale"] = float(jax.device_get(state.plateau.scale))
+          writer.write_scalars(step, last_eval)
+          if progress is not None:
+            progress.write(f"step {step}: " + ", ".join(
+                f"{k}={v:.4f}" for k, v in sorted(last_eval.items())
+                if not k.endswith("eval_seconds")))
+          is_best, stop_reason = best.update(step, last_eval)
+          if is_best:
+            ckpt.save_best(step, state, loop_state=dict(best.state, last_eval=last_eval))
 
-      if progress is not None:
-        progress.update(1)
-      preempted = parallel.process_any(preemption.requested) if (
-          jax.process_count() > 1) else preemption.requested
-      if preempted:
-        stop_reason = f"preempted (SIGTERM) at step {step}"
-      if step % steps["ckpt_every"] == 0 or step == total_steps or stop_reason:
-        save(step, force=True)
-      if stop_reason:
-        logging.warning("%s; checkpoint saved in %s. Rerun the same command to resume.",
-                        stop_reason, workdir)
         if progress is not None:
-          progress.write(stop_reason)
-        break
-    check_finite(upto_all=True)
+          progress.update(1)
+        if preemption.stop_now():
+          stop_reason = f"preempted (SIGTERM) at step {step}"
+        if loop.due(step, steps["ckpt_every"], total_steps) or stop_reason:
+          save(step)
+        if stop_reason:
+          logging.warning("%s; checkpoint saved in %s. Rerun the same command to resume.",
+                          stop_reason, workdir)
+          if progress is not None:
+            progress.write(stop_reason)
+          break
+      guard.check()
   finally:
-    preemption.uninstall()
     if progress is not None:
       progress.close()
   ckpt.wait()  # the last save is on disk (or its failure raises) before "done"
@@ -586,8 +342,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
                             os.path.join(workdir, "curves.png"))
     except Exception as e:  # plotting must never lose a finished run
       logging.warning("could not plot the learning curves: %s", e)
-  return dict(last_eval, step=step, best_value=loop_state["best_value"],
-              best_step=loop_state["best_step"], stop_reason=stop_reason)
+  return dict(last_eval, step=step, best_value=best.state["best_value"],
+              best_step=best.state["best_step"], stop_reason=stop_reason)
 
 
 # ============================================================================= CLI

@@ -27,8 +27,8 @@ class ToyModel(nn.Module):
 class ToyMethod(Method):
   name = "toy"
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, run=None):
+    super().__init__(config, run)
     self.model = ToyModel(width=config.get("toy_width", 8))
     self.nan_at_step = int(config.get("toy_nan_at_step", -1))
     # Seconds each train step waits on the host: widens the windows kill tests aim at.
@@ -130,11 +130,11 @@ def run_steps(method, config, mesh, batch_np, n: int = 2):
   """Initialises ``method`` through the real spine on ``mesh`` and runs ``n`` jitted
   train steps on the same global batch; returns host copies of (state, last metrics)."""
   from contrastjax import parallel  # pylint: disable=g-import-not-at-top
-  from contrastjax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from contrastjax import spine  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(mesh):
     gb = parallel.host_to_global(batch_np, mesh)
     rng = jax.random.PRNGKey(0)
-    m = train_lib.build_machinery(config, method, mesh, rng, gb, total_steps=10)
+    m = spine.build_run(config, method, mesh, rng, gb, total_steps=10)
     state = jax.jit(m.create, out_shardings=m.state_sharding)(rng, gb)
     for _ in range(n):
       state, metrics = m.compiled.train_step(state, gb)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from contrastjax import parallel
+from contrastjax import spine
 from contrastjax import train as train_lib
 from contrastjax.data.synthetic_pairs import SyntheticPairs
 from contrastjax.evaluators import retrieval as R
@@ -62,7 +63,7 @@ def _train_gap(arg: str, steps: int, train, val) -> tuple[float, float]:
   with jax.set_mesh(mesh):
     gb = parallel.host_to_global({k: train[k][:bs] for k in ("image", "text")}, mesh)
     rng = jax.random.PRNGKey(0)
-    m = train_lib.build_machinery(c, method, mesh, rng, gb, steps)
+    m = spine.build_run(c, method, mesh, rng, gb, steps)
     state = jax.jit(m.create, out_shardings=m.state_sharding)(rng, gb)
     for _ in range(steps):
       idx = rs.integers(0, len(train["image"]), bs)

@@ -10,54 +10,21 @@ import sys
 import textwrap
 import time
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import _toy
-from contrastjax import checkpoint as ckpt_lib
+from _harness import REPO, TOY_CONFIG
+from _harness import assert_same_variables as _assert_same_variables
+from _harness import cli as _cli
+from _harness import env as _env
+from _harness import steps as _steps
+from _harness import variables as _variables
 from contrastjax import metric_writer
 from contrastjax import train as train_lib
 from contrastjax import workdir as workdir_lib
 from contrastjax.data.errors import DatasetError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY_CONFIG = os.path.join(REPO, "tests", "_toy_config.py")
-
-
-def _env(**extra):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.join(REPO, "tests"), REPO, env.get("PYTHONPATH", "")])
-  env["CONTRASTJAX_COMPILATION_CACHE"] = "0"
-  env.update(extra)
-  return env
-
-
-def _cli(workdir, args=(), extra_flags=(), **kw):
-  config = TOY_CONFIG + (":" + ",".join(args) if args else "")
-  return subprocess.Popen(
-      [sys.executable, "-m", "contrastjax.train", f"--config={config}",
-       f"--workdir={workdir}", *extra_flags],
-      env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def _steps(folder):
-  if not os.path.isdir(folder):
-    return []
-  return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
-
-
-def _variables(workdir, which):
-  v = ckpt_lib.load_variables(str(workdir), which)
-  return jax.tree.leaves((v["params"], v["model_state"]))
-
-
-def _assert_same_variables(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
 
 
 # ----------------------------------------------------------------------------- bug 1
@@ -159,7 +126,7 @@ def test_restoring_a_non_finite_checkpoint_is_a_named_error(tmp_path, monkeypatc
   cfg = _toy.toy_config(total_steps=3, ckpt_every_steps=3)
   train_lib.train_and_evaluate(cfg, str(tmp_path))
   with monkeypatch.context() as m:  # the old trainer: only the loss was checked
-    m.setattr(train_lib, "_FINITE_METRICS", ("loss",))
+    m.setattr(train_lib.loop, "FINITE_METRICS", ("loss",))
     m.setattr(train_lib.spine, "state_is_finite", lambda state: True)
     bad = _toy.toy_config(total_steps=4, ckpt_every_steps=1, eval_every_steps=0)
     bad.optimizer.lr = 1e39

@@ -91,7 +91,7 @@ def test_evaluator_accumulates_padded_batches_and_registers():
     return {'logits': np.eye(C)[batch['pred_for_test']]}     # argmax = the prediction
 
   seen = []
-  cfg = ml_collections.ConfigDict(dict(type='semseg', num_classes=C,
+  cfg = ml_collections.ConfigDict(dict(type='semseg', num_classes=C, output_key='logits',
                                        class_names=['a', 'b', 'c', 'd', 'e']))
   ev = evaluators.build(cfg, predict_fn=predict_fn, batches_fn=lambda: iter(batches),
                         prefix='val', reduce_fn=None)

@@ -251,5 +251,5 @@ def test_compile_ahead_failure_is_logged_not_raised(caplog):
 
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
   with caplog.at_level("WARNING"):
-    train_lib.CompileAhead(mesh, {"train step": (Fn, ())}).join()
+    spine.CompileAhead(mesh, {"train step": (Fn, ())}).join()
   assert "compiling the train step ahead failed (ValueError: bad shapes)" in caplog.text

@@ -25,9 +25,11 @@ batch is smaller; this module always uses the per-image mean.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from contrastjax.evaluators import pictures as pictures_lib
 
 _SMOOTH = 1e-15
 
@@ -85,61 +87,97 @@ def binary_metrics(pred_prob: np.ndarray, gt: np.ndarray,
   }
 
 
+class _BinaryRenderer:
+  def __init__(self, threshold: float):
+    self.threshold = threshold
+
+  def panel(self, image, gt, pred):
+    from contrastjax import visualize  # pylint: disable=g-import-not-at-top
+    return visualize.overlay(image, np.asarray(gt)[..., 0] > 0.5,
+                             np.asarray(pred)[..., 0] > self.threshold)
+
+  def mask(self, pred):
+    return np.where(np.asarray(pred)[..., 0] > self.threshold, 255, 0).astype(np.uint8)
+
+
 class BinarySegEvaluator:
   """Mean per-image binary segmentation metrics (and optionally the loss) of a dataset.
 
   ``run()`` yields ``<prefix>/mIoU``, ``<prefix>/mDSC``, ``<prefix>/recall``,
   ``<prefix>/precision``, ``<prefix>/F2``, ``<prefix>/acc``, ``<prefix>/loss`` (only
-  with a ``loss_fn``) and ``<prefix>/num_images``.
+  with a ``loss_fn``) and ``<prefix>/num_images``; ``pictures()`` the overlays of the
+  first ``samples`` examples (image | ground truth | prediction: true positives green,
+  false positives red, false negatives blue).
 
   Batches are padded: each has a boolean ``valid`` ``[B]``; padded examples are never
   scored nor counted. Every valid example is scored (nothing is dropped).
   """
 
+  #: ``run()`` hands the input pipeline's batches to ``predict_fn`` unchanged (the
+  #: trainer compiles the evaluation step ahead from the first batch's shapes).
+  pipeline_batches = True
+
   def __init__(self, predict_fn: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]],
                batches_fn: Callable[[], Iterable[Mapping[str, np.ndarray]]], *,
-               prefix: str = "val", threshold: float = 0.5,
+               prefix: str = "val", threshold: float = 0.5, output_key: str = "prob",
                loss_fn: Callable[[Mapping[str, np.ndarray]], float] | None = None,
                reduce_fn: Callable[[dict[str, float]], dict[str, float]] | None = None,
                on_batch: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
-                                  None] | None = None):
+                                  None] | None = None,
+               samples: int = 0, display: Callable[[np.ndarray], np.ndarray] | None = None,
+               save_dir: str | None = None, save_overlays: int = 0,
+               names: Sequence[str] | None = None):
     """Builds the evaluator.
 
     Args:
-      predict_fn: ``batch -> {'prob': [B, H, W, 1], ...}`` host numpy outputs for the
-        local (padded) batch.
+      predict_fn: ``batch -> {output_key: [B, H, W, 1], ...}`` host numpy outputs for
+        the local (padded) batch.
       batches_fn: returns a fresh iterator over padded local batches, each with
         ``'mask'`` ``[B, H, W, 1]`` and ``'valid'`` ``[B]``.
       prefix: name prefix of the yielded metrics.
       threshold: binarisation threshold of predictions and ground truth.
+      output_key: which output of ``predict_fn`` is scored (foreground probabilities).
       loss_fn: optional ``batch -> float`` (mean loss of the batch's valid examples);
         reported as the mean over batches, like the reference's validation loss. It is
         called on every batch (``predict_fn`` too), so multi-process collectives stay
         in lockstep, but a batch without a local valid example is not counted.
       reduce_fn: optional cross-process sum of a dict of float sums (identity if None).
-      on_batch: optional ``(batch, outputs)`` callback, e.g. to save predictions; it
+      on_batch: optional ``(batch, outputs)`` callback, e.g. extra metrics; it
         receives the padded batch and outputs and must honour ``batch['valid']``.
+      samples, display, save_dir, save_overlays, names: the picture options of
+        :class:`contrastjax.evaluators.pictures.Pictures` (``display``: a model input
+        as uint8 RGB, from the dataset's spec).
     """
     self.predict_fn = predict_fn
     self.batches_fn = batches_fn
     self.prefix = prefix
     self.threshold = threshold
+    self.output_key = output_key
     self.loss_fn = loss_fn
     self.reduce_fn = reduce_fn if reduce_fn is not None else (lambda sums: sums)
     self.on_batch = on_batch
+    self._pictures = pictures_lib.Pictures(
+        _BinaryRenderer(threshold), samples=samples, display=display, save_dir=save_dir,
+        save_overlays=save_overlays, names=names)
+
+  def pictures(self) -> dict[str, np.ndarray]:
+    """The sample overlays of the last ``run()`` (process 0; {} elsewhere)."""
+    return self._pictures.grid()
 
   def _local_sums(self) -> dict[str, float]:
     sums = {key: 0.0 for key in METRIC_NAMES}
     sums.update(num_images=0.0, loss_sum=0.0, loss_batches=0.0)
+    self._pictures.reset()
     for i, batch in enumerate(self.batches_fn()):
       if "valid" not in batch:
         raise KeyError(f"evaluation batch {i} has no 'valid' entry (keys: "
                        f"{sorted(batch)}); the input pipeline must pad and mark batches")
       valid = np.asarray(batch["valid"]).astype(bool).reshape(-1)
       outputs = self.predict_fn(batch)
-      if "prob" not in outputs:
-        raise KeyError(f"predict_fn returned {sorted(outputs)}; expected a 'prob' entry")
-      prob = np.asarray(outputs["prob"])
+      if self.output_key not in outputs:
+        raise KeyError(f"predict_fn returned {sorted(outputs)}; expected the output_key "
+                       f"{self.output_key!r}")
+      prob = np.asarray(outputs[self.output_key])
       gt = np.asarray(batch["mask"])
       if prob.shape[0] != valid.shape[0] or gt.shape[0] != valid.shape[0]:
         raise ValueError(f"batch {i}: 'valid' has {valid.shape[0]} entries but the "
@@ -155,6 +193,7 @@ class BinarySegEvaluator:
         if self.loss_fn is not None:
           sums["loss_sum"] += loss
           sums["loss_batches"] += 1.0
+      self._pictures.add(batch, gt, prob, valid)
       if self.on_batch is not None:
         self.on_batch(batch, outputs)
     return sums

@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from contrastjax.evaluators import pictures as pictures_lib
+
 IGNORE_INDEX = 255
 F1_NAN_RULES = ('mmseg', 'dice')
 
@@ -97,14 +99,31 @@ def total_area_to_metrics(areas: np.ndarray, *, f1_nan: str = 'mmseg') -> dict[s
           'Recall': recall, 'mIoU': nanmean(iou), 'mAcc': nanmean(acc), 'mF1': nanmean(f1)}
 
 
-def predictions_from_outputs(outputs: Mapping[str, Any]) -> np.ndarray:
-  """Class ids ``[B, H, W]`` from ``{'pred'}`` or the argmax of ``{'logits'}``/``{'prob'}``."""
-  for key in ('pred', 'logits', 'prob'):
-    if key in outputs:
-      x = np.asarray(outputs[key])
-      return x if key == 'pred' else np.argmax(x, axis=-1)
-  raise KeyError(f"predict_fn returned {sorted(outputs)}; expected 'pred' [B, H, W] or "
-                 "'logits' / 'prob' [B, H, W, C]")
+def predictions_from_outputs(outputs: Mapping[str, Any], key: str = 'pred') -> np.ndarray:
+  """Class ids ``[B, H, W]`` from ``outputs[key]``: class ids ``[B, H, W]`` as they are,
+  scores ``[B, H, W, C]`` (logits or probabilities) by their argmax."""
+  if key not in outputs:
+    raise KeyError(f"predict_fn returned {sorted(outputs)}; expected the output_key {key!r} "
+                   "(class ids [B, H, W] or scores [B, H, W, C])")
+  x = np.asarray(outputs[key])
+  return np.argmax(x, axis=-1) if x.ndim == 4 else x
+
+
+def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
+  """Fixed class colours for a dataset without a palette of its own."""
+  rng = np.random.default_rng(0)
+  return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
+
+
+class _ClassMapRenderer:
+  def __init__(self, palette):
+    self.palette = palette
+
+  def panel(self, image, gt, pred):
+    return semseg_panel(image, gt, pred, self.palette)
+
+  def mask(self, pred):
+    return colorize(pred, self.palette)
 
 
 class SemSegEvaluator:
@@ -112,22 +131,34 @@ class SemSegEvaluator:
 
   ``run()`` yields ``<prefix>/mIoU``, ``/mF1``, ``/mAcc``, ``/aAcc``, per class
   ``<prefix>/IoU/<class>`` and ``<prefix>/F1/<class>``, ``<prefix>/loss`` (with a ``loss_fn``)
-  and ``<prefix>/num_images``. Padded rows (``batch['valid'] == False``) are never counted.
+  and ``<prefix>/num_images``; ``pictures()`` the ``image | ground truth | prediction``
+  panels of the first ``samples`` examples in the dataset's class colours. Padded rows
+  (``batch['valid'] == False``) are never counted.
+
+  Class names, palette and ignore index default to the dataset's (``DataSpec.info``, passed
+  by the trainer); a config may override them.
   """
+
+  #: ``run()`` hands the input pipeline's batches to ``predict_fn`` unchanged.
+  pipeline_batches = True
 
   def __init__(self, predict_fn: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]],
                batches_fn: Callable[[], Iterable[Mapping[str, np.ndarray]]], *,
                num_classes: int, class_names: Sequence[str] | None = None,
                prefix: str = 'val', ignore_index: int = IGNORE_INDEX, f1_nan: str = 'mmseg',
-               label_key: str = 'label',
+               label_key: str = 'label', output_key: str = 'pred',
                loss_fn: Callable[[Mapping[str, np.ndarray]], float] | None = None,
                reduce_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                on_batch: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], None]
-               | None = None):
+               | None = None,
+               palette: Sequence[Sequence[int]] | None = None, samples: int = 0,
+               display: Callable[[np.ndarray], np.ndarray] | None = None,
+               save_dir: str | None = None, save_overlays: int = 0,
+               names: Sequence[str] | None = None):
     """Builds the evaluator.
 
     Args:
-      predict_fn: ``batch -> {'pred': [B, H, W]}`` (or ``'logits'``/``'prob'`` ``[B, H, W, C]``)
+      predict_fn: ``batch -> {output_key: [B, H, W] class ids or [B, H, W, C] scores}``
         host outputs for the local padded batch, at the label's resolution.
       batches_fn: Fresh iterator over padded local batches with ``label`` ``[B, H, W]`` and
         ``valid`` ``[B]``.
@@ -139,7 +170,11 @@ class SemSegEvaluator:
       label_key: Batch key of the ground truth.
       loss_fn: Optional ``batch -> float``, averaged over batches with a valid example.
       reduce_fn: Optional cross-process sum of a dict of numpy sums.
-      on_batch: Optional ``(batch, outputs)`` callback (e.g. to save pictures).
+      on_batch: Optional ``(batch, outputs)`` callback (e.g. extra metrics).
+      output_key: Which output of ``predict_fn`` is scored.
+      palette: Class colours of the pictures (default: fixed random colours).
+      samples, display, save_dir, save_overlays, names: the picture options of
+        :class:`contrastjax.evaluators.pictures.Pictures`.
     """
     self.predict_fn, self.batches_fn = predict_fn, batches_fn
     self.num_classes = int(num_classes)
@@ -151,22 +186,31 @@ class SemSegEvaluator:
     self.prefix, self.ignore_index, self.f1_nan = prefix, int(ignore_index), f1_nan
     if f1_nan not in F1_NAN_RULES:
       raise ValueError(f'f1_nan={f1_nan!r}; expected one of {F1_NAN_RULES}')
-    self.label_key = label_key
+    self.label_key, self.output_key = label_key, output_key
     self.loss_fn = loss_fn
     self.reduce_fn = reduce_fn if reduce_fn is not None else (lambda sums: sums)
     self.on_batch = on_batch
+    self.palette = list(palette) if palette is not None else default_palette(self.num_classes)
+    self._pictures = pictures_lib.Pictures(
+        _ClassMapRenderer(self.palette), samples=samples, display=display,
+        save_dir=save_dir, save_overlays=save_overlays, names=names)
+
+  def pictures(self) -> dict[str, np.ndarray]:
+    """The sample panels of the last ``run()`` (process 0; {} elsewhere)."""
+    return self._pictures.grid()
 
   def local_sums(self) -> dict[str, Any]:
     """This process's histograms ``areas [4, C]``, image count and loss sums."""
     sums = {'areas': np.zeros((4, self.num_classes), np.float64), 'num_images': 0.0,
             'loss_sum': 0.0, 'loss_batches': 0.0}
+    self._pictures.reset()
     for i, batch in enumerate(self.batches_fn()):
       if 'valid' not in batch or self.label_key not in batch:
         raise KeyError(f"evaluation batch {i} has keys {sorted(batch)}; expected 'valid' and "
                        f"{self.label_key!r}")
       valid = np.asarray(batch['valid']).astype(bool).reshape(-1)
       outputs = self.predict_fn(batch)
-      pred = predictions_from_outputs(outputs)
+      pred = predictions_from_outputs(outputs, self.output_key)
       label = np.asarray(batch[self.label_key])
       if label.ndim == 4 and label.shape[-1] == 1:
         label = label[..., 0]
@@ -181,6 +225,7 @@ class SemSegEvaluator:
         if self.loss_fn is not None:
           sums['loss_sum'] += loss
           sums['loss_batches'] += 1.0
+      self._pictures.add(batch, label, pred, valid)
       if self.on_batch is not None:
         self.on_batch(batch, outputs)
     return sums

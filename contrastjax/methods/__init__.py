@@ -30,3 +30,9 @@ def get_method_class(name: str):
         f"{sorted(_REGISTRY)}")
   module, cls = _REGISTRY[name].split(":")
   return getattr(importlib.import_module(module), cls)
+
+
+def build(config, run=None):
+  """The method named by ``config.method``, built with the run's resolved facts
+  (:class:`~contrastjax.methods.base.RunInfo`; None where only shapes are needed)."""
+  return get_method_class(config.method)(config, run)

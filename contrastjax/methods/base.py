@@ -24,6 +24,17 @@ PyTree = Any
 Metrics = Mapping[str, jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """The resolved facts of a run a method may need (schedule horizons, warm-ups in
+  epochs): computed once by the trainer from the config and the data, so that a method
+  never re-reads ``config.total_steps`` (which is unset when the config counts epochs)."""
+  total_steps: int
+  steps_per_epoch: int
+  global_batch_size: int
+  num_train: int
+
+
 def plain_config(value: Any) -> Any:
   """A ConfigDict / list config value as plain Python (dicts, tuples)."""
   if hasattr(value, "to_dict"):
@@ -69,8 +80,19 @@ class Method(abc.ABC):
   #: Name used in configs (``config.method``).
   name: str = ""
 
-  def __init__(self, config):
+  def __init__(self, config, run: RunInfo | None = None):
+    """``config``: the run's config (a method reads its own section, e.g.
+    ``config.condseg``); ``run``: the resolved step counts (None where a method is built
+    without data, e.g. for shapes; a method that needs them raises then)."""
     self.config = config
+    self.run = run
+
+  def require_run(self, what: str) -> RunInfo:
+    """``self.run``, or a ConfigError naming what needed it."""
+    if self.run is None:
+      raise ConfigError(f"method {self.name!r} needs the run's step counts for {what}; "
+                        "build it with its RunInfo (the trainer does)")
+    return self.run
 
   # ---------------------------------------------------------------- set-up
   @abc.abstractmethod
@@ -115,6 +137,13 @@ class Method(abc.ABC):
     def loss(p):
       return self.loss_fn(p, model_state, extra, batch, rng, step)
     return jax.value_and_grad(loss, has_aux=True)(params)
+
+  def project_params(self, step: jax.Array, params: PyTree) -> PyTree:
+    """Runs right after the optimizer update inside the jitted step (``step`` counts the
+    updates done, the new one included); returns the parameters to keep, e.g. CLIP's
+    clamp of the logit scale. Default: unchanged (adds no operation to the step)."""
+    del step
+    return params
 
   def post_update(self, step: jax.Array, params: PyTree, extra: PyTree) -> PyTree:
     """Runs after the optimizer update inside the jitted step; returns the new

@@ -198,8 +198,8 @@ class CLIPMethod(Method):
 
   name = "clip"
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, run=None):
+    super().__init__(config, run)
     cc = config.get("clip", None) or {}
     unknown = sorted(set(cc.keys()) - set(_CLIP_KEYS))
     if unknown:
@@ -223,7 +223,9 @@ class CLIPMethod(Method):
       raise ConfigError(f"config.clip.beta_min={self.beta_min}, beta_max={self.beta_max}: "
                        "expected 0 < beta_min < beta_max")
     self.tau0, self.tau1 = float(opt("tau0")), float(opt("tau1"))
-    horizon = int(opt("schedule_horizon_steps")) or int(config.get("total_steps", 0) or 0)
+    # The schedule's horizon: explicit, else the run's resolved length (also when the
+    # config counts epochs: config.total_steps is unset then).
+    horizon = int(opt("schedule_horizon_steps")) or (self.run.total_steps if self.run else 0)
     self.horizon = float(horizon) if horizon else None
     self.period = float(opt("schedule_period_steps")) or None
     self.steps_per_epoch = int(opt("schedule_steps_per_epoch"))

@@ -136,8 +136,8 @@ class _ConDSegBase(Method):
 
   model_cls: type = condseg_model.ConDSeg
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, run=None):
+    super().__init__(config, run)
     cs = config.condseg
     unknown = sorted(set(cs.keys()) - set(_CONDSEG_KEYS))
     if unknown:
@@ -238,8 +238,8 @@ class ConDSegStage1Method(_ConDSegBase):
   name = "condseg_stage1"
   model_cls = condseg_model.ConDSegStage1
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, run=None):
+    super().__init__(config, run)
     cs = config.condseg
     self.consistency_weight = float(cs.get("consistency_weight", 1.0))
     self.strong_aug = dict(plain_config(cs.get("strong_aug", {})) or {})

@@ -539,8 +539,8 @@ class SiamSegMethod(Method):
 
   name = "siamseg"
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, run=None):
+    super().__init__(config, run)
     s = config.siamseg
     unknown = sorted(set(s.keys()) - set(_SIAMSEG_KEYS))
     if unknown:
