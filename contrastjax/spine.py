@@ -135,32 +135,91 @@ def _base_optimizer(cfg: ml_collections.ConfigDict, lr: optax.Schedule,
   raise ConfigError(f"config.optimizer.name={name!r}: expected 'adam', 'adamw' or 'sgd'")
 
 
+#: Keys of a ``config.optimizer.groups`` entry given as a dict.
+GROUP_KEYS = ("regex", "lr_mult", "wd_mult", "frozen", "schedule")
+#: Keys a group's ``schedule`` may override (see :func:`learning_rate_schedule`).
+SCHEDULE_KEYS = ("schedule", "warmup_steps", "warmup_init_factor", "warmup_ratio", "power",
+                 "end_lr")
+
+
+def parse_groups(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """``config.optimizer.groups`` as dicts with every key of :data:`GROUP_KEYS`.
+
+  An entry is ``(regex, lr_mult, wd_mult)`` or a dict with ``regex`` and any of
+  ``lr_mult`` (1), ``wd_mult`` (1), ``frozen`` (False: True gives the group no gradient
+  and no optimizer state) and ``schedule`` (a dict overriding the base schedule's keys
+  for this group, e.g. ``{'schedule': 'constant'}`` or another ``warmup_steps``).
+  """
+  out = []
+  for i, g in enumerate(cfg.get("groups", ()) or ()):
+    where = f"config.optimizer.groups[{i}]"
+    if hasattr(g, "to_dict") or isinstance(g, dict):
+      g = dict(g.to_dict() if hasattr(g, "to_dict") else g)
+      unknown = sorted(set(g) - set(GROUP_KEYS))
+      if unknown or "regex" not in g:
+        raise ConfigError(f"{where}={g!r}: expected a dict with 'regex' and optionally "
+                          f"{list(GROUP_KEYS[1:])}; unknown {unknown}")
+      sched = dict(g.get("schedule") or {})
+      bad = sorted(set(sched) - set(SCHEDULE_KEYS))
+      if bad:
+        raise ConfigError(f"{where}.schedule has unknown key(s) {bad}; accepted: "
+                          f"{list(SCHEDULE_KEYS)}")
+      out.append(dict(regex=str(g["regex"]), lr_mult=float(g.get("lr_mult", 1.0)),
+                      wd_mult=float(g.get("wd_mult", 1.0)),
+                      frozen=bool(g.get("frozen", False)), schedule=sched))
+    else:
+      g = tuple(g)
+      if len(g) != 3:
+        raise ConfigError(f"{where}={g!r}: expected (regex, lr_mult, wd_mult) or a dict "
+                          f"with keys {list(GROUP_KEYS)}")
+      out.append(dict(regex=str(g[0]), lr_mult=float(g[1]), wd_mult=float(g[2]),
+                      frozen=False, schedule={}))
+  return out
+
+
+def _group_names(groups: list[dict[str, Any]]) -> list[tuple[str, str]]:
+  return [(f"group{i}:{g['regex']}", g["regex"]) for i, g in enumerate(groups)]
+
+
+def frozen_mask(cfg: ml_collections.ConfigDict, params: PyTree) -> PyTree | None:
+  """A pytree of bools like ``params``: True for parameters of a ``frozen`` group; None
+  when no group is frozen (the train step is then exactly the plain one)."""
+  groups = parse_groups(cfg)
+  frozen = {name for (name, _), g in zip(_group_names(groups), groups) if g["frozen"]}
+  if not frozen:
+    return None
+  labels = _param_labels(params, _group_names(groups))
+  return jax.tree.map(lambda label: label in frozen, labels)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params: PyTree,
                    total_steps: int) -> optax.GradientTransformation:
   """Builds the optimizer from ``config.optimizer``.
 
   Keys: ``name``, ``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay``, ``schedule``,
-  ``warmup_steps``, ``power``, ``grad_clip_norm`` and ``groups``: a list of
-  ``(regex, lr_mult, wd_mult)`` matched in order against '/'-joined parameter paths
-  (e.g. SiamSeg's head x10 and no weight decay on norms).
+  ``warmup_steps``, ``power``, ``grad_clip_norm`` and ``groups`` (:func:`parse_groups`):
+  matched in order against '/'-joined parameter paths, each with its learning-rate and
+  weight-decay multipliers (e.g. SiamSeg's head x10 and no weight decay on norms), an
+  optional schedule of its own, or frozen (``optax.set_to_zero``: no update and no
+  optimizer state; the train step does not differentiate them either).
   """
   base_lr = float(cfg.lr)
   wd = float(cfg.get("weight_decay", 0.0))
-  groups = [tuple(g) for g in cfg.get("groups", ())]
+  groups = parse_groups(cfg)
   if not groups:
     tx = _base_optimizer(cfg, learning_rate_schedule(cfg, base_lr, total_steps), wd)
   else:
-    transforms, names = {}, []
-    for i, g in enumerate(groups):
-      if len(g) != 3:
-        raise ConfigError(f"config.optimizer.groups[{i}]={g!r}: expected "
-                         "(regex, lr_mult, wd_mult)")
-      rx, lr_mult, wd_mult = g
-      name = f"group{i}:{rx}"
-      names.append((name, rx))
+    transforms, names = {}, _group_names(groups)
+    for (name, _), g in zip(names, groups):
+      if g["frozen"]:
+        transforms[name] = optax.set_to_zero()
+        continue
+      sched_cfg = cfg
+      if g["schedule"]:
+        sched_cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), **g["schedule"]))
       transforms[name] = _base_optimizer(
-          cfg, learning_rate_schedule(cfg, base_lr * float(lr_mult), total_steps),
-          wd * float(wd_mult))
+          cfg, learning_rate_schedule(sched_cfg, base_lr * g["lr_mult"], total_steps),
+          wd * g["wd_mult"])
     transforms["default"] = _base_optimizer(
         cfg, learning_rate_schedule(cfg, base_lr, total_steps), wd)
     tx = optax.multi_transform(transforms, _param_labels(params, names))
@@ -241,14 +300,21 @@ def state_is_finite(state: TrainState) -> bool:
                                state.extra)))
 
 
-def make_train_step(method, tx: optax.GradientTransformation) -> Callable:
-  """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted)."""
+def make_train_step(method, tx: optax.GradientTransformation,
+                    frozen: PyTree | None = None) -> Callable:
+  """Returns ``train_step(state, batch) -> (state, metrics)`` (not yet jitted).
+
+  ``frozen``: :func:`frozen_mask`; the method does not differentiate those parameters
+  (``Method.value_and_grad``), so no backward pass is built for them.
+  """
+  extra_kwargs = {} if frozen is None else {"frozen": frozen}
 
   def train_step(state: TrainState, batch: PyTree):
     rng = jax.random.fold_in(state.rng, state.step)
 
     (loss, (model_state, metrics)), grads = method.value_and_grad(
-        state.params, state.model_state, state.extra, batch, rng, state.step)
+        state.params, state.model_state, state.extra, batch, rng, state.step,
+        **extra_kwargs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     scale = state.plateau.scale
     updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
@@ -278,12 +344,13 @@ def plateau_update(plateau_tx, plateau_state, value: float):
 class CompiledSteps:
   """The jitted, sharded train / predict / eval-loss functions of one run."""
 
-  def __init__(self, method, tx, mesh: jax.sharding.Mesh, state_sharding: PyTree):
+  def __init__(self, method, tx, mesh: jax.sharding.Mesh, state_sharding: PyTree,
+               frozen: PyTree | None = None):
     self.mesh = mesh
     data_sh = parallel.data_sharding(mesh)
     repl = parallel.replicated(mesh)
     self.train_step = jax.jit(
-        make_train_step(method, tx),
+        make_train_step(method, tx, frozen),
         in_shardings=(state_sharding, data_sh),
         out_shardings=(state_sharding, repl),
         donate_argnums=(0,))
@@ -337,7 +404,8 @@ def build_run(config: ml_collections.ConfigDict, method, mesh, rng, global_examp
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
       state_sharding)
-  compiled = CompiledSteps(method, tx, mesh, state_sharding)
+  compiled = CompiledSteps(method, tx, mesh, state_sharding,
+                           frozen_mask(config.optimizer, params_shape))
   return CompiledRun(tx, plateau_tx, create, abstract, state_sharding, compiled)
 
 

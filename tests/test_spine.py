@@ -253,3 +253,90 @@ def test_compile_ahead_failure_is_logged_not_raised(caplog):
   with caplog.at_level("WARNING"):
     spine.CompileAhead(mesh, {"train step": (Fn, ())}).join()
   assert "compiling the train step ahead failed (ValueError: bad shapes)" in caplog.text
+
+
+# ----------------------------------------------------------------------------- frozen groups
+@jax.custom_vjp
+def _poisoned_identity(w):
+  return w
+
+
+def _poisoned_fwd(w):
+  return w, None
+
+
+def _poisoned_bwd(_, g):
+  return (g * jnp.nan,)  # a differentiated frozen parameter would poison the gradient
+
+
+_poisoned_identity.defvjp(_poisoned_fwd, _poisoned_bwd)
+
+
+class _ProbeMethod(_toy.ToyMethod):
+  """The toy whose first convolution kernel passes through an identity whose backward
+  returns NaN: any gradient taken through it makes grad_norm NaN."""
+
+  def loss_fn(self, params, model_state, extra, batch, rng, step):
+    params = dict(params, Conv_0=dict(params["Conv_0"],
+                                      kernel=_poisoned_identity(params["Conv_0"]["kernel"])))
+    return super().loss_fn(params, model_state, extra, batch, rng, step)
+
+
+def test_frozen_group_is_neither_updated_nor_differentiated_and_has_no_state():
+  config = _toy.toy_config()
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", lr=1e-2, groups=[dict(regex="Conv_0", frozen=True),
+                                    dict(regex="Conv_1", lr_mult=0.5,
+                                         schedule=dict(schedule="warmup_poly",
+                                                       warmup_steps=5))]))
+  src = _toy.ToySource(8, 8, 0)
+  batch = {k: np.stack([src[i][k] for i in range(8)]) for k in ("image", "mask")}
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  method = _ProbeMethod(config)
+  with jax.set_mesh(mesh):
+    gb = parallel.host_to_global(batch, mesh)
+    run = spine.build_run(config, method, mesh, jax.random.PRNGKey(0), gb, total_steps=10)
+    state0 = jax.device_get(jax.jit(run.create, out_shardings=run.state_sharding)(
+        jax.random.PRNGKey(0), gb))
+    state = jax.device_put(state0, run.state_sharding)
+    for _ in range(3):
+      state, metrics = run.compiled.train_step(state, gb)
+  state = jax.device_get(state)
+  assert np.isfinite(metrics["grad_norm"])  # the poisoned backward never ran
+  for a, b in zip(jax.tree.leaves(state0.params["Conv_0"]),
+                  jax.tree.leaves(state.params["Conv_0"])):
+    np.testing.assert_array_equal(a, b)      # frozen: untouched
+  assert not np.allclose(state0.params["Conv_1"]["kernel"], state.params["Conv_1"]["kernel"])
+  inner = state.opt_state.inner_states
+  assert jax.tree.leaves(inner["group0:Conv_0"]) == []       # no optimizer state
+  assert jax.tree.leaves(inner["group1:Conv_1"])              # Adam moments
+  # Unfrozen, the same probe poisons the gradient: the test can fail.
+  config.optimizer.groups = [dict(regex="Conv_1", lr_mult=0.5)]
+  with jax.set_mesh(mesh):
+    run = spine.build_run(config, method, mesh, jax.random.PRNGKey(0), gb, total_steps=10)
+    state = jax.jit(run.create, out_shardings=run.state_sharding)(jax.random.PRNGKey(0), gb)
+    _, metrics = run.compiled.train_step(state, gb)
+  assert np.isnan(metrics["grad_norm"])
+
+
+def test_group_schedule_overrides_the_base_schedule():
+  params = {"a": jnp.ones(()), "b": jnp.ones(())}
+  cfg = ml_collections.ConfigDict(dict(
+      name="sgd", lr=1.0, momentum=0.0, schedule="constant",
+      groups=[dict(regex="^b", lr_mult=2.0, schedule=dict(schedule="warmup_poly",
+                                                            warmup_steps=4, power=1.0))]))
+  tx = spine.make_optimizer(cfg, params, total_steps=8)
+  st = tx.init(params)
+  grads = {"a": jnp.ones(()), "b": jnp.ones(())}
+  got = []
+  for _ in range(3):
+    u, st = tx.update(grads, st, params)
+    got.append((float(u["a"]), float(u["b"])))
+  # a: constant lr 1; b: 2 x linear warm-up from 0 over 4 steps: 0, 0.5, 1.0
+  np.testing.assert_allclose(got, [(-1, 0), (-1, -0.5), (-1, -1.0)], atol=1e-6)
+  with pytest.raises(ValueError, match=r"groups\[0\].schedule has unknown key\(s\) \['lr'\]"):
+    spine.make_optimizer(ml_collections.ConfigDict(dict(
+        lr=1.0, groups=[dict(regex="a", schedule=dict(lr=3))])), params, 8)
+  with pytest.raises(ValueError, match=r"groups\[0\]=.*unknown \['frozn'\]"):
+    spine.make_optimizer(ml_collections.ConfigDict(dict(
+        lr=1.0, groups=[dict(regex="a", frozn=True)])), params, 8)

@@ -70,6 +70,27 @@ def module_kwargs(cls: type, cfg: Any, where: str, skip: Sequence[str] = ()
   return out
 
 
+def value_and_grad_except(loss, params: PyTree, frozen: PyTree | None):
+  """``jax.value_and_grad(loss, has_aux=True)(params)``, differentiating only the leaves
+  whose ``frozen`` flag is False; frozen leaves enter ``loss`` as constants and get
+  zero gradients."""
+  if frozen is None:
+    return jax.value_and_grad(loss, has_aux=True)(params)
+  leaves, treedef = jax.tree.flatten(params)
+  flags = treedef.flatten_up_to(frozen)
+  trainable = [x for x, f in zip(leaves, flags) if not f]
+
+  def merged(trainable_leaves):
+    it = iter(trainable_leaves)
+    return treedef.unflatten([x if f else next(it) for x, f in zip(leaves, flags)])
+
+  out, g = jax.value_and_grad(lambda t: loss(merged(t)), has_aux=True)(trainable)
+  it = iter(g)
+  grads = treedef.unflatten([jnp.zeros_like(x) if f else next(it)
+                             for x, f in zip(leaves, flags)])
+  return out, grads
+
+
 class Method(abc.ABC):
   """Base class of a method on the spine.
 
@@ -126,17 +147,22 @@ class Method(abc.ABC):
     """
 
   def value_and_grad(self, params: PyTree, model_state: PyTree, extra: PyTree,
-                     batch: PyTree, rng: jax.Array, step: jax.Array
+                     batch: PyTree, rng: jax.Array, step: jax.Array,
+                     frozen: PyTree | None = None
                      ) -> tuple[tuple[jax.Array, tuple[PyTree, Metrics]], PyTree]:
     """``((loss, (new_model_state, metrics)), grads)`` of :meth:`loss_fn` w.r.t. ``params``.
 
     The spine's train step calls this. Default: one ``jax.value_and_grad`` of the whole
     loss. A method whose loss is a sum of terms with separate forward passes may override it
     to differentiate term by term (the same gradient, a lower peak of live activations).
+
+    ``frozen``: None, or a pytree of bools like ``params`` (the optimizer's frozen
+    groups): those parameters are not differentiated (no backward pass is built for
+    them) and get zero gradients. An override must honour it or refuse it.
     """
     def loss(p):
       return self.loss_fn(p, model_state, extra, batch, rng, step)
-    return jax.value_and_grad(loss, has_aux=True)(params)
+    return value_and_grad_except(loss, params, frozen)
 
   def project_params(self, step: jax.Array, params: PyTree) -> PyTree:
     """Runs right after the optimizer update inside the jitted step (``step`` counts the

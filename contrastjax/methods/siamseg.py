@@ -733,13 +733,17 @@ class SiamSegMethod(Method):
     return _auto(self._loss, P())(params, model_state, extra, batch, rng)
 
   def value_and_grad(self, params: PyTree, model_state: PyTree, extra: PyTree,
-                     batch: PyTree, rng: jax.Array, step: jax.Array):
+                     batch: PyTree, rng: jax.Array, step: jax.Array,
+                     frozen: PyTree | None = None):
     """The loss and its gradient; with ``config.siamseg.backward='per_loss'`` (the
     reference's order: each loss back-propagated before the next forward pass) one
     ``value_and_grad`` per term, summed, so that only one student pass's activations are
     live at a time. The same numbers as ``'joint'`` (one gradient of the sum)."""
     if self.backward == "joint":
-      return super().value_and_grad(params, model_state, extra, batch, rng, step)
+      return super().value_and_grad(params, model_state, extra, batch, rng, step, frozen)
+    if frozen is not None:
+      raise ConfigError("frozen optimizer groups need config.siamseg.backward='joint' (the "
+                        "per-loss backward differentiates every parameter)")
     return _auto(self._per_loss_value_and_grad, P())(params, model_state, extra, batch, rng)
 
   def _terms(self, extra, batch, rng):
