@@ -12,6 +12,7 @@ from contrastjax import spine
 from contrastjax.data.synthetic_pairs import SyntheticPairs
 from contrastjax.evaluators import retrieval as R
 from contrastjax.methods import clip as clip_lib
+from contrastjax.methods.base import RunInfo
 
 
 def _unit(rng, n, d):
@@ -186,6 +187,24 @@ def test_global_loss_under_8_devices_equals_numpy():
   np.testing.assert_allclose(float(loss), _np_infonce(x, y, 20.0), rtol=1e-5)
 
 
+def test_schedule_horizon_is_the_resolved_run_length_also_in_epochs():
+  """A config counting epochs has no config.total_steps: the horizon of a scheduled
+  temperature comes from the run's resolved steps (it used to be silently missing)."""
+  from contrastjax import train as train_lib  # pylint: disable=g-import-not-at-top
+  c = _config(temperature="linear", tau0=0.01, tau1=0.05)
+  del c["total_steps"]
+  c.total_epochs = 3
+  c.batch_size = 8
+  run = train_lib.run_info(c, num_train=40)
+  assert run.total_steps == 15 and run.steps_per_epoch == 5
+  m = clip_lib.CLIPMethod(c, run)
+  assert m.horizon == 15.0
+  assert 1 / float(m.beta(0.0, 15)) == pytest.approx(0.05)
+  assert 1 / float(m.beta(0.0, 0)) == pytest.approx(0.01)
+  with pytest.raises(ValueError, match="needs horizon > 0"):
+    clip_lib.CLIPMethod(c)  # no run facts, no explicit horizon: a named error
+
+
 def test_temperature_modes_clamp_and_groups():
   batch = _batch(8)
   # learn + exp: OpenCLIP init and the clamp at ln 100 / 0.
@@ -201,8 +220,9 @@ def test_temperature_modes_clamp_and_groups():
   params, _, _ = m.init(jax.random.PRNGKey(0), batch)
   assert float(jax.nn.softplus(params["logit_scale"])) == pytest.approx(1 / 0.07, rel=1e-5)
   # schedules: linear S3 from 0.01 to 0.05 over total_steps; per-epoch quantisation.
+  run = RunInfo(total_steps=10, steps_per_epoch=4, global_batch_size=8, num_train=32)
   m = clip_lib.CLIPMethod(_config(temperature="linear", tau0=0.01, tau1=0.05,
-                                  schedule_steps_per_epoch=4))
+                                  schedule_steps_per_epoch=4), run)
   assert 1 / float(m.beta(0.0, 0)) == pytest.approx(0.01)
   assert 1 / float(m.beta(0.0, 7)) == pytest.approx(0.01 + 0.04 * 4 / 10)
   m = clip_lib.CLIPMethod(_config(temperature="cosine", tau0=0.01, tau1=0.04,

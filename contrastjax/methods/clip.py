@@ -46,34 +46,47 @@ The paper does not say whether swapped features are renormalised before the loss
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from contrastjax.gap import temperature as temp_lib
-from contrastjax.methods.base import Method, Metrics, PyTree, plain_config
-from contrastjax.models import clip as clip_model
 from contrastjax.errors import ConfigError
+from contrastjax.gap import temperature as temp_lib
+from contrastjax.methods import options
+from contrastjax.methods.base import Method, Metrics, PyTree
+from contrastjax.models import clip as clip_model
 
 TEMPERATURE_MODES = ("learn", "fixed", "linear", "cosine")
 SWAPS = ("none", "hard", "soft", "hard_feature")
 
-_CLIP_KEYS = {
-    "temperature": "learn",
-    "parameterization": "exp",
-    "scale": 1.0,
-    "tau_init": 0.07,
-    "beta_min": 1.0,
-    "beta_max": 100.0,
-    "tau0": 0.01,
-    "tau1": 0.05,
-    "schedule_horizon_steps": 0,
-    "schedule_period_steps": 0,
-    "schedule_steps_per_epoch": 0,
-    "swap": "none",
-    "swap_prob": 0.0,
-    "swap_renormalize": False,
-}
+@dataclasses.dataclass(frozen=True)
+class CLIPOptions:
+  """``config.clip`` (sources in ``configs/clip_gap_coco.py``)."""
+  temperature: str = options.choice("learn", TEMPERATURE_MODES)
+  parameterization: str = "exp"       # temperature parameterisation (gap.temperature)
+  scale: float = 1.0                  # its scale (exp_scaled)
+  tau_init: float = 0.07              # OpenCLIP: init_logit_scale = log(1/0.07)
+  beta_min: float = 1.0               # OpenCLIP clamp of 1/tau: [1, 100]
+  beta_max: float = 100.0
+  tau0: float = 0.01                  # scheduled temperatures (start, end)
+  tau1: float = 0.05
+  schedule_horizon_steps: int = 0     # 0: the whole run (its resolved length)
+  schedule_period_steps: int = 0
+  schedule_steps_per_epoch: int = 0   # > 0: the schedule steps once per epoch
+  swap: str = options.choice("none", SWAPS)
+  swap_prob: float = 0.0
+  swap_renormalize: bool = False
+
+  def check(self, where: str) -> None:
+    if not self.tau_init > 0:
+      raise ConfigError(f"{where}.tau_init={self.tau_init!r}: expected > 0")
+    if not 0 < self.beta_min < self.beta_max:
+      raise ConfigError(f"{where}.beta_min={self.beta_min}, beta_max={self.beta_max}: "
+                        "expected 0 < beta_min < beta_max")
+    if not 0.0 <= self.swap_prob <= 1.0:
+      raise ConfigError(f"{where}.swap_prob={self.swap_prob!r}: expected in [0, 1]")
 
 
 # ============================================================================ losses
@@ -200,35 +213,21 @@ class CLIPMethod(Method):
 
   def __init__(self, config, run=None):
     super().__init__(config, run)
-    cc = config.get("clip", None) or {}
-    unknown = sorted(set(cc.keys()) - set(_CLIP_KEYS))
-    if unknown:
-      raise ValueError(f"unknown key(s) config.clip.{unknown[0]} ({unknown}); known keys: "
-                       f"{sorted(_CLIP_KEYS)}")
-    opt = lambda k: plain_config(cc.get(k, _CLIP_KEYS[k]))  # noqa: E731
-    self.mode = str(opt("temperature"))
-    if self.mode not in TEMPERATURE_MODES:
-      raise ConfigError(f"config.clip.temperature={self.mode!r} is not known; expected one "
-                       f"of {TEMPERATURE_MODES}")
+    o = options.parse(CLIPOptions, config.get("clip", None), "config.clip")
+    self.mode = o.temperature
     try:
-      self.param = temp_lib.get_parameterization(str(opt("parameterization")),
-                                                 float(opt("scale")))
+      self.param = temp_lib.get_parameterization(o.parameterization, o.scale)
     except ValueError as e:
       raise ConfigError(f"config.clip.parameterization: {e}") from None
-    self.tau_init = float(opt("tau_init"))
-    if not self.tau_init > 0:
-      raise ConfigError(f"config.clip.tau_init={self.tau_init!r}: expected > 0")
-    self.beta_min, self.beta_max = float(opt("beta_min")), float(opt("beta_max"))
-    if not 0 < self.beta_min < self.beta_max:
-      raise ConfigError(f"config.clip.beta_min={self.beta_min}, beta_max={self.beta_max}: "
-                       "expected 0 < beta_min < beta_max")
-    self.tau0, self.tau1 = float(opt("tau0")), float(opt("tau1"))
+    self.tau_init = o.tau_init
+    self.beta_min, self.beta_max = o.beta_min, o.beta_max
+    self.tau0, self.tau1 = o.tau0, o.tau1
     # The schedule's horizon: explicit, else the run's resolved length (also when the
     # config counts epochs: config.total_steps is unset then).
-    horizon = int(opt("schedule_horizon_steps")) or (self.run.total_steps if self.run else 0)
+    horizon = o.schedule_horizon_steps or (self.run.total_steps if self.run else 0)
     self.horizon = float(horizon) if horizon else None
-    self.period = float(opt("schedule_period_steps")) or None
-    self.steps_per_epoch = int(opt("schedule_steps_per_epoch"))
+    self.period = float(o.schedule_period_steps) or None
+    self.steps_per_epoch = o.schedule_steps_per_epoch
     if self.mode != "learn":
       sched = "fixed" if self.mode == "fixed" else self.mode
       try:
@@ -238,14 +237,8 @@ class CLIPMethod(Method):
         raise ConfigError(f"config.clip (temperature={self.mode!r}): {e} (horizon = "
                          "schedule_horizon_steps or total_steps; period = "
                          "schedule_period_steps)") from None
-    self.swap = str(opt("swap"))
-    if self.swap not in SWAPS:
-      raise ConfigError(f"config.clip.swap={self.swap!r} is not known; expected one of "
-                       f"{SWAPS}")
-    self.swap_prob = float(opt("swap_prob"))
-    if not 0.0 <= self.swap_prob <= 1.0:
-      raise ConfigError(f"config.clip.swap_prob={self.swap_prob!r}: expected in [0, 1]")
-    self.swap_renormalize = bool(opt("swap_renormalize"))
+    self.swap, self.swap_prob = o.swap, o.swap_prob
+    self.swap_renormalize = o.swap_renormalize
     nu0 = float(self.param.nu_from_tau(self.tau_init))
     with jax.ensure_compile_time_eval():
       self.nu_bounds = (float(self.param.nu_from_beta(self.beta_min)),
