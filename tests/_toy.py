@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from contrastjax import evaluators
 from contrastjax.data.builder import DataSpec
 from contrastjax.methods.base import Method
 
@@ -33,10 +34,19 @@ class ToyMethod(Method):
     self.nan_at_step = int(config.get("toy_nan_at_step", -1))
     # Seconds each train step waits on the host: widens the windows kill tests aim at.
     self.step_sleep = float(config.get("toy_step_sleep", 0.0))
+    # Keeps the step count in ``extra`` and returns it from ``predict`` (as ``step``), for
+    # ScriptedEvaluator: evaluation results chosen by the test, step by step.
+    self.track_step = bool(config.get("toy_track_step", False))
 
   def init(self, rng, batch):
     v = self.model.init(rng, batch["image"], train=False)
-    return v["params"], {"batch_stats": v["batch_stats"]}, {}
+    extra = {"step": jnp.zeros((), jnp.int32)} if self.track_step else {}
+    return v["params"], {"batch_stats": v["batch_stats"]}, extra
+
+  def post_update(self, step, params, extra):
+    if self.track_step:
+      return dict(extra, step=jnp.asarray(step, jnp.int32))
+    return extra
 
   def loss_fn(self, params, model_state, extra, batch, rng, step):
     # Input noise drawn from the step key: exercises RNG determinism and sharding.
@@ -55,7 +65,10 @@ class ToyMethod(Method):
   def predict(self, params, model_state, extra, batch):
     logits = self.model.apply({"params": params, **model_state}, batch["image"],
                               train=False)
-    return {"prob": jax.nn.sigmoid(logits)}
+    out = {"prob": jax.nn.sigmoid(logits)}
+    if self.track_step:
+      out["step"] = jnp.broadcast_to(extra["step"], logits.shape[:1])
+    return out
 
   def eval_loss(self, params, model_state, extra, batch):
     logits = self.model.apply({"params": params, **model_state}, batch["image"],
@@ -84,6 +97,29 @@ class ToySource:
     mask[a:a + w, b:b + w] = 1.0
     img += 0.4 * mask
     return {"image": img, "mask": mask}
+
+
+class ScriptedEvaluator:
+  """An evaluator (``type='toy_scripted'``) whose metric ``<prefix>/<name>`` at step ``s``
+  is ``values[s]``: early stopping and best checkpoints on a sequence the test chooses.
+  Needs ``toy_track_step=True`` (the step comes from the state being evaluated, so a
+  resumed run sees the same sequence)."""
+
+  on_batch = None  # the pre-3e42297 trainer's sample-picture hook (never called here)
+
+  def __init__(self, predict_fn, batches_fn, *, prefix, loss_fn=None, reduce_fn=None,
+               values=(), name="score"):
+    del loss_fn, reduce_fn
+    self.predict_fn, self.batches_fn = predict_fn, batches_fn
+    self.prefix, self.values, self.name = prefix, tuple(values), name
+
+  def run(self):
+    out = self.predict_fn(next(iter(self.batches_fn())))
+    step = int(np.asarray(out["step"]).reshape(-1)[0])
+    yield f"{self.prefix}/{self.name}", float(self.values[step])
+
+
+evaluators.register("toy_scripted", "_toy:ScriptedEvaluator")
 
 
 def toy_data(dcfg, seed: int) -> DataSpec:
