@@ -259,3 +259,86 @@ def load_variables(workdir: str, which: int | str = "best") -> dict:
   restored = jax.tree.map(lambda x: jax.device_get(x), restored)
   return dict(params=restored["params"], model_state=restored.get("model_state", {}),
               extra=restored.get("extra", {}), step=int(step))
+
+
+def copy_subtree(target: Any, source: Any, what: str) -> dict:
+  """Returns ``source``'s leaves shaped and typed like ``target``'s.
+
+  Args:
+    target: the freshly initialised subtree (arrays or shape structs).
+    source: the subtree to copy from (same structure).
+    what: description used in error messages (e.g. ``"params['encoder']"``).
+
+  Raises:
+    KeyError: the two trees do not have the same leaves (names a few).
+    ValueError: a leaf's shape differs (names the leaf and both shapes).
+  """
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  flat_t = traverse_util.flatten_dict(dict(target))
+  flat_s = traverse_util.flatten_dict(dict(source))
+  missing = sorted(set(flat_t) - set(flat_s))
+  unexpected = sorted(set(flat_s) - set(flat_t))
+  if missing or unexpected:
+    raise KeyError(
+        f"{what}: the source does not match this model (missing "
+        f"{['/'.join(k) for k in missing[:5]]}, unexpected "
+        f"{['/'.join(k) for k in unexpected[:5]]}); were both runs configured with the "
+        "same model (config.model)?")
+  out = {}
+  for key, t in flat_t.items():
+    value = np.asarray(flat_s[key])
+    if tuple(value.shape) != tuple(t.shape):
+      raise ValueError(f"{what}/{'/'.join(key)}: shape mismatch, this model has "
+                       f"{tuple(t.shape)} but the source has {tuple(value.shape)}")
+    out[key] = np.asarray(value, dtype=t.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def import_subtrees(params: dict, model_state: dict, workdir: str,
+                    which: int | str = "best", *, names=None, batch_stats: bool = True,
+                    stats_hint: str = "") -> tuple[dict, dict, int]:
+  """``init_from``: copies top-level subtrees of another run's checkpoint into freshly
+  initialised ``params`` (and their BatchNorm statistics into ``model_state``).
+
+  Args:
+    params, model_state: this run's initial trees (``model_state['batch_stats']``).
+    workdir: the other run's workdir; ``which``: 'best', 'latest' or a step (a digit
+      string counts as a step).
+    names: the top-level names to copy (each must exist in the source), or None: every
+      name both runs have.
+    batch_stats: also copy the running statistics of those subtrees.
+    stats_hint: appended to the error when a required subtree has no statistics.
+
+  Returns:
+    ``(params, model_state, step of the source checkpoint)``.
+
+  Raises:
+    FileNotFoundError: no such workdir or checkpoint.
+    KeyError / ValueError: subtrees that do not fit (named, with both shapes).
+  """
+  if isinstance(which, str) and which.isdigit():
+    which = int(which)
+  source = load_variables(workdir, which=which)
+  required = names is not None
+  names = list(names) if required else [n for n in params if n in source["params"]]
+  params = dict(params)
+  for n in names:
+    if n not in source["params"]:
+      raise KeyError(f"{workdir}: the checkpoint's params have no {n!r} (top-level: "
+                     f"{sorted(source['params'])})")
+    params[n] = copy_subtree(params[n], source["params"][n], f"{workdir}: params[{n!r}]")
+  if batch_stats and "batch_stats" in model_state:
+    stats = source.get("model_state", {}).get("batch_stats", {})
+    bs = dict(model_state.get("batch_stats", {}))
+    for n in names:
+      if n not in bs:
+        continue
+      if n not in stats:
+        if required:
+          raise KeyError(f"{workdir}: the checkpoint has no batch_stats[{n!r}] to "
+                         f"transfer{stats_hint}")
+        continue
+      bs[n] = copy_subtree(bs[n], stats[n], f"{workdir}: batch_stats[{n!r}]")
+    model_state = dict(model_state, batch_stats=bs)
+  return params, model_state, int(source["step"])
+

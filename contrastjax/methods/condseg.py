@@ -57,33 +57,42 @@ not have is an error.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Mapping
 
 from absl import logging
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from contrastjax import checkpoint
 from contrastjax.data import photometric
+from contrastjax.errors import ConfigError
 from contrastjax.methods import condseg_losses as losses
+from contrastjax.methods import options
 from contrastjax.methods.base import Method, Metrics, PyTree, module_kwargs, plain_config
 from contrastjax.models import condseg as condseg_model
-from contrastjax.errors import ConfigError
 
-_CONDSEG_KEYS = {
-    "double_sigmoid": False,
-    "beta_per_image": False,
-    "consistency_weight": 1.0,
-    "strong_aug": {},
-    "pretrained_backbone": "",
-    "pretrained_source": "resnet50",
-    "init_from": "",
-    "init_from_which": "best",
-    "transfer_batch_stats": True,
-}
+@dataclasses.dataclass(frozen=True)
+class ConDSegOptions:
+  """``config.condseg`` (sources in ``contrastjax/configs/condseg.py``)."""
+  double_sigmoid: bool = False        # reference bug (DiceBCELoss sigmoid on sigmoid)
+  beta_per_image: bool = False        # reference: beta from the area summed over the batch
+  consistency_weight: float = 1.0     # stage 1
+  strong_aug: dict = dataclasses.field(default_factory=dict)  # stage 1: strong_augment kwargs
+  pretrained_backbone: str = ""       # ImageNet ResNet-50 weights file
+  pretrained_source: str = "resnet50"
+  init_from: str = ""                 # stage 2: the stage-1 workdir
+  init_from_which: str | int = "best"
+  transfer_batch_stats: bool = True   # reference copies named_parameters() only
+
+  def check(self, where: str) -> None:
+    accepted = set(inspect.signature(photometric.strong_augment).parameters) - {
+        "rng", "images"}
+    bad = sorted(set(self.strong_aug) - accepted)
+    if bad:
+      raise ConfigError(f"{where}.strong_aug has unknown key(s) {bad}; strong_augment "
+                        f"accepts {sorted(accepted)}")
 
 
 def build_model(model_cls: type, model_cfg: Mapping[str, Any]):
@@ -95,42 +104,6 @@ def build_model(model_cls: type, model_cfg: Mapping[str, Any]):
   return model_cls(**module_kwargs(model_cls, model_cfg, "config.model", skip=("name",)))
 
 
-def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
-  return traverse_util.flatten_dict(dict(tree))
-
-
-def copy_subtree(target: Mapping[str, Any], source: Mapping[str, Any], what: str
-                 ) -> dict[str, Any]:
-  """Returns ``source``'s leaves shaped and typed like ``target``'s.
-
-  Args:
-    target: the freshly initialised subtree (arrays or shape structs).
-    source: the subtree to copy from (same structure).
-    what: description used in error messages (e.g. ``"params['encoder']"``).
-
-  Raises:
-    KeyError: the two trees do not have the same leaves (names a few).
-    ValueError: a leaf's shape differs (names the leaf and both shapes).
-  """
-  flat_t, flat_s = _flat(target), _flat(source)
-  missing = sorted(set(flat_t) - set(flat_s))
-  unexpected = sorted(set(flat_s) - set(flat_t))
-  if missing or unexpected:
-    raise KeyError(
-        f"{what}: the source does not match this model (missing "
-        f"{['/'.join(k) for k in missing[:5]]}, unexpected "
-        f"{['/'.join(k) for k in unexpected[:5]]}); were both runs configured with the "
-        f"same encoder (config.model.stage_sizes, stem_width, base_width)?")
-  out = {}
-  for key, t in flat_t.items():
-    value = np.asarray(flat_s[key])
-    if tuple(value.shape) != tuple(t.shape):
-      raise ValueError(f"{what}/{'/'.join(key)}: shape mismatch, this model has "
-                       f"{tuple(t.shape)} but the source has {tuple(value.shape)}")
-    out[key] = np.asarray(value, dtype=t.dtype)
-  return traverse_util.unflatten_dict(out)
-
-
 class _ConDSegBase(Method):
   """Shared set-up: config parsing, model, initialisation and weight import."""
 
@@ -138,20 +111,15 @@ class _ConDSegBase(Method):
 
   def __init__(self, config, run=None):
     super().__init__(config, run)
-    cs = config.condseg
-    unknown = sorted(set(cs.keys()) - set(_CONDSEG_KEYS))
-    if unknown:
-      raise ValueError(f"unknown key(s) config.condseg.{unknown[0]} ({unknown}); "
-                       f"known keys: {sorted(_CONDSEG_KEYS)}")
-    opt = lambda key: plain_config(cs.get(key, _CONDSEG_KEYS[key]))  # noqa: E731
+    self.options = o = options.parse(ConDSegOptions, config.condseg, "config.condseg")
     self.model = build_model(self.model_cls, config.model)
-    self.double_sigmoid = bool(opt("double_sigmoid"))
-    self.beta_per_image = bool(opt("beta_per_image"))
-    self.pretrained_backbone = str(opt("pretrained_backbone") or "")
-    self.pretrained_source = str(opt("pretrained_source"))
-    self.init_from = str(opt("init_from") or "")
-    self.init_from_which = opt("init_from_which")
-    self.transfer_batch_stats = bool(opt("transfer_batch_stats"))
+    self.double_sigmoid = o.double_sigmoid
+    self.beta_per_image = o.beta_per_image
+    self.pretrained_backbone = o.pretrained_backbone
+    self.pretrained_source = o.pretrained_source
+    self.init_from = o.init_from
+    self.init_from_which = o.init_from_which
+    self.transfer_batch_stats = o.transfer_batch_stats
 
   # ------------------------------------------------------------------ set-up
   def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
@@ -173,44 +141,17 @@ class _ConDSegBase(Method):
                                               source=self.pretrained_source)
       logging.info("loaded %s weights from %s (%d keys ignored)", self.pretrained_source,
                    self.pretrained_backbone, len(ignored))
-    if self.init_from:
-      which = self.init_from_which
-      if isinstance(which, str) and which.isdigit():
-        which = int(which)
-      source = checkpoint.load_variables(self.init_from, which=which)
-      variables = self.transfer_encoder(variables, source)
-      logging.info("initialised the encoder from %s (step %s; batch_stats %s)",
-                   self.init_from, source.get("step"),
-                   "copied" if self.transfer_batch_stats else "kept")
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
+    if self.init_from:
+      params, model_state, step = checkpoint.import_subtrees(
+          params, model_state, self.init_from, self.init_from_which, names=("encoder",),
+          batch_stats=self.transfer_batch_stats,
+          stats_hint="; set config.condseg.transfer_batch_stats=False to keep the initial "
+          "running statistics")
+      logging.info("initialised the encoder from %s (step %s; batch_stats %s)",
+                   self.init_from, step, "copied" if self.transfer_batch_stats else "kept")
     return params, model_state, extra
-
-  def transfer_encoder(self, variables: Mapping[str, PyTree],
-                       source: Mapping[str, PyTree]) -> dict[str, PyTree]:
-    """Copies ``source``'s encoder into ``variables`` (``{'params', 'batch_stats'}``).
-
-    ``source`` is ``checkpoint.load_variables(...)``: ``{'params', 'model_state', ...}``.
-    Parameters are always copied; the encoder's BN running statistics only with
-    ``transfer_batch_stats`` (reference ``train.py``: parameters only).
-    """
-    new = {c: dict(v) for c, v in variables.items()}
-    if "encoder" not in source["params"]:
-      raise KeyError(f"{self.init_from}: the checkpoint's params have no 'encoder' "
-                     f"(top-level: {sorted(source['params'])})")
-    new["params"]["encoder"] = copy_subtree(variables["params"]["encoder"],
-                                            source["params"]["encoder"],
-                                            f"{self.init_from}: params['encoder']")
-    if self.transfer_batch_stats:
-      stats = source.get("model_state", {}).get("batch_stats", {})
-      if "encoder" not in stats:
-        raise KeyError(f"{self.init_from}: the checkpoint has no batch_stats['encoder'] "
-                       "to transfer; set config.condseg.transfer_batch_stats=False to "
-                       "keep the initial running statistics")
-      new["batch_stats"]["encoder"] = copy_subtree(
-          variables["batch_stats"]["encoder"], stats["encoder"],
-          f"{self.init_from}: batch_stats['encoder']")
-    return new
 
   # ------------------------------------------------------------------ helpers
   def _apply_train(self, params: PyTree, model_state: PyTree, x: jax.Array):
@@ -240,17 +181,8 @@ class ConDSegStage1Method(_ConDSegBase):
 
   def __init__(self, config, run=None):
     super().__init__(config, run)
-    cs = config.condseg
-    self.consistency_weight = float(cs.get("consistency_weight", 1.0))
-    self.strong_aug = dict(plain_config(cs.get("strong_aug", {})) or {})
-    accepted = set(inspect.signature(photometric.strong_augment).parameters) - {
-        "rng", "images"}
-    bad = sorted(set(self.strong_aug) - accepted)
-    if bad:
-      raise ConfigError(f"config.condseg.strong_aug has unknown key(s) {bad}; "
-                       f"strong_augment accepts {sorted(accepted)}")
-    for key, value in self.strong_aug.items():
-      self.strong_aug[key] = plain_config(value)
+    self.consistency_weight = self.options.consistency_weight
+    self.strong_aug = {k: plain_config(v) for k, v in self.options.strong_aug.items()}
 
   def loss_fn(self, params: PyTree, model_state: PyTree, extra: PyTree, batch: PyTree,
               rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[PyTree, Metrics]]:

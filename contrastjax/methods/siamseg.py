@@ -31,6 +31,7 @@ blended with grey, hue rotated in HSV, each clamped to [0, 1], in a random order
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -43,10 +44,11 @@ from contrastjax import parallel
 
 from contrastjax.data import photometric
 from contrastjax.data.siamseg_inputs import split_pair
+from contrastjax.errors import ConfigError
 from contrastjax.evaluators import seg_inference
+from contrastjax.methods import options
 from contrastjax.methods.base import Method, Metrics, module_kwargs, plain_config
 from contrastjax.models import mit
-from contrastjax.errors import ConfigError
 
 PyTree = Any
 IGNORE_INDEX = 255
@@ -415,37 +417,60 @@ class EMATeacher:
 
 
 # ============================================================================= the method
-_SIAMSEG_KEYS = {
-    "variant": "siamseg",
-    "num_classes": None,
-    "class_weight": None,
-    "alpha": 0.999,
-    "pseudo_threshold": 0.968,
-    "classmix_scope": "image",
-    "color_jitter_strength": 0.2,
-    "color_jitter_probability": 0.2,
-    "blur": True,
-    "contrastive_weight": 1.0,
-    "contrastive_domain": "target",
-    "views": {},
-    "backward": "per_loss",
-    "stat_group_size": 0,
-    "avg_non_ignore": False,
-    "inference": "whole",
-    "slide_crop": (512, 512),
-    "slide_stride": (341, 341),
-    "tta_ratios": (0.75, 1.0, 1.25, 1.5),
-    "tta_img_scale": (1024, 1024),
-    "tta_flip": False,
-    "pretrained": "",
-    "pretrained_kind": "mit",
-    "pretrained_prefix": None,
-    "init_from": "",
-    "init_from_which": "latest",
-}
 VARIANTS = ("siamseg", "dacs", "source_only")
 BACKWARD_MODES = ("per_loss", "joint")
 INFERENCE_MODES = ("whole", "slide", "tta")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiamSegOptions:
+  """``config.siamseg`` (sources in ``contrastjax/configs/siamseg.py``; the class
+  docstring of :class:`SiamSegMethod` explains each)."""
+  variant: str = options.choice("siamseg", VARIANTS)
+  num_classes: int = 0                 # required (> 0)
+  class_weight: tuple[float, ...] | None = None
+  alpha: float = 0.999                 # EMA teacher
+  pseudo_threshold: float = 0.968
+  classmix_scope: str = options.choice("image", ("image", "batch"))
+  color_jitter_strength: float = 0.2
+  color_jitter_probability: float = 0.2
+  blur: bool = True
+  contrastive_weight: float = 1.0
+  contrastive_domain: str = options.choice("target", ("target", "source", "all"))
+  views: dict = dataclasses.field(default_factory=dict)
+  backward: str = options.choice("per_loss", BACKWARD_MODES)
+  stat_group_size: int = 0
+  avg_non_ignore: bool = False
+  inference: str = options.choice("whole", INFERENCE_MODES)
+  slide_crop: tuple[int, ...] = (512, 512)
+  slide_stride: tuple[int, ...] = (341, 341)
+  tta_ratios: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)
+  tta_img_scale: tuple[int, ...] | None = (1024, 1024)
+  tta_flip: bool = False
+  pretrained: str = ""
+  pretrained_kind: str = options.choice("mit", ("mit", "siamseg"))
+  pretrained_prefix: str | None = None
+  init_from: str = ""
+  init_from_which: str | int = "latest"
+
+  def check(self, where: str) -> None:
+    if self.num_classes <= 0:
+      raise ConfigError(f"{where}.num_classes must be set (> 0)")
+    if self.class_weight is not None and len(self.class_weight) != self.num_classes:
+      raise ConfigError(f"{where}.class_weight has {len(self.class_weight)} entries for "
+                        f"num_classes={self.num_classes}")
+    if self.stat_group_size < 0:
+      raise ConfigError(f"{where}.stat_group_size={self.stat_group_size}; expected 0 "
+                        "(whole-batch statistics) or a positive group size")
+    import inspect  # pylint: disable=g-import-not-at-top
+    accepted = set(inspect.signature(simsiam_view).parameters) - {"rng", "images", "mean",
+                                                                  "std"}
+    bad = sorted(set(self.views) - accepted)
+    if bad:
+      raise ConfigError(f"{where}.views has unknown key(s) {bad}; accepted: "
+                        f"{sorted(accepted)}")
+
+
 #: The segmentor's parameter subtrees (what the EMA teacher averages and evaluation uses).
 SEGMENTOR = ("backbone", "decode_head")  # "contrast": the SimSiam projector/predictor
 
@@ -541,78 +566,28 @@ class SiamSegMethod(Method):
 
   def __init__(self, config, run=None):
     super().__init__(config, run)
-    s = config.siamseg
-    unknown = sorted(set(s.keys()) - set(_SIAMSEG_KEYS))
-    if unknown:
-      raise ValueError(f"unknown key(s) config.siamseg.{unknown[0]} ({unknown}); known keys: "
-                       f"{sorted(_SIAMSEG_KEYS)}")
-    opt = lambda key: plain_config(s.get(key, _SIAMSEG_KEYS[key]))  # noqa: E731
-    self.variant = str(opt("variant"))
-    if self.variant not in VARIANTS:
-      raise ConfigError(f"config.siamseg.variant={self.variant!r}; expected one of {VARIANTS}")
-    if opt("num_classes") is None:
-      raise ConfigError("config.siamseg.num_classes must be set")
-    self.num_classes = int(opt("num_classes"))
-    cw = opt("class_weight")
-    if cw is not None:
-      cw = tuple(float(v) for v in cw)
-      if len(cw) != self.num_classes:
-        raise ConfigError(f"config.siamseg.class_weight has {len(cw)} entries for "
-                         f"num_classes={self.num_classes}")
-    self.class_weight = cw
-    self.stat_group_size = int(opt("stat_group_size") or 0)
-    if self.stat_group_size < 0:
-      raise ConfigError(f"config.siamseg.stat_group_size={self.stat_group_size}; expected 0 "
-                       "(whole-batch statistics) or a positive group size")
-    self.teacher = EMATeacher(float(opt("alpha")), opt("pseudo_threshold"),
-                              self.stat_group_size)
-    self.classmix_scope = str(opt("classmix_scope"))
-    if self.classmix_scope not in ("image", "batch"):
-      raise ConfigError(f"config.siamseg.classmix_scope={self.classmix_scope!r}; expected "
-                       "'image' (reference after PR #5) or 'batch' (paper runs)")
-    self.strong = dict(color_jitter_strength=float(opt("color_jitter_strength")),
-                       color_jitter_probability=float(opt("color_jitter_probability")),
-                       blur=bool(opt("blur")))
-    self.contrastive_weight = float(opt("contrastive_weight"))
-    self.contrastive_domain = str(opt("contrastive_domain"))
-    if self.contrastive_domain not in ("target", "source", "all"):
-      raise ConfigError(f"config.siamseg.contrastive_domain={self.contrastive_domain!r}; "
-                       "expected 'target', 'source' or 'all'")
-    self.views = dict(opt("views") or {})
-    import inspect  # pylint: disable=g-import-not-at-top
-    accepted = set(inspect.signature(simsiam_view).parameters) - {"rng", "images", "mean", "std"}
-    bad = sorted(set(self.views) - accepted)
-    if bad:
-      raise ConfigError(f"config.siamseg.views has unknown key(s) {bad}; accepted: "
-                       f"{sorted(accepted)}")
-    self.views = {k: plain_config(v) for k, v in self.views.items()}
-    self.avg_non_ignore = bool(opt("avg_non_ignore"))
-    self.backward = str(opt("backward"))
-    if self.backward not in BACKWARD_MODES:
-      raise ConfigError(f"config.siamseg.backward={self.backward!r}; expected one of "
-                       f"{BACKWARD_MODES}")
-    self.inference = str(opt("inference"))
-    if self.inference not in INFERENCE_MODES:
-      raise ConfigError(f"config.siamseg.inference={self.inference!r}; expected one of "
-                       f"{INFERENCE_MODES}")
-    self.slide_crop = tuple(int(v) for v in opt("slide_crop"))
-    self.slide_stride = tuple(int(v) for v in opt("slide_stride"))
-    self.tta_ratios = tuple(float(v) for v in opt("tta_ratios"))
-    scale = opt("tta_img_scale")
-    self.tta_img_scale = None if scale is None else tuple(int(v) for v in scale)
-    self.tta_flip = bool(opt("tta_flip"))
-    self.pretrained = str(opt("pretrained") or "")
-    self.pretrained_prefix = opt("pretrained_prefix")
-    self.init_from = str(opt("init_from") or "")
-    self.init_from_which = opt("init_from_which")
+    self.options = o = options.parse(SiamSegOptions, config.siamseg, "config.siamseg")
+    self.variant, self.num_classes = o.variant, o.num_classes
+    self.class_weight = o.class_weight
+    self.stat_group_size = o.stat_group_size
+    self.teacher = EMATeacher(o.alpha, o.pseudo_threshold, self.stat_group_size)
+    self.classmix_scope = o.classmix_scope
+    self.strong = dict(color_jitter_strength=o.color_jitter_strength,
+                       color_jitter_probability=o.color_jitter_probability, blur=o.blur)
+    self.contrastive_weight = o.contrastive_weight
+    self.contrastive_domain = o.contrastive_domain
+    self.views = {k: plain_config(v) for k, v in o.views.items()}
+    self.avg_non_ignore, self.backward = o.avg_non_ignore, o.backward
+    self.inference = o.inference
+    self.slide_crop, self.slide_stride = o.slide_crop, o.slide_stride
+    self.tta_ratios, self.tta_img_scale, self.tta_flip = o.tta_ratios, o.tta_img_scale, o.tta_flip
+    self.pretrained, self.pretrained_kind = o.pretrained, o.pretrained_kind
+    self.pretrained_prefix = o.pretrained_prefix
+    self.init_from, self.init_from_which = o.init_from, o.init_from_which
 
     from contrastjax.models import daformer  # pylint: disable=g-import-not-at-top
     self.net = build_net(daformer.SiamSegNet, config.model, self.num_classes,
                          self.stat_group_size)
-    self.pretrained_kind = str(opt("pretrained_kind"))
-    if self.pretrained_kind not in ("mit", "siamseg"):
-      raise ConfigError(f"config.siamseg.pretrained_kind={self.pretrained_kind!r}; expected "
-                       "'mit' (ImageNet MiT weights) or 'siamseg' (a reference checkpoint)")
 
   # ------------------------------------------------------------------ networks
   @staticmethod
@@ -695,26 +670,9 @@ class SiamSegMethod(Method):
       changed = True
     if self.init_from:
       from contrastjax import checkpoint  # pylint: disable=g-import-not-at-top
-      from contrastjax.methods.condseg import copy_subtree  # pylint: disable=g-import-not-at-top
-      which = self.init_from_which
-      if isinstance(which, str) and which.isdigit():
-        which = int(which)
-      source = checkpoint.load_variables(self.init_from, which=which)
-      for name in params:
-        if name in source["params"]:
-          params[name] = copy_subtree(params[name], source["params"][name],
-                                      f"{self.init_from}: params[{name!r}]")
-      stats = source.get("model_state", {}).get("batch_stats", {})
-      if stats:
-        model_state = dict(model_state)
-        bs = dict(model_state.get("batch_stats", {}))
-        for name in bs:
-          if name in stats:
-            bs[name] = copy_subtree(bs[name], stats[name],
-                                    f"{self.init_from}: batch_stats[{name!r}]")
-        model_state["batch_stats"] = bs
-      logging.info("initialised %s from %s (step %s)", sorted(params), self.init_from,
-                   source.get("step"))
+      params, model_state, step = checkpoint.import_subtrees(
+          params, model_state, self.init_from, self.init_from_which)
+      logging.info("initialised %s from %s (step %s)", sorted(params), self.init_from, step)
       changed = True
     if changed and "teacher" in extra:
       extra = dict(extra, teacher={k: jax.tree.map(jnp.copy, params[k]) for k in SEGMENTOR})
