@@ -167,3 +167,40 @@ def process_any(flag: bool) -> bool:
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Places a host pytree on every device (replicated)."""
   return jax.device_put(tree, replicated(mesh))
+
+
+# ----------------------------------------------------------------------------- explicit sharding
+def explicit_mesh_active() -> bool:
+  """True when traced under a mesh with explicit axes (the spine's jitted steps)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return (not mesh.empty) and any(t == jax.sharding.AxisType.Explicit
+                                  for t in mesh.axis_types)
+
+
+def auto_axes(fn, out_spec):
+  """``fn`` traced with GSPMD sharding propagation (``jax.sharding.auto_axes``) when
+  called under an explicit-axes mesh; unchanged otherwise. For model code that reshapes
+  batch-sharded activations in ways explicit sharding cannot type (e.g. attention
+  heads); the numbers are the same."""
+  def wrapped(*args):
+    if not explicit_mesh_active():
+      return fn(*args)
+    return jax.sharding.auto_axes(fn, out_sharding=out_spec)(*args)
+  return wrapped
+
+
+def gathered(x: jax.Array) -> jax.Array:
+  """``x`` replicated on every device under an explicit mesh (an all-gather of its
+  batch-sharded rows); unchanged otherwise."""
+  if not explicit_mesh_active():
+    return x
+  return jax.sharding.reshard(x, P(*([None] * x.ndim)))
+
+
+def sharded_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` (replicated, same shape as ``like``) laid out like ``like`` under an explicit
+  mesh; unchanged otherwise."""
+  if not explicit_mesh_active():
+    return x
+  return jax.sharding.reshard(x, jax.typeof(like).sharding.spec)
+

@@ -50,8 +50,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from contrastjax import parallel
 from contrastjax.errors import ConfigError
 from contrastjax.gap import temperature as temp_lib
 from contrastjax.methods import options
@@ -90,15 +90,6 @@ class CLIPOptions:
 
 
 # ============================================================================ losses
-def _gathered(x: jax.Array) -> jax.Array:
-  """``x`` replicated on every device when traced under an explicit mesh (an
-  all-gather of the batch-sharded rows); unchanged otherwise."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return x
-  return jax.sharding.reshard(x, P(*([None] * x.ndim)))
-
-
 def symmetric_infonce(h_x: jax.Array, h_y: jax.Array, beta: jax.Array | float,
                       valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Eq. 2 of the paper: ``(CE(beta Z, I) + CE(beta Z^T, I)) / 2``, ``Z = H_X H_Y^T``.
@@ -117,7 +108,7 @@ def symmetric_infonce(h_x: jax.Array, h_y: jax.Array, beta: jax.Array | float,
   h_x = h_x.astype(jnp.float32)
   h_y = h_y.astype(jnp.float32)
   beta = jnp.asarray(beta, jnp.float32)
-  logits = beta * (h_x @ _gathered(h_y).T)            # [n, n] rows: images
+  logits = beta * (h_x @ parallel.gathered(h_y).T)            # [n, n] rows: images
   positive = beta * jnp.sum(h_x * h_y, axis=-1)        # diag(logits)
   n = h_x.shape[0]
   if valid is None:
@@ -125,31 +116,22 @@ def symmetric_infonce(h_x: jax.Array, h_y: jax.Array, beta: jax.Array | float,
     masked = logits
   else:
     w = valid.astype(jnp.float32)
-    col_ok = _gathered(valid.astype(bool))
+    col_ok = parallel.gathered(valid.astype(bool))
     masked = jnp.where(col_ok[None, :] & valid.astype(bool)[:, None], logits, -jnp.inf)
   lse_rows = jax.nn.logsumexp(masked, axis=1)          # image -> text
   lse_cols = jax.nn.logsumexp(masked, axis=0)          # text -> image (rows of Z^T)
   denom = jnp.maximum(jnp.sum(w), 1.0)
   loss_i2t = jnp.sum(w * jnp.where(w > 0, lse_rows - positive, 0.0)) / denom
-  loss_t2i = jnp.sum(w * jnp.where(w > 0, _gathered_like(lse_cols, positive) - positive,
+  loss_t2i = jnp.sum(w * jnp.where(w > 0, parallel.sharded_like(lse_cols, positive) - positive,
                                    0.0)) / denom
   # In-batch top-1: the row's / column's best match is its own pair.
-  ids = _gathered_like(jnp.arange(n), positive)
+  ids = parallel.sharded_like(jnp.arange(n), positive)
   acc_i2t = jnp.sum(w * (jnp.argmax(masked, axis=1) == ids)) / denom
-  acc_t2i = jnp.sum(w * (_gathered_like(jnp.argmax(masked, axis=0), positive) == ids)
+  acc_t2i = jnp.sum(w * (parallel.sharded_like(jnp.argmax(masked, axis=0), positive) == ids)
                     ) / denom
   loss = 0.5 * (loss_i2t + loss_t2i)
   return loss, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "acc_i2t": acc_i2t,
                 "acc_t2i": acc_t2i}
-
-
-def _gathered_like(col_stat: jax.Array, like: jax.Array) -> jax.Array:
-  """A replicated array (a per-column statistic, random draws) laid out (sharded) like
-  ``like`` of the same shape, under an explicit mesh; unchanged otherwise."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    return col_stat
-  return jax.sharding.reshard(col_stat, jax.typeof(like).sharding.spec)
 
 
 def modality_gap(h_x: jax.Array, h_y: jax.Array) -> jax.Array:
@@ -161,21 +143,21 @@ def modality_gap(h_x: jax.Array, h_y: jax.Array) -> jax.Array:
 def hard_swap(rng: jax.Array, h_x: jax.Array, h_y: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
   """HS: exchanges each coordinate ``(i, j)`` of ``H_X``/``H_Y`` with probability 1/2."""
-  swap = _gathered_like(jax.random.bernoulli(rng, 0.5, h_x.shape), h_x)
+  swap = parallel.sharded_like(jax.random.bernoulli(rng, 0.5, h_x.shape), h_x)
   return jnp.where(swap, h_y, h_x), jnp.where(swap, h_x, h_y)
 
 
 def soft_swap(rng: jax.Array, h_x: jax.Array, h_y: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
   """SS: ``lambda_ij ~ U[0,1]``; ``(lambda H_X + (1-lambda) H_Y, lambda H_Y + (1-lambda) H_X)``."""
-  lam = _gathered_like(jax.random.uniform(rng, h_x.shape, h_x.dtype), h_x)
+  lam = parallel.sharded_like(jax.random.uniform(rng, h_x.shape, h_x.dtype), h_x)
   return lam * h_x + (1 - lam) * h_y, lam * h_y + (1 - lam) * h_x
 
 
 def hard_swap_feature(rng: jax.Array, h_x: jax.Array, h_y: jax.Array
                       ) -> tuple[jax.Array, jax.Array]:
   """"Hard Swap Feature" ablation (Table 5): whole rows exchanged with probability 1/2."""
-  swap = _gathered_like(jax.random.bernoulli(rng, 0.5, h_x.shape[:1]), h_x[:, 0])[:, None]
+  swap = parallel.sharded_like(jax.random.bernoulli(rng, 0.5, h_x.shape[:1]), h_x[:, 0])[:, None]
   return jnp.where(swap, h_y, h_x), jnp.where(swap, h_x, h_y)
 
 
