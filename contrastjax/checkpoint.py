@@ -28,6 +28,7 @@ import re
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import numpy as np
@@ -79,10 +80,10 @@ class Checkpointer:
                create: bool = True):
     self.workdir = _abs(workdir)
     if not create:
-      found = [d for d in (CHECKPOINTS, BEST)
-               if os.path.isdir(os.path.join(self.workdir, d))]
+      root = epath.Path(self.workdir)
+      found = [d for d in (CHECKPOINTS, BEST) if (root / d).is_dir()]
       if not found:
-        what = ("does not exist" if not os.path.exists(self.workdir) else
+        what = ("does not exist" if not root.exists() else
                 f"holds no {CHECKPOINTS}/ or {BEST}/ folder")
         raise workdir_lib.WorkdirNotFoundError(
             f"workdir {self.workdir} {what}: expected the --workdir of a training run")
@@ -240,7 +241,7 @@ def load_variables(workdir: str, which: int | str = "best") -> dict:
   latest checkpoint (with a log line) when the run kept no best checkpoint.
   """
   workdir = _abs(workdir)
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise FileNotFoundError(f"workdir {workdir!r} (to initialise from) does not exist")
   ckpt = Checkpointer(workdir, keep=1000, async_save=False, create=False)
   try:

@@ -11,12 +11,12 @@
 """
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import Any, Mapping
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -155,9 +155,10 @@ class Evaluations:
         self.writer.write_images(step, {f"{name}/{tag}": image})
         if self.writer.active:
           from PIL import Image  # pylint: disable=g-import-not-at-top
-          os.makedirs(self.samples_dir, exist_ok=True)
-          Image.fromarray(image).save(
-              os.path.join(self.samples_dir, f"{name}_{step:08d}.png"))
+          folder = epath.Path(self.samples_dir)
+          folder.mkdir(parents=True, exist_ok=True)
+          with (folder / f"{name}_{step:08d}.png").open("wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
     return results
 
 

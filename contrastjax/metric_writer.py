@@ -7,6 +7,7 @@ import os
 from typing import Any, Mapping
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -34,8 +35,11 @@ class MetricWriter:
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._dir = epath.Path(workdir)  # local, or gs://... (object stores: no appends)
+    self._dir.mkdir(parents=True, exist_ok=True)
+    self._path = self._dir / "metrics.jsonl"
+    self._remote = "://" in str(workdir)
+    self._lines: list[str] | None = None  # remote: the file's lines, rewritten per write
     if resume_step is not None:
       self._drop_after(int(resume_step))
     if tensorboard:
@@ -44,14 +48,19 @@ class MetricWriter:
         self._tb = SummaryWriter(
             os.path.join(workdir, "tensorboard"),
             purge_step=None if resume_step is None else int(resume_step) + 1)
-      except ImportError:  # pragma: no cover - tensorboardX is a dependency
-        logging.warning("tensorboardX is not installed: no TensorBoard events")
+      except ImportError as e:  # e.g. gs:// without google-cloud-storage
+        logging.warning("no TensorBoard events in %s (%s)", workdir, e)
+
+  def _read_lines(self) -> list[str]:
+    if not self._path.exists():
+      return []
+    return [line for line in self._path.read_text().splitlines(keepends=True)
+            if line.strip()]
 
   def _drop_after(self, step: int) -> None:
-    if not os.path.exists(self._path):
+    lines = self._read_lines()
+    if not lines:
       return
-    with open(self._path) as f:
-      lines = [line for line in f if line.strip()]
     def step_of(line: str) -> float:
       try:
         return json.loads(line).get("step", 0)
@@ -60,18 +69,17 @@ class MetricWriter:
     keep = [line for line in lines if step_of(line) <= step]
     if len(keep) == len(lines):
       return
-    tmp = self._path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self._path)
+    tmp = self._dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(keep))
+    tmp.replace(self._path)  # atomic on a local disk
     logging.info("metrics.jsonl: dropped %d records after step %d (replayed on resume)",
                  len(lines) - len(keep), step)
 
   def write_config(self, config) -> None:
     if not self.active:
       return
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    (self._dir / "config.json").write_text(config.to_json_best_effort(indent=2,
+                                                                      sort_keys=True))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> dict[str, float]:
     values = {k: _to_float(v) for k, v in scalars.items()}
@@ -79,8 +87,15 @@ class MetricWriter:
       return values
     record = {"step": int(step)}
     record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
-    with open(self._path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._remote:  # object stores cannot append: keep the lines, rewrite the object
+      if self._lines is None:
+        self._lines = self._read_lines()
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))
+    else:
+      with open(self._path, "a") as f:
+        f.write(line)
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))
@@ -110,10 +125,11 @@ def read_metrics(path: str) -> list[dict]:
   replay, which replaces the records from that step on (the last value wins). Lines cut
   short by a kill are skipped.
   """
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
+  path = epath.Path(path)
+  if path.is_dir():
+    path = path / "metrics.jsonl"
   records: list[dict] = []
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       if not line.strip():
         continue

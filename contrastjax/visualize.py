@@ -188,6 +188,9 @@ def plot_curves(metrics_jsonl_path: str, out_png: str) -> None:
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  fig.savefig(out_png, dpi=100)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  out = epath.Path(out_png)  # local or gs://
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with out.open("wb") as f:
+    fig.savefig(f, dpi=100, format="png")
   plt.close(fig)
