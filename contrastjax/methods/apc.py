@@ -1,0 +1,267 @@
+"""APC: weakly supervised semantic segmentation from image-level labels, in one stage
+(Wu et al., "Adaptive Patch Contrast for Weakly Supervised Semantic Segmentation", EAAI
+139:109626, arXiv 2407.10649). ``config.method = 'apc'``.
+
+APC has no public code and its full text could not be read: this is a documented
+reconstruction on its base ViT-PCM (Rossetti et al., ECCV 2022, github.com/deepplants/
+ViT-PCM @ 1fea66f) and the closest public single-stage method ToCo (Ru et al., CVPR 2023,
+github.com/rulixiang/ToCo @ e13514d). Every choice the paper leaves open is an option of
+:class:`APCOptions`; ``docs/methods/apc.md`` lists them with their alternatives.
+
+One train step (``P``: per-patch class probabilities ``[B, h, w, C+1]``, background 0):
+
+1. ViT -> (HV-BiLSTM) -> patch classifier: ``P`` (``models/apc.py:APCNet``);
+2. classification: ``pool(P)`` (``gmp`` ViT-PCM, ``topk`` TKP, ``akp`` Adaptive-K Pooling)
+   -> Keras BCE against the multi-hot labels including background, plus ViT-PCM's L2 on
+   the classifier kernel (``apc_losses.pool_patch_scores``, ``keras_binary_crossentropy``,
+   ``l2_kernel_penalty``);
+3. online pseudo-labels without CAM: ViT-PCM's merge of ``P`` with the image labels
+   (absent classes out, each class divided by its maximum, renormalised), upsampled to the
+   image, argmax; options: confidence ignore, ToCo's PAR on the image
+   (``apc_losses.merged_pseudo_labels``, ``apc_par.par_refine``); no gradient;
+4. segmentation: the decoder (LargeFOV / ASPP) on the patch grid, upsampled, ToCo's
+   background/foreground-balanced cross-entropy against the pseudo-labels, after a
+   warm-up (``apc_losses.seg_loss``);
+5. Patch Contrastive Learning on the patch embeddings with labels from the merged grid
+   (confident patches only): ToCo's absolute-cosine form or a temperature-scaled
+   supervised-contrastive form (``apc_losses.patch_contrast_loss``).
+
+The ``supervised`` variant trains the same decoder on the true masks (the upper bound
+WSSS papers report against); it is the only variant whose training batches hold masks.
+
+``predict`` returns ``pred`` (the segmentation: the decoder's argmax, or without a decoder
+the merge of ``P`` with the *predicted* image labels) and ``pseudo`` (the merge with the
+*true* image labels: the pseudo-label quality WSSS papers report on VOC train).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from contrastjax import checkpoint
+from contrastjax.errors import ConfigError
+from contrastjax.evaluators import seg_inference
+from contrastjax.methods import apc_losses as L
+from contrastjax.methods import apc_par
+from contrastjax.methods import options
+from contrastjax.methods.base import Method, module_kwargs
+from contrastjax.models import apc as apc_model
+
+VARIANTS = ("gmp", "topk", "akp", "akp_pcl", "apc", "supervised")
+NORMALIZATIONS = ("vit_pcm", "imagenet")
+#: ImageNet mean/std on 0..1 (timm / ToCo inputs).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class APCOptions:
+  """``config.apc``. [vitpcm] = ViT-PCM's code, [toco] = ToCo's code, [recon] = our
+  reconstruction of what APC leaves open (alternatives are the other choices)."""
+  # which components train: 'gmp'/'topk'/'akp' the classifier alone (the pooling is
+  # `pooling`, which the config's variant sets), 'akp_pcl' + patch contrast, 'apc' +
+  # decoder on the pseudo-labels, 'supervised' the decoder on the true masks
+  variant: str = options.choice("apc", VARIANTS)
+  num_classes: int = 0                  # foreground classes (VOC 20, COCO 80)
+  normalization: str = options.choice("vit_pcm", NORMALIZATIONS)  # [vitpcm] x/127.5 - 1
+  # pooling [recon]: 'gmp' [vitpcm], 'topk' (TKP), 'akp' with one of three K rules
+  pooling: str = options.choice("akp", L.POOLING_MODES)
+  topk: int = 4
+  akp_rule: str = options.choice("ratio_to_max", L.AKP_RULES)
+  akp_tau: float = 0.5                  # H1/H2 ratio threshold [recon]
+  akp_rho: float = 0.1                  # H3 share [recon]
+  akp_k_max: int = 0                    # 0: no cap
+  l2_weight: float = L.VITPCM_L2_WEIGHT  # [vitpcm] classifier L2(0.01)
+  # segmentation branch [recon, toco]
+  seg_weight: float = 0.1               # [toco] w_seg 0.1
+  seg_warmup_steps: int = 2000          # [toco] seg loss off for the first 2000 iterations
+  pseudo_threshold: float = 0.0         # confidence ignore (0: off) [recon]
+  par: bool = False                     # ToCo's PAR on the merged map [toco]
+  par_iters: int = apc_par.TOCO_NUM_ITER
+  seg_nan_on_empty: bool = False        # [toco] bug: NaN without foreground in the batch
+  # patch contrast [recon, toco form]
+  pcl_weight: float = 0.2               # [toco] w_ptc 0.2
+  pcl_warmup_steps: int = 0
+  pcl_form: str = options.choice("ptc", L.PATCH_CONTRAST_FORMS)
+  pcl_temperature: float = 0.07         # supcon only
+  pcl_features: str = options.choice("features", ("features", "vit"))  # BiLSTM out / ViT
+  pcl_threshold: float = 0.5            # patches below this merged confidence: ignored
+  # evaluation
+  score_threshold: float = 0.5          # predicted image labels (no decoder)
+  # weights
+  pretrained: str = ""                  # ViT weights (.npz Google / timm / HF)
+  init_from: str = ""                   # a previous phase's workdir (e.g. frozen backbone)
+  init_from_which: str | int = "latest"
+
+  def check(self, where: str) -> None:
+    if self.num_classes <= 0:
+      raise ConfigError(f"{where}.num_classes must be set (> 0, foreground classes)")
+    for name in ("topk", "par_iters", "seg_warmup_steps", "pcl_warmup_steps", "akp_k_max"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{where}.{name}={getattr(self, name)}: expected >= 0")
+    if not 0.0 <= self.pseudo_threshold < 1.0 or not 0.0 <= self.pcl_threshold < 1.0:
+      raise ConfigError(f"{where}.pseudo_threshold / pcl_threshold: expected in [0, 1)")
+
+  @property
+  def uses_decoder(self) -> bool:
+    return self.variant in ("apc", "supervised")
+
+  @property
+  def uses_pcl(self) -> bool:
+    return self.variant in ("akp_pcl", "apc") and self.pcl_weight > 0
+
+
+def normalize(images: jax.Array, kind: str) -> jax.Array:
+  """uint8-range images (0..255 floats) -> the backbone's input range."""
+  if kind == "vit_pcm":
+    return images / 127.5 - 1.0
+  mean = jnp.asarray(IMAGENET_MEAN, images.dtype) * 255.0
+  std = jnp.asarray(IMAGENET_STD, images.dtype) * 255.0
+  return (images - mean) / std
+
+
+class APCMethod(Method):
+  """See the module docstring. Batches: ``image`` float ``[B, H, W, 3]`` in 0..255,
+  ``labels`` multi-hot ``[B, C+1]`` (background first, always 1); the ``supervised``
+  variant's training batches and every evaluation batch also hold ``label`` ``[B, H, W]``
+  (class ids, 255 ignored)."""
+
+  name = "apc"
+
+  def __init__(self, config, run=None):
+    super().__init__(config, run)
+    self.options = o = options.parse(APCOptions, config.apc, "config.apc")
+    model_cfg = dict(config.model.to_dict() if hasattr(config.model, "to_dict")
+                     else config.model)
+    if o.uses_decoder and model_cfg.get("decoder", "none") == "none":
+      model_cfg["decoder"] = "largefov"  # [toco] the decoder of the single-stage loop
+    if not o.uses_decoder:
+      model_cfg["decoder"] = "none"
+    kwargs = module_kwargs(apc_model.APCNet, model_cfg, "config.model",
+                           skip=("num_classes", "name"))
+    if "backbone_overrides" in kwargs:
+      kwargs["backbone_overrides"] = tuple(
+          (k, tuple(v) if isinstance(v, list) else v)
+          for k, v in dict(kwargs["backbone_overrides"]).items())
+    self.net = apc_model.APCNet(num_classes=o.num_classes, **kwargs)
+
+  # ------------------------------------------------------------------ set-up
+  def init(self, rng, batch):
+    x = normalize(batch["image"].astype(jnp.float32), self.options.normalization)
+    variables = self.net.init({"params": rng, "dropout": rng}, x, train=False)
+    return variables["params"], {}, {}
+
+  def load_pretrained(self, params, model_state, extra):
+    o = self.options
+    if o.pretrained:
+      new, ignored = apc_model.load_backbone({"params": params}, o.pretrained)
+      params = new["params"]
+      logging.info("loaded ViT weights from %s (%d keys ignored)", o.pretrained, len(ignored))
+    if o.init_from:
+      params, model_state, step = checkpoint.import_subtrees(
+          params, model_state, o.init_from, o.init_from_which)
+      logging.info("initialised %s from %s (step %s)", sorted(params), o.init_from, step)
+    return params, model_state, extra
+
+  # ------------------------------------------------------------------ pieces
+  def _apply(self, params, x, *, train: bool, rng=None):
+    rngs = {"dropout": rng} if train else {}
+    return self.net.apply({"params": params}, x, train=train, rngs=rngs)
+
+  def _pool(self, probs):
+    o = self.options
+    return L.pool_patch_scores(probs, mode=o.pooling, k=o.topk, rule=o.akp_rule,
+                               tau=o.akp_tau, rho=o.akp_rho, k_max=o.akp_k_max or None)
+
+  def _pseudo_labels(self, probs, labels, images):
+    """Online pseudo-labels ``[B, H, W]`` (255 = ignored), without gradient."""
+    o = self.options
+    probs = jax.lax.stop_gradient(probs)
+    size = images.shape[1:3]
+    if not o.par:
+      return L.merged_pseudo_labels(probs, labels, out_size=size,
+                                    threshold=o.pseudo_threshold or None)
+    merged = L.merge_class_labels(probs, labels)
+    refined = apc_par.par_refine(images / 255.0, merged, num_iter=o.par_iters)
+    return L.confident_labels(refined / jnp.maximum(refined.sum(-1, keepdims=True), 1e-12),
+                              threshold=o.pseudo_threshold or None)
+
+  def _token_labels(self, probs, labels):
+    merged = L.merge_class_labels(jax.lax.stop_gradient(probs), labels)
+    return L.confident_labels(merged, threshold=self.options.pcl_threshold or None)
+
+  # ------------------------------------------------------------------ training
+  def loss_fn(self, params, model_state, extra, batch, rng, step):
+    del extra
+    o = self.options
+    images = batch["image"].astype(jnp.float32)
+    labels = batch["labels"].astype(jnp.float32)
+    probs, aux = self._apply(params, normalize(images, o.normalization), train=True, rng=rng)
+    scores = self._pool(probs)
+    loss_cls = L.keras_binary_crossentropy(scores, labels)
+    loss_reg = L.l2_kernel_penalty(apc_model.classifier_kernel(params), o.l2_weight)
+    loss = loss_cls + loss_reg
+    metrics = {"loss_cls": loss_cls, "loss_reg": loss_reg}
+    step_f = jnp.asarray(step, jnp.float32)
+    if o.uses_decoder:
+      seg_logits = seg_inference.resize_bilinear(aux["seg_logits"].astype(jnp.float32),
+                                                 images.shape[1:3])
+      if o.variant == "supervised":
+        target = batch["label"].astype(jnp.int32)
+        on = 1.0
+      else:
+        target = self._pseudo_labels(probs, labels, images)
+        on = (step_f >= o.seg_warmup_steps).astype(jnp.float32)
+      loss_seg = L.seg_loss(seg_logits, target, nan_on_empty=o.seg_nan_on_empty)
+      loss = loss + on * o.seg_weight * loss_seg
+      metrics["loss_seg"] = loss_seg
+    if o.uses_pcl:
+      feats = aux["features"] if o.pcl_features == "features" else aux["vit_grid"]
+      b, h, w, d = feats.shape
+      tokens = self._token_labels(probs, labels).reshape(b, h * w)
+      loss_pcl = L.patch_contrast_loss(feats.reshape(b, h * w, d).astype(jnp.float32),
+                                       tokens, form=o.pcl_form,
+                                       temperature=o.pcl_temperature)
+      on = (step_f >= o.pcl_warmup_steps).astype(jnp.float32)
+      loss = loss + on * o.pcl_weight * loss_pcl
+      metrics["loss_pcl"] = loss_pcl
+    return loss, (model_state, metrics)
+
+  # ------------------------------------------------------------------ evaluation
+  def predict(self, params, model_state, extra, batch) -> dict[str, jax.Array]:
+    """``pred`` (segmentation) and ``pseudo`` (merge with the true image labels) class
+    maps ``[B, H, W]``, and ``scores`` (pooled image scores ``[B, C+1]``)."""
+    del model_state, extra
+    o = self.options
+    images = batch["image"].astype(jnp.float32)
+    probs, aux = self._apply(params, normalize(images, o.normalization), train=False)
+    size = images.shape[1:3]
+    scores = self._pool(probs)
+    out = {"scores": scores}
+    if "labels" in batch:
+      out["pseudo"] = L.merged_pseudo_labels(probs, batch["labels"].astype(jnp.float32),
+                                             out_size=size)
+    if o.uses_decoder:
+      seg = seg_inference.resize_bilinear(aux["seg_logits"].astype(jnp.float32), size)
+      out["pred"] = seg_inference.predict_classes(seg)
+    else:
+      present = (scores > o.score_threshold).astype(jnp.float32).at[:, 0].set(1.0)
+      out["pred"] = L.merged_pseudo_labels(probs, present, out_size=size)
+    return out
+
+  def eval_loss(self, params, model_state, extra, batch) -> jax.Array:
+    """The classification loss of the valid rows (the validation loss)."""
+    del model_state, extra
+    o = self.options
+    images = batch["image"].astype(jnp.float32)
+    probs, _ = self._apply(params, normalize(images, o.normalization), train=False)
+    scores = jnp.clip(self._pool(probs), L.KERAS_EPSILON, 1.0 - L.KERAS_EPSILON)
+    y = batch["labels"].astype(jnp.float32)
+    per = -jnp.mean(y * jnp.log(scores + L.KERAS_EPSILON)
+                    + (1 - y) * jnp.log(1 - scores + L.KERAS_EPSILON), axis=-1)
+    w = batch["valid"].astype(per.dtype)
+    return (per * w).sum() / jnp.maximum(w.sum(), 1.0)
+
