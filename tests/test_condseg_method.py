@@ -130,16 +130,81 @@ def test_registry_and_config_errors():
   assert m1.strong_aug == {"hue": 0.0} and m1.double_sigmoid
 
 
-def test_init_is_traceable_and_matches_model():
+def _init_kind(path: tuple[str, ...], shape: tuple[int, ...], flat_params, bn_modules):
+  """The PyTorch initial distribution of one parameter of the reference ConDSeg, from its
+  layer type and shape alone: ``('normal', std)``, ``('uniform', bound)`` or
+  ``('const', value)``.
+
+  * torchvision ResNet (the encoder): conv weights ``kaiming_normal_(mode='fan_out',
+    nonlinearity='relu')``, std ``sqrt(2 / (k*k*out))``; BatchNorm weight 1, bias 0;
+  * everything else, PyTorch's defaults: ``Conv2d``/``Linear`` weight and bias
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = in * k*k`` (``in`` for
+    ``Linear``); ``BatchNorm2d`` weight 1, bias 0.
+  """
+  module, leaf = path[:-1], path[-1]
+  if module in bn_modules:
+    return ("const", 1.0 if leaf == "scale" else 0.0)
+  kernel = flat_params[module + ("kernel",)]
+  if kernel.ndim == 4:  # HWIO
+    k, _, cin, cout = kernel.shape
+    if path[0] == "encoder":
+      assert leaf == "kernel", path  # torchvision's convs have no bias
+      return ("normal", math.sqrt(2.0 / (k * k * cout)))
+    return ("uniform", 1.0 / math.sqrt(k * k * cin))
+  assert kernel.ndim == 2, path   # Dense (torch Linear): [in, out]
+  return ("uniform", 1.0 / math.sqrt(kernel.shape[0]))
+
+
+def test_init_follows_torch_and_torchvision_initialisers():
+  """``ConDSegMethod.init`` (as the spine calls it: RBG key, jitted) draws every
+  parameter from the reference's PyTorch distribution, computed here from layer types and
+  shapes (see ``_init_kind``), and sets the BatchNorm running statistics to 0/1.
+
+  Per leaf: uniform values inside their bound and (for 64+ values) reaching 80% of it;
+  normal leaves (256+ values) with their std within 20%. Pooled over all leaves
+  (normalised by bound or std), a Kolmogorov-Smirnov test against U(-1, 1) and N(0, 1).
+  Bugs caught: fan-in for fan-out (or the reverse), kaiming-uniform(a=0) or flax's
+  lecun-normal defaults, truncated normals, zero-init biases, BN scale 0."""
+  from contrastjax import spine  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   batch = _batch()
   m = condseg_method.ConDSegMethod(_config(_STAGE2_MODEL))
-  params, state, extra = jax.eval_shape(m.init, jax.random.key(0), batch)
-  want = jax.eval_shape(lambda x: m.model.init(jax.random.key(0), x, train=False),
-                        batch["image"])
-  assert jax.tree.structure(params) == jax.tree.structure(want["params"])
-  assert jax.tree.map(lambda a: a.shape, state) == jax.tree.map(
-      lambda a: a.shape, {"batch_stats": want["batch_stats"]})
+  key = spine.init_key(jax.random.PRNGKey(0))
+  init = jax.jit(m.init).lower(key, batch).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  params, state, extra = jax.device_get(init(key, batch))
   assert extra == {}
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+  stats_flat = traverse_util.flatten_dict(state["batch_stats"])
+  bn_modules = {k[:-1] for k in stats_flat}
+  for k, v in stats_flat.items():
+    np.testing.assert_array_equal(v, 0.0 if k[-1] == "mean" else 1.0, err_msg=str(k))
+  assert {k[-1] for k in stats_flat} == {"mean", "var"}
+
+  pooled = {"uniform": [], "normal": []}
+  counts = {"uniform": 0, "normal": 0, "const": 0}
+  for path, w in flat.items():
+    kind, value = _init_kind(path, w.shape, flat, bn_modules)
+    counts[kind] += 1
+    name = "/".join(path)
+    if kind == "const":
+      np.testing.assert_array_equal(w, value, err_msg=name)
+    elif kind == "uniform":
+      assert np.abs(w).max() <= value * (1 + 1e-6), (name, np.abs(w).max(), value)
+      if w.size >= 64:
+        assert np.abs(w).max() >= 0.8 * value, (name, np.abs(w).max(), value)
+      pooled["uniform"].append(w.ravel() / value)
+    else:
+      if w.size >= 256:
+        assert 0.8 < w.std() / value < 1.2, (name, w.std(), value)
+      pooled["normal"].append(w.ravel() / value)
+  # Every kind of layer is present: encoder convs, BN, default convs/linears and biases.
+  assert counts["normal"] >= 10 and counts["uniform"] >= 50 and counts["const"] >= 50, counts
+  u = np.concatenate(pooled["uniform"])
+  z = np.concatenate(pooled["normal"])
+  assert u.size > 10_000 and z.size > 10_000
+  assert stats.kstest(u, "uniform", args=(-1.0, 2.0)).pvalue > 1e-4
+  assert stats.kstest(z, "norm").pvalue > 1e-4
 
 
 # --------------------------------------------------------------------------- stage 1
