@@ -28,7 +28,7 @@ from contrastjax import parallel
 from contrastjax import platform
 from contrastjax import train as train_lib
 from contrastjax.data import builder as data_builder
-from contrastjax.data import transforms as data_transforms
+from contrastjax.data.transforms import medseg as data_transforms
 from contrastjax.evaluators import binary_seg
 from contrastjax.methods import get_method_class
 
@@ -77,7 +77,7 @@ class _SemSegPredictionSaver(_PredictionSaver):
     self.palette = palette
 
   def __call__(self, batch, outputs) -> None:
-    from contrastjax.data import seg_transforms  # pylint: disable=g-import-not-at-top
+    from contrastjax.data.transforms import mmseg as seg_transforms  # pylint: disable=g-import-not-at-top
     from contrastjax.evaluators import semseg  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
     valid = np.asarray(batch["valid"]).astype(bool)
@@ -95,7 +95,7 @@ class _SemSegPredictionSaver(_PredictionSaver):
 
 def _semseg_palette(config, num_classes: int):
   """The dataset's class colours (``data.siamseg_inputs.dataset_info``), else a fixed map."""
-  from contrastjax.data import siamseg_inputs  # pylint: disable=g-import-not-at-top
+  from contrastjax.data.tasks import uda as siamseg_inputs  # pylint: disable=g-import-not-at-top
   try:
     return siamseg_inputs.dataset_info(config.data.name).palette
   except ValueError:

@@ -111,7 +111,7 @@ class _SampleCollector:
     panels = []
     for image, mask, prob in self.rows:
       if self.palette is not None:  # normalised image, label and predicted class map
-        from contrastjax.data import seg_transforms  # pylint: disable=g-import-not-at-top
+        from contrastjax.data.transforms import mmseg as seg_transforms  # pylint: disable=g-import-not-at-top
         from contrastjax.evaluators import semseg  # pylint: disable=g-import-not-at-top
         panels.append(semseg.semseg_panel(seg_transforms.denormalize(image), mask, prob,
                                           self.palette))
@@ -130,7 +130,7 @@ def _palette(config: ml_collections.ConfigDict, eval_name: str):
   ecfg = (config.get("evals") or {}).get(eval_name, {})
   if ecfg.get("type") != "semseg":
     return None
-  from contrastjax.data import siamseg_inputs  # pylint: disable=g-import-not-at-top
+  from contrastjax.data.tasks import uda as siamseg_inputs  # pylint: disable=g-import-not-at-top
   try:
     return siamseg_inputs.dataset_info(config.data.name).palette
   except ValueError:

@@ -73,7 +73,7 @@ def test_synthetic_batch_matches_the_training_pipeline(path):
   """The benchmark's batch has the keys, shapes and dtypes of the real demo pipeline's
   (after the trainer's ``split_pair`` nesting for SiamSeg)."""
   from contrastjax.data import builder  # pylint: disable=g-import-not-at-top
-  from contrastjax.data.siamseg_inputs import split_pair  # pylint: disable=g-import-not-at-top
+  from contrastjax.data.tasks.uda import split_pair  # pylint: disable=g-import-not-at-top
   config = _load_config(path, "demo")
   with config.unlocked():
     config.batch_size = 2

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from contrastjax.data import builder
-from contrastjax.data import isprs
-from contrastjax.data import isprs_tiles
+from contrastjax.data.sources import isprs
+from contrastjax.data.tools import isprs_tiles
 from contrastjax.data.errors import DatasetError
 
 H, W, CROP, STRIDE = 20, 24, 8, 4

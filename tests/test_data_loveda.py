@@ -1,4 +1,4 @@
-"""LoveDA reader, the mmseg train pipeline (seg_transforms) and the UDA pair makers."""
+"""LoveDA reader, the mmseg train pipeline (transforms.mmseg) and the UDA pair makers."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from contrastjax.data import builder
-from contrastjax.data import loveda
-from contrastjax.data import seg_transforms as ST
-from contrastjax.data import siamseg_inputs
+from contrastjax.data.sources import loveda
+from contrastjax.data.transforms import mmseg as ST
+from contrastjax.data.tasks import uda
 from contrastjax.data.errors import DatasetError
 
 S = 32  # fixture tile size (the official tiles are 1024)
@@ -217,7 +217,7 @@ def test_loveda_maker_pairs_and_eval(root):
   assert batch['source/image'].shape == (4, 16, 16, 3)
   assert batch['source/label'].shape == (4, 16, 16) and batch['source/label'].dtype == np.int32
   assert batch['target/label'].shape == (4, 16, 16)
-  nested = siamseg_inputs.split_pair(batch)
+  nested = uda.split_pair(batch)
   assert set(nested) == {'source', 'target', 'index'}
   assert set(nested['target']) == {'image', 'label', 'index'}
   np.testing.assert_array_equal(nested['source']['index'] * 3 + nested['target']['index'],

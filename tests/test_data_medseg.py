@@ -1,4 +1,4 @@
-"""Tests of the reference-layout reader (contrastjax.data.medseg) on fixtures built here."""
+"""Tests of the reference-layout reader (contrastjax.data.sources.medseg) on fixtures built here."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contrastjax.data import medseg
+from contrastjax.data.sources import medseg
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.medseg import DATASETS, MedSegSource, binarize_mask, read_split, validate
+from contrastjax.data.sources.medseg import DATASETS, MedSegSource, binarize_mask, read_split, validate
 
 H, W = 24, 32
 

@@ -9,8 +9,8 @@ import pytest
 from absl import flags
 
 from contrastjax.data import pipeline as P
-from contrastjax.data import transforms as T
-from contrastjax.data.synthetic import SyntheticPolyps
+from contrastjax.data.transforms import medseg as T
+from contrastjax.data.synthetic.polyps import SyntheticPolyps
 
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()   # mp_prefetch reads absl flags (tests/conftest.py does it too)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from contrastjax.data import builder
-from contrastjax.data import synthetic_aerial as sa
+from contrastjax.data.synthetic import aerial as sa
 
 
 def _stack(ds, n):

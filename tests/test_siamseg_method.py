@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from contrastjax import parallel
-from contrastjax.data import synthetic_aerial
+from contrastjax.data.synthetic import aerial as synthetic_aerial
 from contrastjax.methods import siamseg as S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -39,13 +39,13 @@ class Inputs:
 
 
 _MAKERS = {
-    "synthetic_polyps": "contrastjax.data.medseg_inputs:synthetic_polyps",
-    "medseg": "contrastjax.data.medseg_inputs:medseg",
-    "loveda": "contrastjax.data.siamseg_inputs:loveda",
-    "isprs": "contrastjax.data.siamseg_inputs:isprs",
-    "synthetic_aerial": "contrastjax.data.siamseg_inputs:synthetic_aerial",
-    "synthetic_pairs": "contrastjax.data.clip_inputs:synthetic_pairs",
-    "coco_captions": "contrastjax.data.clip_inputs:coco_captions",
+    "synthetic_polyps": "contrastjax.data.tasks.binary_seg:synthetic_polyps",
+    "medseg": "contrastjax.data.tasks.binary_seg:medseg",
+    "loveda": "contrastjax.data.tasks.uda:loveda",
+    "isprs": "contrastjax.data.tasks.uda:isprs",
+    "synthetic_aerial": "contrastjax.data.tasks.uda:synthetic_aerial",
+    "synthetic_pairs": "contrastjax.data.tasks.clip:synthetic_pairs",
+    "coco_captions": "contrastjax.data.tasks.clip:coco_captions",
 }
 
 

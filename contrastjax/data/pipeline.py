@@ -116,7 +116,7 @@ def train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: 
     source: Random-access source (``__len__``/``__getitem__`` returning example dicts) or a
       ``grain.MapDataset``.
     transforms: Per-example grain transforms (``Map``/``RandomMap``), e.g.
-      :func:`contrastjax.data.transforms.train_transforms`.
+      :func:`contrastjax.data.transforms.medseg.train_transforms`.
     global_batch_size: Batch size summed over processes.
     seed: Pipeline seed (shuffle and augmentation); in [0, 2**32).
     process_index: This process; default ``jax.process_index()``.
@@ -175,7 +175,7 @@ def eval_batches(source: Any, transforms: Sequence[Any], *, global_batch_size: i
 
   Args:
     source: Random-access source or ``grain.MapDataset``.
-    transforms: Per-example transforms, e.g. :func:`contrastjax.data.transforms.eval_transforms`
+    transforms: Per-example transforms, e.g. :func:`contrastjax.data.transforms.medseg.eval_transforms`
       (random ones are seeded by ``seed`` and the source index).
     global_batch_size: ``B``.
     process_index: This process; default ``jax.process_index()``.

@@ -41,8 +41,8 @@ from jax.sharding import PartitionSpec as P
 
 from contrastjax import parallel
 
-from contrastjax.data import photometric
-from contrastjax.data.siamseg_inputs import split_pair
+from contrastjax.augment import photometric
+from contrastjax.data.tasks.uda import split_pair
 from contrastjax.evaluators import seg_inference
 from contrastjax.methods.base import Method, Metrics, module_kwargs, plain_config
 from contrastjax.models import mit

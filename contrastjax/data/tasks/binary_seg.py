@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import os
 
-from contrastjax.data import transforms as T
 from contrastjax.data.builder import DataSpec
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.medseg import MedSegSource
-from contrastjax.data.synthetic import SyntheticPolyps
+from contrastjax.data.sources.medseg import MedSegSource
+from contrastjax.data.synthetic.polyps import SyntheticPolyps
+from contrastjax.data.transforms import medseg as T
 
 
 def _transforms(dcfg) -> tuple[list, list]:

@@ -5,7 +5,7 @@ labelled source-domain example with an unlabelled target-domain example, as mmse
 ``UDADataset`` with ``data_strategy='total'`` (SiamSeg ``mmseg/datasets/uda_dataset.py``, spec
 §4.2): the pair source has ``|S| * |T|`` entries and entry ``i`` is ``(S[i // |T|], T[i % |T|])``;
 the shuffled training stream therefore draws independent uniform source and target indices.
-Both examples go through the same mmseg train pipeline (:mod:`contrastjax.data.seg_transforms`)
+Both examples go through the same mmseg train pipeline (:mod:`contrastjax.data.transforms.mmseg`)
 with independent random draws. Evaluation splits are on the target domain (``val``), plus the
 source domain's validation data (``source_val``) for diagnostics.
 
@@ -39,7 +39,7 @@ ISPRS 512), ``'label'`` int32 ``[B, H, W]``, ``'index'``, ``'valid'``.
 (None = use ``<split>.txt`` when present).
 ``synthetic_aerial``: ``image_size`` (64), ``num_train`` (source), ``num_target_train``
 (default ``num_train``), ``num_val``, ``data_seed`` (1234), ``shift`` (1.0: the full domain
-shift; 0: none; see ``synthetic_aerial.domain_style``).
+shift; 0: none; see ``contrastjax.data.synthetic.aerial.domain_style``).
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from contrastjax.data import isprs as isprs_lib
-from contrastjax.data import loveda as loveda_lib
-from contrastjax.data import seg_transforms as ST
-from contrastjax.data import synthetic_aerial as aerial_lib
 from contrastjax.data.builder import DataSpec
 from contrastjax.data.errors import DatasetError
+from contrastjax.data.sources import isprs as isprs_lib
+from contrastjax.data.sources import loveda as loveda_lib
+from contrastjax.data.synthetic import aerial as aerial_lib
+from contrastjax.data.transforms import mmseg as ST
 from contrastjax.errors import ConfigError
 
 
@@ -226,7 +226,7 @@ def _isprs_folder(root: str, name: str, key: str) -> str:
   if not os.path.isdir(path):
     raise DatasetError(f'config.data.{key}={name!r}: {path} does not exist; expected a tiled '
                        f'ISPRS folder such as {sorted(isprs_lib.FOLDERS.values())} (make it with '
-                       '`python -m contrastjax.data.isprs_tiles`)', path=path,
+                       '`python -m contrastjax.data.tools.isprs_tiles`)', path=path,
                        kind='missing_folder')
   return path
 
