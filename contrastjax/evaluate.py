@@ -94,10 +94,9 @@ class _SemSegPredictionSaver(_PredictionSaver):
 
 
 def _semseg_palette(config, num_classes: int):
-  """The dataset's class colours (``data.siamseg_inputs.dataset_info``), else a fixed map."""
-  from contrastjax.data.tasks import uda as siamseg_inputs  # pylint: disable=g-import-not-at-top
+  """The dataset's class colours (``data.builder.dataset_info``), else a fixed map."""
   try:
-    return siamseg_inputs.dataset_info(config.data.name).palette
+    return data_builder.dataset_info(config.data.name).palette
   except ValueError:
     rng = np.random.default_rng(0)
     return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]

@@ -130,9 +130,8 @@ def _palette(config: ml_collections.ConfigDict, eval_name: str):
   ecfg = (config.get("evals") or {}).get(eval_name, {})
   if ecfg.get("type") != "semseg":
     return None
-  from contrastjax.data.tasks import uda as siamseg_inputs  # pylint: disable=g-import-not-at-top
   try:
-    return siamseg_inputs.dataset_info(config.data.name).palette
+    return data_builder.dataset_info(config.data.name).palette
   except ValueError:
     rng = np.random.default_rng(0)
     return [tuple(int(v) for v in rng.integers(0, 256, 3))

@@ -160,6 +160,8 @@ def test_vaihingen_tiling_and_isprs_maker(tmp_path):
       img_scale=(CROP, CROP), crop_size=(CROP, CROP))))
   inputs = builder.build(cfg, local_batch_size=2, local_eval_batch_size=4)
   assert sorted(inputs.spec.sources) == ['source_val', 'train', 'val']
+  assert inputs.spec.info == builder.dataset_info('isprs')
+  assert inputs.spec.info.classes == isprs.CLASSES and inputs.spec.info.num_classes == 6
   n = len(isprs_tiles.crop_boxes(H, W, CROP, STRIDE))
   assert inputs.num_train == (2 * n) * n
   batch = next(iter(inputs.train))

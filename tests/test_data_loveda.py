@@ -251,3 +251,10 @@ def test_resize_and_hsv_agree_with_cv2_when_available():
   ref = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(int)
   d = np.abs(ST.hsv_to_rgb_u8(hsv).astype(int) - ref)
   assert d.max() <= 1 and (d > 0).mean() < 0.03
+
+
+def test_loveda_maker_fills_spec_info(root):
+  cfg = ml_collections.ConfigDict(dict(seed=0, data=dict(name='loveda', root=str(root))))
+  info = builder.make_spec(cfg).info
+  assert info == builder.dataset_info('loveda')
+  assert (info.classes, info.palette, info.ignore_index) == (loveda.CLASSES, loveda.PALETTE, 255)

@@ -23,6 +23,8 @@
 The word tokenizer is built from the training captions and saved to
 ``<workdir>/tokenizer.json``; a resumed run (or ``contrastjax.evaluate``) reloads it from
 there, so the ids never change under a run.
+
+The specs have no ``info`` (None): the data have no classes.
 """
 from __future__ import annotations
 

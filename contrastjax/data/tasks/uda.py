@@ -7,7 +7,8 @@ labelled source-domain example with an unlabelled target-domain example, as mmse
 the shuffled training stream therefore draws independent uniform source and target indices.
 Both examples go through the same mmseg train pipeline (:mod:`contrastjax.data.transforms.mmseg`)
 with independent random draws. Evaluation splits are on the target domain (``val``), plus the
-source domain's validation data (``source_val``) for diagnostics.
+source domain's validation data (``source_val``) for diagnostics. ``DataSpec.info`` holds the
+dataset's classes and palette (:data:`INFO`).
 
 Training batches (``B`` = batch size, ``c`` = crop size; leading axis ``B``)::
 
@@ -51,7 +52,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from contrastjax.data.builder import DataSpec
+from contrastjax.data.builder import DatasetInfo, DataSpec
 from contrastjax.data.errors import DatasetError
 from contrastjax.data.sources import isprs as isprs_lib
 from contrastjax.data.sources import loveda as loveda_lib
@@ -60,30 +61,12 @@ from contrastjax.data.transforms import mmseg as ST
 from contrastjax.errors import ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
-class SegDatasetInfo:
-  """Class names, colours and ignore label of a semantic-segmentation dataset."""
-  classes: tuple[str, ...]
-  palette: tuple[tuple[int, int, int], ...]
-  ignore_index: int = 255
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.classes)
-
-
+#: The ``DataSpec.info`` of each maker (by function name; ``builder.dataset_info`` reads it).
 INFO = {
-    'loveda': SegDatasetInfo(loveda_lib.CLASSES, loveda_lib.PALETTE),
-    'isprs': SegDatasetInfo(isprs_lib.CLASSES, isprs_lib.PALETTE),
-    'synthetic_aerial': SegDatasetInfo(aerial_lib.CLASSES, aerial_lib.PALETTE),
+    'loveda': DatasetInfo('loveda', loveda_lib.CLASSES, loveda_lib.PALETTE),
+    'isprs': DatasetInfo('isprs', isprs_lib.CLASSES, isprs_lib.PALETTE),
+    'synthetic_aerial': DatasetInfo('synthetic_aerial', aerial_lib.CLASSES, aerial_lib.PALETTE),
 }
-
-
-def dataset_info(name: str) -> SegDatasetInfo:
-  """Classes and palette of the dataset made by maker ``name``."""
-  if name not in INFO:
-    raise ValueError(f'no segmentation dataset info for {name!r}; have {sorted(INFO)}')
-  return INFO[name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,13 +169,13 @@ def aug_config(dcfg, default: ST.SegAugConfig) -> ST.SegAugConfig:
 
 
 def _spec(train: PairSource, evals: Mapping[str, Any], dcfg,
-          default: ST.SegAugConfig) -> DataSpec:
+          default: ST.SegAugConfig, info: DatasetInfo) -> DataSpec:
   cfg = aug_config(dcfg, default)
   sources = {'train': train, **evals}
   return DataSpec(
       sources=sources,
       train_transforms=[PairTrainAugment(cfg, bool(dcfg.get('carry_target_label', False)))],
-      eval_transforms=[ST.SegEvalNormalize(cfg.mean, cfg.std)])
+      eval_transforms=[ST.SegEvalNormalize(cfg.mean, cfg.std)], info=info)
 
 
 def _root(dcfg, hint: str) -> str:
@@ -216,7 +199,7 @@ def loveda(dcfg, seed: int) -> DataSpec:
   evals = {'val': loveda_lib.LoveDASource(root, 'Val', tgt)}
   if os.path.isdir(os.path.join(root, 'Val', src)):
     evals['source_val'] = loveda_lib.LoveDASource(root, 'Val', src)
-  return _spec(train, evals, dcfg, ST.LOVEDA_AUG)
+  return _spec(train, evals, dcfg, ST.LOVEDA_AUG, INFO['loveda'])
 
 
 def _isprs_folder(root: str, name: str, key: str) -> str:
@@ -243,7 +226,7 @@ def isprs(dcfg, seed: int) -> DataSpec:
   evals = {'val': isprs_lib.ISPRSSource(tgt, 'val', use_split_file=use)}
   if os.path.isdir(os.path.join(src, 'img_dir', 'val')):
     evals['source_val'] = isprs_lib.ISPRSSource(src, 'val', use_split_file=use)
-  return _spec(train, evals, dcfg, ST.ISPRS_AUG)
+  return _spec(train, evals, dcfg, ST.ISPRS_AUG, INFO['isprs'])
 
 
 def synthetic_aerial(dcfg, seed: int) -> DataSpec:
@@ -264,4 +247,4 @@ def synthetic_aerial(dcfg, seed: int) -> DataSpec:
            'source_val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'source')}
   default = ST.SegAugConfig(img_scale=(size, size), ratio_range=(1.0, 2.0),
                             crop_size=(size, size))
-  return _spec(train, evals, dcfg, default)
+  return _spec(train, evals, dcfg, default, INFO['synthetic_aerial'])
