@@ -165,8 +165,8 @@ def test_vaihingen_tiling_and_isprs_maker(tmp_path):
   n = len(isprs_tiles.crop_boxes(H, W, CROP, STRIDE))
   assert inputs.num_train == (2 * n) * n
   batch = next(iter(inputs.train))
-  assert batch['source/image'].shape == (2, CROP, CROP, 3)
-  assert set(np.unique(batch['source/label'])) <= set(range(6)) | {255}
+  assert batch['source']['image'].shape == (2, CROP, CROP, 3)
+  assert set(np.unique(batch['source']['label'])) <= set(range(6)) | {255}
   ev = next(iter(inputs.eval_batches('val')))
   assert ev['label'].shape == (4, CROP, CROP)
   with pytest.raises(DatasetError, match=r'config.data.target=.*Vaihingen_RGB_DA does not exist'):

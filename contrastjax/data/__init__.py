@@ -28,8 +28,12 @@ How a training batch flows::
     -> host transforms           (transforms/: decode, augment, resize, normalise; numpy,
                                   in grain threads or worker processes)
     -> grain pipeline            (pipeline.py: index, shuffle, repeat, keep numeric arrays,
-                                  shard per process, batch, prefetch)
+                                  batch, shard per process, prefetch)
     -> parallel.host_to_global   (the trainer: one global array per leaf, sharded over 'data')
     -> device-side augmentation  (inside the method's jitted loss, e.g.
                                   :mod:`contrastjax.augment.photometric` for ConDSeg)
+
+A batch is a dict of numpy arrays with a leading batch axis, nested where a method reads
+several streams: the ``uda`` makers deliver ``{'source': {'image', 'label', 'index'},
+'target': {'image'[, 'label'], 'index'}, 'index'}``; evaluation batches add ``'valid'``.
 """

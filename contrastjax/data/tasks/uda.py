@@ -10,18 +10,18 @@ with independent random draws. Evaluation splits are on the target domain (``val
 source domain's validation data (``source_val``) for diagnostics. ``DataSpec.info`` holds the
 dataset's classes and palette (:data:`INFO`).
 
-Training batches (``B`` = batch size, ``c`` = crop size; leading axis ``B``)::
+Training batches are nested, one dict per domain (``B`` = batch size, ``c`` = crop size;
+leading axis ``B``)::
 
-  'source/image'  float32 [B, c, c, 3]   normalised (ImageNet mean/std on 0..255)
-  'source/label'  int32   [B, c, c]      0..C-1, 255 = ignored / padding
-  'target/image'  float32 [B, c, c, 3]
-  'target/label'  int32   [B, c, c]      only with data.carry_target_label=True (diagnostics;
-                                         the reference never loads target labels for training)
-  'source/index', 'target/index'  int32 [B]   indices into the two domain sources
-  'index'         int32   [B]            index of the pair
-
-The keys are flat because the shared pipeline keeps only top-level arrays; :func:`split_pair`
-nests them as ``{'source': {'image', 'label', 'index'}, 'target': {...}}``.
+  {'source': {'image': float32 [B, c, c, 3],   normalised (ImageNet mean/std on 0..255)
+              'label': int32   [B, c, c],      0..C-1, 255 = ignored / padding
+              'index': int32   [B]},           index into the source-domain source
+   'target': {'image': float32 [B, c, c, 3],
+              'label': int32   [B, c, c],      only with data.carry_target_label=True
+                                               (diagnostics; the reference never loads
+                                               target labels for training)
+              'index': int32   [B]},           index into the target-domain source
+   'index':   int32   [B]}                     index of the pair
 
 Evaluation batches: ``'image'`` float32 ``[B, H, W, 3]`` (normalised, full size: LoveDA 1024,
 ISPRS 512), ``'label'`` int32 ``[B, H, W]``, ``'index'``, ``'valid'``.
@@ -105,7 +105,8 @@ class PairSource:
 
 
 class PairTrainAugment(grain.transforms.RandomMap):
-  """The mmseg train pipeline on both members of a pair (independent draws), flat keys."""
+  """The mmseg train pipeline on both members of a pair (independent draws, source first):
+  ``{'source': {'image', 'label', 'index'}, 'target': {'image'[, 'label'], 'index'}, 'index'}``."""
 
   def __init__(self, cfg: ST.SegAugConfig, carry_target_label: bool = False):
     self.cfg = cfg
@@ -114,26 +115,13 @@ class PairTrainAugment(grain.transforms.RandomMap):
   def random_map(self, x: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     s_img, s_lab = ST.train_example(x['source']['image'], x['source']['label'], rng, self.cfg)
     t_img, t_lab = ST.train_example(x['target']['image'], x['target']['label'], rng, self.cfg)
-    out = {'source/image': s_img, 'source/label': s_lab, 'target/image': t_img,
-           'source/index': np.int32(x['source_index']),
-           'target/index': np.int32(x['target_index'])}
+    out = {'source': {'image': s_img, 'label': s_lab, 'index': np.int32(x['source_index'])},
+           'target': {'image': t_img, 'index': np.int32(x['target_index'])}}
     if self.carry_target_label:
-      out['target/label'] = t_lab
+      out['target']['label'] = t_lab
     if 'index' in x:
       out['index'] = x['index']
     return out
-
-
-def split_pair(batch: Mapping[str, Any]) -> dict[str, Any]:
-  """``{'source/image': ..., 'index': ...}`` -> ``{'source': {'image': ...}, 'index': ...}``."""
-  out: dict[str, Any] = {}
-  for key, value in batch.items():
-    if '/' in key:
-      domain, field = key.split('/', 1)
-      out.setdefault(domain, {})[field] = value
-    else:
-      out[key] = value
-  return out
 
 
 # ------------------------------------------------------------------------------------------------
