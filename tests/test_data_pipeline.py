@@ -72,7 +72,7 @@ def test_epochs_straddle_batches(source):
   idx = np.concatenate([x['index'] for x in _take(_train(source, batch=5), 12)])
   for e in idx.reshape(5, N):                          # 60 elements = 5 whole epochs
     assert sorted(e) == list(range(N))
-  assert P.steps_per_epoch(N, 5) == 3 and P.steps_per_epoch(N, 5, drop_remainder=True) == 2
+  assert P.steps_per_epoch(N, 5) == 3
   assert P.steps_per_epoch(12, 4) == 3
 
 
@@ -163,6 +163,21 @@ def test_eval_process_with_only_padding(source):
                           process_index=3, process_count=4))
   assert len(b) == 1 and not b[0]['valid'].any() and (b[0]['index'] == -1).all()
   assert b[0]['mask'].shape == (4, SIZE, SIZE, 1)
+
+
+@pytest.mark.parametrize('n, b, want', [(12, 4, 3), (12, 5, 3), (7, 8, 1), (1, 1, 1), (10, 3, 4)])
+def test_steps_per_epoch_is_ceil_and_covers_one_epoch(n, b, want):
+  steps = P.steps_per_epoch(n, b)
+  assert steps == want and (steps - 1) * b < n <= steps * b
+  # The first `steps` batches of the stream hold every example of the first epoch (and, when
+  # b does not divide n, the start of the second): nothing is dropped.
+  idx = np.concatenate([x['index'] for x in _take(
+      P.train_dataset(SyntheticPolyps(n, 24, seed=5), [], global_batch_size=b, seed=0,
+                      process_index=0, process_count=1), steps)])
+  assert sorted(idx[:n]) == list(range(n)) and len(idx) == steps * b
+  for bad in ((0, 4), (4, 0)):
+    with pytest.raises(ValueError, match='expected both >= 1'):
+      P.steps_per_epoch(*bad)
 
 
 # ------------------------------------------------------------------------- nested examples

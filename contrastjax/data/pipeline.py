@@ -33,7 +33,6 @@ processes' local batches (in process order) gives the global batch in dataset or
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -42,15 +41,26 @@ import numpy as np
 Example = dict[str, Any]
 
 
-def steps_per_epoch(num_examples: int, global_batch_size: int, *,
-                    drop_remainder: bool = False) -> int:
-  """Optimiser steps per epoch: ``ceil(N / B)`` (``floor`` with ``drop_remainder``)."""
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Optimiser steps per epoch: ``ceil(N / B)``, the one definition of an epoch in steps.
+
+  The training stream (:func:`train_dataset`) never drops an example: when ``B`` does not
+  divide ``N`` the last batch of an epoch is completed with the first examples of the next
+  epoch. ``ceil(N / B)`` steps therefore see every example at least once, and it is the number
+  of optimiser steps per epoch of the reference PyTorch loaders (``drop_last=False``). It is
+  also the number of (padded) evaluation batches, :func:`num_eval_batches`.
+
+  Args:
+    num_examples: ``N``, the size of the training split (>= 1).
+    global_batch_size: ``B``, the batch size summed over processes (>= 1).
+
+  Raises:
+    ValueError: ``N < 1`` or ``B < 1``.
+  """
   if num_examples < 1 or global_batch_size < 1:
     raise ValueError(f'num_examples={num_examples}, global_batch_size={global_batch_size}; '
                      'expected both >= 1')
-  if drop_remainder:
-    return num_examples // global_batch_size
-  return math.ceil(num_examples / global_batch_size)
+  return -(-int(num_examples) // int(global_batch_size))
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
