@@ -9,7 +9,7 @@ SiamSeg on the ISPRS 2D labelling benchmark, Potsdam <-> Vaihingen (reference
 * ``task=vaihingen_irrg2potsdam_irrg``, ``task=vaihingen_irrg2potsdam_rgb`` (eval every 500).
 
 ``--config.data.root`` holds the tiled folders ``Potsdam_IRRG_DA``, ``Potsdam_RGB_DA``,
-``Vaihingen_IRRG_DA`` (make them with ``python -m contrastjax.data.isprs_tiles``). 6 classes
+``Vaihingen_IRRG_DA`` (make them with ``python -m contrastjax.data.tools.isprs_tiles``). 6 classes
 (clutter included in mIoU), CE class weights tree 1.25, car 1.5, clutter 1.5; 512 crops,
 whole-image evaluation on the target domain's val tiles; the rest of the recipe as LoveDA.
 

@@ -185,7 +185,7 @@ def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str
 
 def synthetic_pair_batch(batch_size: int, image_size: int, num_classes: int,
                          seed: int = 0) -> dict[str, Any]:
-  """A SiamSeg training batch (``contrastjax.data.siamseg_inputs`` layout, nested):
+  """A SiamSeg training batch (``contrastjax.data.tasks.uda`` layout, nested):
   normalised ``image`` ``[B, S, S, 3]`` for both domains, a source ``label`` ``[B, S, S]``
   of random class blobs (0..C-1, some 255 ignored pixels) and the ``index`` entries."""
   rng = np.random.default_rng(seed)

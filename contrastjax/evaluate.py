@@ -30,7 +30,7 @@ from contrastjax import methods as methods_lib
 from contrastjax import spine
 from contrastjax import train as train_lib
 from contrastjax.data import builder as data_builder
-from contrastjax.data import transforms as data_transforms
+from contrastjax.data.transforms import medseg as data_transforms
 from contrastjax.evaluators import binary_seg
 
 

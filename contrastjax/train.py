@@ -42,6 +42,7 @@ from contrastjax import parallel
 from contrastjax import spine
 from contrastjax import workdir as workdir_lib
 from contrastjax.data import builder as data_builder
+from contrastjax.data import pipeline as data_pipeline
 from contrastjax.data import validation as data_validation
 from contrastjax.errors import ConfigError
 from contrastjax.methods.base import RunInfo
@@ -64,12 +65,14 @@ def data_context(config: ml_collections.ConfigDict, spec) -> dict[str, Any]:
 
 
 def resolve_steps(config: ml_collections.ConfigDict, num_train: int) -> dict[str, int]:
-  """Turns ``*_epochs`` / ``*_steps`` settings into step counts."""
-  steps_per_epoch = max(num_train // config.batch_size, 1)
+  """Turns ``*_epochs`` / ``*_steps`` settings into step counts. An epoch is
+  ``ceil(num_train / batch_size)`` steps (``data.pipeline.steps_per_epoch``: the stream
+  drops nothing, and the reference PyTorch loaders keep their last, smaller batch)."""
   if num_train < config.batch_size:
     raise ConfigError(
         f"config.batch_size={config.batch_size} is larger than the {num_train} training "
-        "examples: nothing to train on (batches drop the incomplete remainder)")
+        "examples: every batch would hold some examples twice")
+  steps_per_epoch = data_pipeline.steps_per_epoch(num_train, config.batch_size)
 
   def get(prefix: str, default: int | None) -> int | None:
     s, e = config.get(f"{prefix}_steps"), config.get(f"{prefix}_epochs")

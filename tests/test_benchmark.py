@@ -71,15 +71,12 @@ def test_synthetic_batch_contract():
 @pytest.mark.parametrize("path", ["configs/condseg_kvasir.py", "configs/siamseg_loveda.py"])
 def test_synthetic_batch_matches_the_training_pipeline(path):
   """The benchmark's batch has the keys, shapes and dtypes of the real demo pipeline's
-  (after the trainer's ``split_pair`` nesting for SiamSeg)."""
+  (nested source/target dicts for SiamSeg)."""
   from contrastjax.data import builder  # pylint: disable=g-import-not-at-top
-  from contrastjax.data.siamseg_inputs import split_pair  # pylint: disable=g-import-not-at-top
   config = _load_config(path, "demo")
   with config.unlocked():
     config.batch_size = 2
   real = next(iter(builder.build(config, local_batch_size=2, local_eval_batch_size=2).train))
-  if "source/image" in real:
-    real = split_pair(real)
   fake, size = benchmark.synthetic_batch_for(config, seed=0)
   assert size == config.data.image_size
   shapes = lambda tree: jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), tree)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from contrastjax.data import builder
-from contrastjax.data import cifar
+from contrastjax.data.sources import cifar
 from contrastjax.data.errors import DatasetError
 from contrastjax.evaluators import build as build_evaluator
 from contrastjax.evaluators import linear_probe as lp

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from contrastjax.data import builder
-from contrastjax.data import coco
-from contrastjax.data import tokenizer as tok
+from contrastjax.data.sources import coco
+from contrastjax.data.text import tokenizer as tok
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.synthetic_pairs import SyntheticPairs
+from contrastjax.data.synthetic.pairs import SyntheticPairs
 
 
 def _coco(root, split="train", n_images=4, caps=("a dog on grass", "A Dog.",

@@ -11,7 +11,7 @@ import numpy as np
 from contrastjax import parallel
 from contrastjax import spine
 from contrastjax import train as train_lib
-from contrastjax.data.synthetic_pairs import SyntheticPairs
+from contrastjax.data.synthetic.pairs import SyntheticPairs
 from contrastjax.evaluators import retrieval as R
 from contrastjax.methods.clip import CLIPMethod
 

@@ -9,7 +9,7 @@ import pytest
 
 from contrastjax import parallel
 from contrastjax import spine
-from contrastjax.data.synthetic_pairs import SyntheticPairs
+from contrastjax.data.synthetic.pairs import SyntheticPairs
 from contrastjax.evaluators import retrieval as R
 from contrastjax.methods import clip as clip_lib
 from contrastjax.methods.base import RunInfo

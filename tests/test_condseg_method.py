@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from contrastjax.data import photometric
+from contrastjax.augment import photometric
 from contrastjax.methods import condseg as condseg_method
 from contrastjax.methods import condseg_losses as L
 from contrastjax.methods import get_method_class

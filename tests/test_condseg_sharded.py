@@ -8,8 +8,8 @@ import numpy as np
 
 from contrastjax import parallel
 from contrastjax.methods.condseg import ConDSegStage1Method
-from contrastjax.data.synthetic import SyntheticPolyps
-from contrastjax.data import transforms as T
+from contrastjax.data.synthetic.polyps import SyntheticPolyps
+from contrastjax.data.transforms import medseg as T
 
 
 def _config():

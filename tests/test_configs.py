@@ -8,7 +8,7 @@ import os
 import pytest
 
 from contrastjax.configs.common import parse_arg
-from contrastjax.data.medseg import DATASETS
+from contrastjax.data.sources.medseg import DATASETS
 from contrastjax.methods import get_method_class
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def test_docstring_commands_run_as_written(path):
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 def test_every_medseg_dataset_has_its_condseg_config(dataset):
-  """Each dataset of ``contrastjax.data.medseg.DATASETS`` has exactly one
+  """Each dataset of ``contrastjax.data.sources.medseg.DATASETS`` has exactly one
   ``configs/condseg_*.py`` that builds with it, in both stages, and whose docstring agrees
   with the dataset's facts: the folder in its command, the image count and split sizes,
   the paper's numbers. Bugs caught: a config file built on another dataset (copy-paste), a

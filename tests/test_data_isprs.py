@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from contrastjax.data import builder
-from contrastjax.data import isprs
-from contrastjax.data import isprs_tiles
+from contrastjax.data.sources import isprs
+from contrastjax.data.tools import isprs_tiles
 from contrastjax.data.errors import DatasetError
 
 H, W, CROP, STRIDE = 20, 24, 8, 4
@@ -160,11 +160,13 @@ def test_vaihingen_tiling_and_isprs_maker(tmp_path):
       img_scale=(CROP, CROP), crop_size=(CROP, CROP))))
   inputs = builder.build(cfg, local_batch_size=2, local_eval_batch_size=4)
   assert sorted(inputs.spec.sources) == ['source_val', 'train', 'val']
+  assert inputs.spec.info == builder.dataset_info('isprs')
+  assert inputs.spec.info.classes == isprs.CLASSES and inputs.spec.info.num_classes == 6
   n = len(isprs_tiles.crop_boxes(H, W, CROP, STRIDE))
   assert inputs.num_train == (2 * n) * n
   batch = next(iter(inputs.train))
-  assert batch['source/image'].shape == (2, CROP, CROP, 3)
-  assert set(np.unique(batch['source/label'])) <= set(range(6)) | {255}
+  assert batch['source']['image'].shape == (2, CROP, CROP, 3)
+  assert set(np.unique(batch['source']['label'])) <= set(range(6)) | {255}
   ev = next(iter(inputs.eval_batches('val')))
   assert ev['label'].shape == (4, CROP, CROP)
   with pytest.raises(DatasetError, match=r'config.data.target=.*Vaihingen_RGB_DA does not exist'):

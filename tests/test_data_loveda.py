@@ -1,4 +1,4 @@
-"""LoveDA reader, the mmseg train pipeline (seg_transforms) and the UDA pair makers."""
+"""LoveDA reader, the mmseg train pipeline (transforms.mmseg) and the UDA pair makers."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import pytest
 from PIL import Image
 
 from contrastjax.data import builder
-from contrastjax.data import loveda
-from contrastjax.data import seg_transforms as ST
-from contrastjax.data import siamseg_inputs
+from contrastjax.data.sources import loveda
+from contrastjax.data.transforms import mmseg as ST
 from contrastjax.data.errors import DatasetError
 
 S = 32  # fixture tile size (the official tiles are 1024)
@@ -214,13 +213,13 @@ def test_loveda_maker_pairs_and_eval(root):
   assert ex['source']['name'] == '101' and ex['target']['name'] == '105'
   inputs = builder.build(cfg, local_batch_size=4, local_eval_batch_size=2)
   batch = next(iter(inputs.train))
-  assert batch['source/image'].shape == (4, 16, 16, 3)
-  assert batch['source/label'].shape == (4, 16, 16) and batch['source/label'].dtype == np.int32
-  assert batch['target/label'].shape == (4, 16, 16)
-  nested = siamseg_inputs.split_pair(batch)
-  assert set(nested) == {'source', 'target', 'index'}
-  assert set(nested['target']) == {'image', 'label', 'index'}
-  np.testing.assert_array_equal(nested['source']['index'] * 3 + nested['target']['index'],
+  assert batch['source']['image'].shape == (4, 16, 16, 3)
+  assert batch['source']['label'].shape == (4, 16, 16)
+  assert batch['source']['label'].dtype == np.int32
+  assert batch['target']['label'].shape == (4, 16, 16)
+  assert set(batch) == {'source', 'target', 'index'}
+  assert set(batch['source']) == set(batch['target']) == {'image', 'label', 'index'}
+  np.testing.assert_array_equal(batch['source']['index'] * 3 + batch['target']['index'],
                                 batch['index'])
   evals = list(inputs.eval_batches('val'))
   assert [b['valid'].tolist() for b in evals] == [[True, True], [True, False]]
@@ -228,7 +227,7 @@ def test_loveda_maker_pairs_and_eval(root):
   # Without carry_target_label the target label is not in the batch (reference behaviour).
   cfg.data.carry_target_label = False
   batch = next(iter(builder.build(cfg, local_batch_size=2, local_eval_batch_size=2).train))
-  assert 'target/label' not in batch
+  assert set(batch['target']) == {'image', 'index'}
   with pytest.raises(DatasetError, match='config.data.root'):
     builder.make_spec(ml_collections.ConfigDict(dict(seed=0, data=dict(name='loveda'))))
 
@@ -251,3 +250,10 @@ def test_resize_and_hsv_agree_with_cv2_when_available():
   ref = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(int)
   d = np.abs(ST.hsv_to_rgb_u8(hsv).astype(int) - ref)
   assert d.max() <= 1 and (d > 0).mean() < 0.03
+
+
+def test_loveda_maker_fills_spec_info(root):
+  cfg = ml_collections.ConfigDict(dict(seed=0, data=dict(name='loveda', root=str(root))))
+  info = builder.make_spec(cfg).info
+  assert info == builder.dataset_info('loveda')
+  assert (info.classes, info.palette, info.ignore_index) == (loveda.CLASSES, loveda.PALETTE, 255)

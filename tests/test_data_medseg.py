@@ -1,4 +1,4 @@
-"""Tests of the reference-layout reader (contrastjax.data.medseg) on fixtures built here."""
+"""Tests of the reference-layout reader (contrastjax.data.sources.medseg) on fixtures built here."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import io
 import os
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from contrastjax.data import medseg
+from contrastjax.data import builder
+from contrastjax.data.sources import medseg
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.medseg import DATASETS, MedSegSource, binarize_mask, read_split, validate
+from contrastjax.data.sources.medseg import DATASETS, MedSegSource, binarize_mask, read_split, validate
 
 H, W = 24, 32
 
@@ -308,3 +310,10 @@ def test_datasets_metadata():
   assert DATASETS['isic2017'].splits == {'train': 2000, 'val': 150, 'test': 600}
   assert DATASETS['glas'].binarize == 'nonzero'
   assert DATASETS['kvasir_seg'].paper['miou'] == 84.6
+
+
+def test_medseg_maker_fills_spec_info(dataset):
+  spec = builder.make_spec(ml_collections.ConfigDict(dict(seed=0, data=dict(
+      name='medseg', root=str(dataset), image_size=32))))
+  assert spec.info == builder.dataset_info('medseg')
+  assert spec.info.classes == ('background', 'foreground') and spec.info.ignore_index is None

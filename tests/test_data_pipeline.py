@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import itertools
 
+import grain
+import jax
 import numpy as np
 import pytest
 from absl import flags
 
+from contrastjax import parallel
 from contrastjax.data import pipeline as P
-from contrastjax.data import transforms as T
-from contrastjax.data.synthetic import SyntheticPolyps
+from contrastjax.data.transforms import medseg as T
+from contrastjax.data.synthetic.polyps import SyntheticPolyps
 
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()   # mp_prefetch reads absl flags (tests/conftest.py does it too)
@@ -69,7 +72,7 @@ def test_epochs_straddle_batches(source):
   idx = np.concatenate([x['index'] for x in _take(_train(source, batch=5), 12)])
   for e in idx.reshape(5, N):                          # 60 elements = 5 whole epochs
     assert sorted(e) == list(range(N))
-  assert P.steps_per_epoch(N, 5) == 3 and P.steps_per_epoch(N, 5, drop_remainder=True) == 2
+  assert P.steps_per_epoch(N, 5) == 3
   assert P.steps_per_epoch(12, 4) == 3
 
 
@@ -160,3 +163,114 @@ def test_eval_process_with_only_padding(source):
                           process_index=3, process_count=4))
   assert len(b) == 1 and not b[0]['valid'].any() and (b[0]['index'] == -1).all()
   assert b[0]['mask'].shape == (4, SIZE, SIZE, 1)
+
+
+@pytest.mark.parametrize('n, b, want', [(12, 4, 3), (12, 5, 3), (7, 8, 1), (1, 1, 1), (10, 3, 4)])
+def test_steps_per_epoch_is_ceil_and_covers_one_epoch(n, b, want):
+  steps = P.steps_per_epoch(n, b)
+  assert steps == want and (steps - 1) * b < n <= steps * b
+  # The first `steps` batches of the stream hold every example of the first epoch (and, when
+  # b does not divide n, the start of the second): nothing is dropped.
+  idx = np.concatenate([x['index'] for x in _take(
+      P.train_dataset(SyntheticPolyps(n, 24, seed=5), [], global_batch_size=b, seed=0,
+                      process_index=0, process_count=1), steps)])
+  assert sorted(idx[:n]) == list(range(n)) and len(idx) == steps * b
+  for bad in ((0, 4), (4, 0)):
+    with pytest.raises(ValueError, match='expected both >= 1'):
+      P.steps_per_epoch(*bad)
+
+
+# ------------------------------------------------------------------------- nested examples
+
+
+class _Nested:
+  """Examples with two nested streams, strings at every level and a dict of strings only."""
+
+  def __len__(self):
+    return N
+
+  def __getitem__(self, i):
+    i = int(i)
+    return {'a': {'x': np.full((2,), i, np.float32), 'name': f'a{i}'},
+            'b': {'y': np.int32(10 * i), 'index': np.int32(i)},
+            'meta': {'name': 'only strings'}, 'name': str(i)}
+
+
+class _NestedNoise(grain.transforms.RandomMap):
+
+  def random_map(self, x, rng):
+    return {**x, 'a': {**x['a'], 'noise': rng.random(3).astype(np.float32)}}
+
+
+def _nested_train(seed=0, batch=4, p=0, n=1):
+  return P.train_dataset(_Nested(), [_NestedNoise()], global_batch_size=batch, seed=seed,
+                         process_index=p, process_count=n)
+
+
+def _assert_same_trees(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_nested_batches_keep_nested_arrays():
+  batch = _take(_nested_train(), 1)[0]
+  assert set(batch) == {'a', 'b', 'index'}                  # strings and the string-only dict go
+  assert set(batch['a']) == {'x', 'noise'} and set(batch['b']) == {'y', 'index'}
+  assert batch['a']['x'].shape == (4, 2) and batch['a']['noise'].shape == (4, 3)
+  assert batch['b']['index'].dtype == np.int32 and batch['index'].dtype == np.int32
+  np.testing.assert_array_equal(batch['b']['index'], batch['index'])
+  np.testing.assert_array_equal(batch['b']['y'], 10 * batch['index'])
+  np.testing.assert_array_equal(batch['a']['x'][:, 0], batch['index'])
+
+
+def test_nested_batches_shard_and_resume():
+  single = _take(_nested_train(seed=2), 4)
+  shards = [_take(_nested_train(seed=2, p=p, n=2), 4) for p in range(2)]
+  for t in range(4):
+    _assert_same_trees(jax.tree.map(lambda *x: np.concatenate(x), shards[0][t], shards[1][t]),
+                       single[t])
+  it = iter(_nested_train(seed=2))
+  _take_from(it, 2)
+  state = it.get_state()
+  it2 = iter(_nested_train(seed=2))
+  it2.set_state(state)
+  for x, y in zip(_take_from(it2, 2), single[2:]):
+    _assert_same_trees(x, y)
+
+
+@pytest.mark.parametrize('n_proc', [1, 2])
+def test_nested_eval_batches_pad_every_leaf(n_proc):
+  per = [list(P.eval_batches(_Nested(), [], global_batch_size=8, process_index=p,
+                             process_count=n_proc)) for p in range(n_proc)]
+  assert all(len(b) == 2 for b in per)
+  last = jax.tree.map(lambda *x: np.concatenate(x), *[b[-1] for b in per])
+  assert set(last) == {'a', 'b', 'index', 'valid'} and set(last['a']) == {'x'}
+  np.testing.assert_array_equal(last['valid'], [True] * 4 + [False] * 4)
+  np.testing.assert_array_equal(last['index'], [8, 9, 10, 11] + [-1] * 4)
+  np.testing.assert_array_equal(last['b']['index'], last['index'])      # nested index padded too
+  assert not last['a']['x'][4:].any() and not last['b']['y'][4:].any()
+  assert last['b']['index'].dtype == np.int32
+
+
+class _Ragged(_Nested):
+
+  def __getitem__(self, i):
+    out = super().__getitem__(i)
+    out['a']['x'] = np.zeros((1 + int(i) % 2,), np.float32)
+    return out
+
+
+def test_nested_eval_shape_error_names_the_leaf():
+  with pytest.raises(ValueError, match=r"'a/x': \[\(1,\), \(2,\)\]"):
+    list(P.eval_batches(_Ragged(), [], global_batch_size=4, process_index=0, process_count=1))
+
+
+def test_nested_batch_to_global_arrays():
+  mesh = parallel.make_mesh()
+  batch = _take(_nested_train(batch=jax.device_count()), 1)[0]
+  global_batch = parallel.host_to_global(batch, mesh)
+  assert jax.tree.structure(global_batch) == jax.tree.structure(batch)
+  for x in jax.tree.leaves(global_batch):
+    assert x.sharding.spec[0] == parallel.DATA_AXIS
+  _assert_same_trees(jax.tree.map(np.asarray, global_batch), batch)

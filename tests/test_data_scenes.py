@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from contrastjax.data import synthetic_scenes as sc
+from contrastjax.data.synthetic import scenes as sc
 from contrastjax.data.sources import voc
 
 C = len(sc.CLASSES)

@@ -1,4 +1,4 @@
-"""Tests of the synthetic polyp dataset (contrastjax.data.synthetic)."""
+"""Tests of the synthetic polyp dataset (contrastjax.data.synthetic.polyps)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from contrastjax.data.medseg import validate
-from contrastjax.data.synthetic import SyntheticPolyps
+from contrastjax.data.sources.medseg import validate
+from contrastjax.data.synthetic.polyps import SyntheticPolyps
 
 
 def test_contract_and_determinism():
@@ -112,12 +112,12 @@ def test_bad_arguments():
 
 def test_demo_config_passes_generator_settings_to_every_split():
   import ml_collections
-  from contrastjax.data import medseg_inputs
+  from contrastjax.data.tasks import binary_seg
   dcfg = ml_collections.ConfigDict(dict(
       name="synthetic_polyps", num_train=4, num_val=3, num_test=2, image_size=32,
       contrast=0.7, min_radius=0.3, max_radius=0.5, max_objects=2, noise=0.5,
       augment="none"))
-  spec = medseg_inputs.synthetic_polyps(dcfg, seed=0)
+  spec = binary_seg.synthetic_polyps(dcfg, seed=0)
   for split, n in (("train", 4), ("val", 3), ("test", 2)):
     src = spec.sources[split]
     assert len(src) == n

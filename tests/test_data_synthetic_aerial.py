@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from contrastjax.data import builder
-from contrastjax.data import synthetic_aerial as sa
+from contrastjax.data.synthetic import aerial as sa
 
 
 def _stack(ds, n):
@@ -78,10 +79,12 @@ def test_maker_splits_and_batches():
   inputs = builder.build(cfg, local_batch_size=3, local_eval_batch_size=2)
   b1 = next(iter(inputs.train))
   b2 = next(iter(builder.build(cfg, local_batch_size=3, local_eval_batch_size=2).train))
-  for k in b1:                     # same seed, same stream
-    np.testing.assert_array_equal(b1[k], b2[k])
-  assert b1['source/image'].shape == (3, 32, 32, 3) and b1['target/image'].dtype == np.float32
-  assert not np.array_equal(b1['source/image'], b1['target/image'])
+  for x, y in zip(jax.tree.leaves(b1), jax.tree.leaves(b2), strict=True):  # same seed, stream
+    np.testing.assert_array_equal(x, y)
+  assert jax.tree.structure(b1) == jax.tree.structure(b2)
+  assert b1['source']['image'].shape == (3, 32, 32, 3)
+  assert b1['target']['image'].dtype == np.float32
+  assert not np.array_equal(b1['source']['image'], b1['target']['image'])
 
 
 def test_shift_interpolates_the_target_style():

@@ -1,4 +1,4 @@
-"""Tests of the host-side transforms (contrastjax.data.transforms)."""
+"""Tests of the host-side transforms (contrastjax.data.transforms.medseg)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from contrastjax.data import transforms as T
+from contrastjax.data.transforms import medseg as T
 
 
 def _example(h: int = 40, w: int = 52, seed: int = 0) -> dict:

@@ -180,7 +180,7 @@ def test_masks_the_threshold_rule_would_empty_stop_the_run_at_start_up(tmp_path)
 
 
 def test_validation_switch_and_auto_limit(tmp_path, monkeypatch):
-  from contrastjax.data import medseg  # pylint: disable=g-import-not-at-top
+  from contrastjax.data.sources import medseg  # pylint: disable=g-import-not-at-top
   from contrastjax.data import validation  # pylint: disable=g-import-not-at-top
   root = tmp_path / "Kvasir-SEG"
   _kvasir_with_01_masks(root)

@@ -23,7 +23,7 @@ from contrastjax import parallel
 from contrastjax import train as train_lib
 from contrastjax import workdir as workdir_lib
 from contrastjax.configs import condseg as condseg_configs
-from contrastjax.data.medseg import DATASETS
+from contrastjax.data.sources.medseg import DATASETS
 from contrastjax.errors import ConfigError
 
 
@@ -104,10 +104,10 @@ def test_early_stopping_off_runs_to_the_end(tmp_path):
 
 # ============================================================================= epochs
 def expected_steps_per_epoch(num_train: int, batch_size: int) -> int:
-  # TODAY: full batches only (the input pipeline drops the incomplete last batch).
-  # The planned refactor switches to math.ceil(num_train / batch_size), as the
-  # reference's PyTorch loaders (drop_last=False): change this one line then.
-  return max(math.floor(num_train / batch_size), 1)
+  # ceil: the stream carries an epoch's remainder into the next batch (nothing dropped),
+  # and the reference's PyTorch loaders (drop_last=False) take ceil(N / B) steps per epoch.
+  # (Before the refactor this was floor: full batches only.)
+  return math.ceil(num_train / batch_size)
 
 
 def _steps_config(**kw):

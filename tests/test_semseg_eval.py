@@ -194,7 +194,7 @@ def test_multiscale_flip_tta_matches_manual_average():
 
 
 def test_colour_overlays_png(tmp_path):
-  from contrastjax.data import loveda
+  from contrastjax.data.sources import loveda
   lab = np.array([[0, 1], [6, 255]])
   rgb = semseg.colorize(lab, loveda.PALETTE)
   np.testing.assert_array_equal(rgb[0, 1], loveda.PALETTE[1])

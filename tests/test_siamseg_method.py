@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from contrastjax import parallel
-from contrastjax.data import synthetic_aerial
+from contrastjax.data.synthetic import aerial as synthetic_aerial
 from contrastjax.methods import siamseg as S
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,11 +45,11 @@ def _batch(n=8, size=32):
   tgt = synthetic_aerial.SyntheticAerial(n, size, 3, "target")
   norm = lambda img: (img.astype(np.float32) - mean) / std  # noqa: E731
   return {
-      "source/image": np.stack([norm(src[i]["image"]) for i in range(n)]),
-      "source/label": np.stack([src[i]["label"].astype(np.int32) for i in range(n)]),
-      "target/image": np.stack([norm(tgt[i]["image"]) for i in range(n)]),
-      "source/index": np.arange(n, dtype=np.int32),
-      "target/index": np.arange(n, dtype=np.int32),
+      "source": {"image": np.stack([norm(src[i]["image"]) for i in range(n)]),
+                 "label": np.stack([src[i]["label"].astype(np.int32) for i in range(n)]),
+                 "index": np.arange(n, dtype=np.int32)},
+      "target": {"image": np.stack([norm(tgt[i]["image"]) for i in range(n)]),
+                 "index": np.arange(n, dtype=np.int32)},
       "index": np.arange(n, dtype=np.int32),
   }
 
@@ -153,7 +153,7 @@ def _toy_norm(tree):
 
 def test_predict_modes_and_eval_loss():
   batch = _batch(2)
-  ev = {"image": batch["target/image"], "label": batch["source/label"],
+  ev = {"image": batch["target"]["image"], "label": batch["source"]["label"],
         "valid": np.asarray([True, False])}
   outs = {}
   for mode in ("whole", "slide", "tta"):

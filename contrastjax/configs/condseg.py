@@ -22,7 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 from contrastjax.configs.common import parse_arg
-from contrastjax.data.medseg import DATASETS
+from contrastjax.data.sources.medseg import DATASETS
 
 # Reference defaults of the model (network/model.py); the demo shrinks them. The demo
 # keeps 2 CDFA heads of 8 channels (the reference: 4 of 32): with 4 heads of 4 channels
@@ -35,7 +35,7 @@ DEMO_MODEL = dict(stage_sizes=(1, 1, 1), stem_width=16, base_width=16, dim=16,
 
 
 def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Builds the config for ``dataset`` (a key of ``contrastjax.data.medseg.DATASETS``)."""
+  """Builds the config for ``dataset`` (a key of ``contrastjax.data.sources.medseg.DATASETS``)."""
   if dataset not in DATASETS:
     raise ValueError(f"dataset {dataset!r} is not known; expected one of {sorted(DATASETS)}")
   a = parse_arg(arg, stage1=False, paper=False, demo=False, init_from="", root="",

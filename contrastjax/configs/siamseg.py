@@ -30,7 +30,7 @@ from __future__ import annotations
 import ml_collections
 
 from contrastjax.configs.common import parse_arg
-from contrastjax.data import siamseg_inputs
+from contrastjax.data import builder as data_builder
 from contrastjax.errors import ConfigError
 
 #: The reference network (``models.daformer.SiamSegNet``): MiT-B5 (drop path 0.1) + DAFormer
@@ -128,7 +128,7 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.data[k] = v
   c.data.crop_size = (512, 512)     # RandomCrop(crop_size) of the train pipelines
   c.data.worker_count = 0           # grain workers (reference: workers_per_gpu=3)
-  info = siamseg_inputs.dataset_info(maker)
+  info = data_builder.dataset_info(maker)
 
   # ------------------------------------------------------------------ model
   c.model = ml_collections.ConfigDict(FULL_MODEL)
@@ -188,7 +188,7 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
   c.mesh = [("data", -1)]
 
   if a.demo:
-    aerial = siamseg_inputs.dataset_info("synthetic_aerial")
+    aerial = data_builder.dataset_info("synthetic_aerial")
     c.task = "synthetic_aerial_source2target"
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic_aerial", image_size=64, num_train=256, num_target_train=256,

@@ -1,16 +1,23 @@
 """From ``config.data`` to the trainer's inputs: sources, transforms, grain pipelines.
 
 ``config.data.name`` names a dataset maker (registered below, or a ``"module:function"``
-path); a maker returns a ``DataSpec``: the random-access sources per split and the
-per-example transforms for training and evaluation. The builder wraps them in the
-shared grain pipelines (``contrastjax.data.pipeline``): per-process sharding, seeded
-shuffling, batching, prefetching and checkpointable iterator state.
+path); a maker returns a ``DataSpec``: the random-access sources per split, the
+per-example transforms for training and evaluation, and what the labels mean
+(:class:`DatasetInfo`, or None). The builder wraps them in the shared grain pipelines
+(``contrastjax.data.pipeline``): per-process sharding, seeded shuffling, batching,
+prefetching and checkpointable iterator state.
+
+A maker's module may list the ``DatasetInfo`` its specs carry in a module-level dict
+``INFO`` keyed by the maker's function name; :func:`dataset_info` then finds it by
+``config.data.name`` without reading any data (a config needs ``num_classes`` before the
+data exist).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import inspect
+import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -21,12 +28,44 @@ from contrastjax.data.errors import DatasetError
 from contrastjax.errors import ConfigError
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What a dataset's labels mean.
+
+  Attributes:
+    name: The dataset (its maker's registered name, e.g. ``'loveda'``).
+    classes: Class names; label ``k`` is ``classes[k]``.
+    palette: One RGB colour ``(r, g, b)`` (0..255) per class, in the order of ``classes``.
+    ignore_index: The label value that marks pixels excluded from losses and metrics
+      (255 for the semantic-segmentation datasets); None when there is none (binary masks).
+  """
+  name: str
+  classes: tuple[str, ...]
+  palette: tuple[tuple[int, int, int], ...]
+  ignore_index: int | None = 255
+
+  def __post_init__(self):
+    object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+    object.__setattr__(self, "palette", tuple(tuple(int(v) for v in c) for c in self.palette))
+    if len(self.palette) != len(self.classes) or any(len(c) != 3 for c in self.palette):
+      raise ValueError(f"DatasetInfo {self.name!r}: {len(self.classes)} classes need as many "
+                       f"RGB colours; got palette {self.palette}")
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+
 @dataclasses.dataclass
 class DataSpec:
   """What a dataset maker returns."""
   sources: Mapping[str, Any]            # split name -> random-access source
   train_transforms: Sequence[Any]       # grain transforms for training examples
   eval_transforms: Sequence[Any]        # grain transforms for evaluation examples
+  info: DatasetInfo | None = None       # class names, palette, ignore label (None: no classes)
+  # A model input (one example of a batch's 'image') as uint8 RGB, for pictures; None:
+  # values in [0, 1] (or 0..255) in RGB order.
+  display: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass
@@ -39,13 +78,13 @@ class Inputs:
 
 
 _MAKERS = {
-    "synthetic_polyps": "contrastjax.data.medseg_inputs:synthetic_polyps",
-    "medseg": "contrastjax.data.medseg_inputs:medseg",
-    "loveda": "contrastjax.data.siamseg_inputs:loveda",
-    "isprs": "contrastjax.data.siamseg_inputs:isprs",
-    "synthetic_aerial": "contrastjax.data.siamseg_inputs:synthetic_aerial",
-    "synthetic_pairs": "contrastjax.data.clip_inputs:synthetic_pairs",
-    "coco_captions": "contrastjax.data.clip_inputs:coco_captions",
+    "synthetic_polyps": "contrastjax.data.tasks.binary_seg:synthetic_polyps",
+    "medseg": "contrastjax.data.tasks.binary_seg:medseg",
+    "loveda": "contrastjax.data.tasks.uda:loveda",
+    "isprs": "contrastjax.data.tasks.uda:isprs",
+    "synthetic_aerial": "contrastjax.data.tasks.uda:synthetic_aerial",
+    "synthetic_pairs": "contrastjax.data.tasks.clip:synthetic_pairs",
+    "coco_captions": "contrastjax.data.tasks.clip:coco_captions",
 }
 
 
@@ -61,6 +100,23 @@ def get_maker(name: str) -> Callable[..., DataSpec]:
                      f"of {sorted(_MAKERS)} or a 'module:function' path")
   module, fn = target.split(":")
   return getattr(importlib.import_module(module), fn)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+  """The :class:`DatasetInfo` of the dataset maker ``name`` (a ``config.data.name``), found
+  without reading data: the ``INFO`` dict of the maker's module, keyed by its function name.
+
+  Raises:
+    ConfigError: ``name`` is not a known maker.
+    ValueError: the dataset has no classes (e.g. the CLIP makers: ``DataSpec.info`` is None).
+  """
+  maker = get_maker(name)
+  module = sys.modules.get(getattr(maker, "__module__", None) or "")
+  info = getattr(module, "INFO", {}).get(getattr(maker, "__name__", None))
+  if info is None:
+    raise ValueError(f"dataset {name!r} has no class names or palette (its DataSpec.info "
+                     "is None)")
+  return info
 
 
 def make_spec(config: ml_collections.ConfigDict, workdir: str | None = None) -> DataSpec:

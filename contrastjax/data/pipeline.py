@@ -4,8 +4,12 @@ Training (:func:`train_dataset`)::
 
   MapDataset.source(src) -> add 'index' -> .seed(seed) -> .shuffle() -> .repeat()
     -> per-example transforms (keyed by the global stream position)
-    -> drop non-array fields -> [process_index::process_count] -> .batch(local, drop_remainder)
+    -> drop non-array fields -> .batch(local, drop_remainder) -> [process_index::process_count]
     -> .to_iter_dataset(ReadOptions) [-> .mp_prefetch(workers)]
+
+An example (and so a batch) is a dict of numpy arrays, possibly nested: a method with two input
+streams gets e.g. ``{'source': {'image': ...}, 'target': {...}, 'index': ...}`` (every leaf
+batched along its leading axis; ``contrastjax.parallel.host_to_global`` maps over the pytree).
 
 * The stream is one endless sequence of epochs; grain's shuffle folds the epoch number into its
   seed, so every epoch has a new order, and the same seed always gives the same stream.
@@ -29,7 +33,6 @@ processes' local batches (in process order) gives the global batch in dataset or
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -38,15 +41,26 @@ import numpy as np
 Example = dict[str, Any]
 
 
-def steps_per_epoch(num_examples: int, global_batch_size: int, *,
-                    drop_remainder: bool = False) -> int:
-  """Optimiser steps per epoch: ``ceil(N / B)`` (``floor`` with ``drop_remainder``)."""
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Optimiser steps per epoch: ``ceil(N / B)``, the one definition of an epoch in steps.
+
+  The training stream (:func:`train_dataset`) never drops an example: when ``B`` does not
+  divide ``N`` the last batch of an epoch is completed with the first examples of the next
+  epoch. ``ceil(N / B)`` steps therefore see every example at least once, and it is the number
+  of optimiser steps per epoch of the reference PyTorch loaders (``drop_last=False``). It is
+  also the number of (padded) evaluation batches, :func:`num_eval_batches`.
+
+  Args:
+    num_examples: ``N``, the size of the training split (>= 1).
+    global_batch_size: ``B``, the batch size summed over processes (>= 1).
+
+  Raises:
+    ValueError: ``N < 1`` or ``B < 1``.
+  """
   if num_examples < 1 or global_batch_size < 1:
     raise ValueError(f'num_examples={num_examples}, global_batch_size={global_batch_size}; '
                      'expected both >= 1')
-  if drop_remainder:
-    return num_examples // global_batch_size
-  return math.ceil(num_examples / global_batch_size)
+  return -(-int(num_examples) // int(global_batch_size))
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -83,19 +97,50 @@ class AddIndex(grain.transforms.MapWithIndex):
     return out
 
 
+def _select_arrays(x: Example) -> Example:
+  out = {}
+  for key, value in x.items():
+    if isinstance(value, dict):
+      value = _select_arrays(value)
+      if value:
+        out[key] = value
+    elif isinstance(value, (np.ndarray, np.number, bool, int, float)):
+      value = np.asarray(value)
+      if value.dtype.kind in 'biuf':
+        out[key] = value
+  return out
+
+
 class SelectArrays(grain.transforms.Map):
-  """Keeps the numeric fields (numpy arrays and scalars); drops strings such as ``'name'``."""
+  """Keeps the numeric fields (numpy arrays and scalars), in nested dicts too; drops strings
+  such as ``'name'`` and dicts left empty."""
 
   def map(self, x: Example) -> Example:
-    out = {}
-    for key, value in x.items():
-      if isinstance(value, (np.ndarray, np.number, bool, int, float)):
-        value = np.asarray(value)
-        if value.dtype.kind in 'biuf':
-          out[key] = value
+    out = _select_arrays(x)
     if 'index' in out:
       out['index'] = out['index'].astype(np.int32)
     return out
+
+
+def _map_leaves(fn, tree: Any, path: str = '') -> Any:
+  """``fn(path, leaf)`` on every leaf of nested dicts; paths join keys with ``'/'``."""
+  if isinstance(tree, dict):
+    return {k: _map_leaves(fn, v, f'{path}/{k}' if path else k) for k, v in tree.items()}
+  return fn(path, tree)
+
+
+def _stack(rows: Sequence[Any]) -> Any:
+  """Stacks a list of (nested) example dicts into one batch, leaf by leaf."""
+  if isinstance(rows[0], dict):
+    return {k: _stack([row[k] for row in rows]) for k in rows[0]}
+  return np.stack(rows)
+
+
+def _leaf_shapes(rows: Sequence[Example]) -> dict[str, list[tuple[int, ...]]]:
+  shapes: dict[str, set] = {}
+  for row in rows:
+    _map_leaves(lambda path, v: shapes.setdefault(path, set()).add(np.shape(v)), row)
+  return {k: sorted(v) for k, v in shapes.items()}
 
 
 def _base(source: Any, seed: int) -> grain.MapDataset:
@@ -116,7 +161,7 @@ def train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: 
     source: Random-access source (``__len__``/``__getitem__`` returning example dicts) or a
       ``grain.MapDataset``.
     transforms: Per-example grain transforms (``Map``/``RandomMap``), e.g.
-      :func:`contrastjax.data.transforms.train_transforms`.
+      :func:`contrastjax.data.transforms.medseg.train_transforms`.
     global_batch_size: Batch size summed over processes.
     seed: Pipeline seed (shuffle and augmentation); in [0, 2**32).
     process_index: This process; default ``jax.process_index()``.
@@ -128,10 +173,10 @@ def train_dataset(source: Any, transforms: Sequence[Any], *, global_batch_size: 
     read_threads: Threads producing batches in each (worker) process.
 
   Returns:
-    An ``IterDataset``; ``iter(ds)`` yields dicts of numpy arrays with a leading local batch axis
-    ``b = global_batch_size // process_count`` (for the ConDSeg transforms: ``image`` float32
-    [b, H, W, 3], ``mask`` and ``background`` float32 [b, H, W, 1], ``index`` int32 [b]). The
-    iterator supports ``get_state()``/``set_state()``.
+    An ``IterDataset``; ``iter(ds)`` yields (possibly nested) dicts of numpy arrays with a leading
+    local batch axis ``b = global_batch_size // process_count`` (for the ConDSeg transforms:
+    ``image`` float32 [b, H, W, 3], ``mask`` and ``background`` float32 [b, H, W, 1], ``index``
+    int32 [b]). The iterator supports ``get_state()``/``set_state()``.
   """
   p, n_proc = _processes(process_index, process_count)
   local = _local_batch_size(global_batch_size, n_proc)
@@ -170,12 +215,12 @@ def eval_batches(source: Any, transforms: Sequence[Any], *, global_batch_size: i
 
   Global batch ``t`` covers dataset positions ``[t * B, (t + 1) * B)``; process ``p`` gets the
   contiguous chunk ``t * B + p * b + [0, b)`` (``b = B // process_count``). Positions past the end
-  are padding rows: zeros, ``index = -1``, ``valid = False``. Every process yields the same
-  number of batches, :func:`num_eval_batches`.
+  are padding rows: zeros, ``index = -1`` (every ``'index'`` leaf, nested ones too),
+  ``valid = False``. Every process yields the same number of batches, :func:`num_eval_batches`.
 
   Args:
     source: Random-access source or ``grain.MapDataset``.
-    transforms: Per-example transforms, e.g. :func:`contrastjax.data.transforms.eval_transforms`
+    transforms: Per-example transforms, e.g. :func:`contrastjax.data.transforms.medseg.eval_transforms`
       (random ones are seeded by ``seed`` and the source index).
     global_batch_size: ``B``.
     process_index: This process; default ``jax.process_index()``.
@@ -184,8 +229,8 @@ def eval_batches(source: Any, transforms: Sequence[Any], *, global_batch_size: i
     read_threads: Threads reading ahead.
 
   Yields:
-    Dicts of numpy arrays with leading axis ``b``, including ``index`` int32 [b] and ``valid``
-    bool [b].
+    (Possibly nested) dicts of numpy arrays with leading axis ``b``, including top-level
+    ``index`` int32 [b] and ``valid`` bool [b].
   """
   p, n_proc = _processes(process_index, process_count)
   local = _local_batch_size(global_batch_size, n_proc)
@@ -197,8 +242,9 @@ def eval_batches(source: Any, transforms: Sequence[Any], *, global_batch_size: i
   real = [q for q in positions if q < n]       # a prefix: positions increase
   template = None
   if len(real) < len(positions):
-    template = {k: np.zeros_like(v) for k, v in ds[0].items()}
-    template['index'] = np.int32(-1)
+    template = _map_leaves(
+        lambda path, v: np.int32(-1) if path.rsplit('/', 1)[-1] == 'index' else np.zeros_like(v),
+        ds[0])
   elements = iter(grain.MapDataset.source(real).map(_Gather(ds)).to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local)))
   for t in range(num_batches):
@@ -211,9 +257,9 @@ def eval_batches(source: Any, transforms: Sequence[Any], *, global_batch_size: i
         rows.append(template)
         valid.append(False)
     try:
-      batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+      batch = _stack(rows)
     except ValueError as e:
-      shapes = {k: sorted({np.shape(row[k]) for row in rows}) for k in rows[0]}
+      shapes = _leaf_shapes(rows)
       raise ValueError(f'cannot batch examples of different shapes {shapes}; add a Resize to '
                        'the eval transforms') from e
     batch['valid'] = np.asarray(valid, dtype=bool)

@@ -181,7 +181,7 @@ def select_and_fit(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 
 class LinearProbeEvaluator:
   """Linear-probe top-1 on a split of ``label``-ed examples with a ``subset`` key
-  (0: training, 1: test), e.g. ``cifar10_probe`` of ``contrastjax.data.cifar``.
+  (0: training, 1: test), e.g. ``cifar10_probe`` of ``contrastjax.data.sources.cifar``.
 
   Yields ``<prefix>/linear_probe_top1`` (test), ``<prefix>/linear_probe_val_top1``
   (held-out training part, at the chosen ``C``), ``<prefix>/linear_probe_log10_C``,

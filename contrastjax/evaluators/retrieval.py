@@ -23,7 +23,7 @@ and text embeddings of a whole evaluation split (accumulated over its padded bat
 :class:`ZeroShotEvaluator` classifies every image of a split whose examples pair an
 image with its class prompt (``label`` + the prompt's embedding as ``text``): class
 embeddings are the normalised mean prompt embedding per label. For COCO runs that split
-is ``cifar10_test`` (``contrastjax.data.cifar``: the CIFAR-10 test images with the
+is ``cifar10_test`` (``contrastjax.data.sources.cifar``: the CIFAR-10 test images with the
 prompt of their class, "a photo of a {class}." by default; Yaras et al. App. E.2), for
 the synthetic demo ``zeroshot``.
 """

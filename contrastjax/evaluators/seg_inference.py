@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from contrastjax.data.seg_transforms import rescale_size
+from contrastjax.data.transforms.mmseg import rescale_size
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 

@@ -275,7 +275,7 @@ def semseg_panel(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray,
 
   Args:
     image: uint8 RGB ``[H, W, 3]`` (de-normalise first, e.g.
-      :func:`contrastjax.data.seg_transforms.denormalize`).
+      :func:`contrastjax.data.transforms.mmseg.denormalize`).
     gt: Ground-truth ids ``[H, W]`` (255 drawn black), or None to omit the panel.
     pred: Predicted ids ``[H, W]``.
     palette: Class colours.

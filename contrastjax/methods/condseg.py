@@ -25,7 +25,7 @@ key                        default   meaning
                                      independent). See ``condseg_losses.beta_weight``.
 ``consistency_weight``     1.0       stage 1: weight of ``L_cons`` (reference: 1).
 ``strong_aug``             {}        stage 1: keyword arguments of
-                                     ``contrastjax.data.photometric.strong_augment``
+                                     ``contrastjax.augment.photometric.strong_augment``
                                      (its defaults are the reference's torchvision
                                      ColorJitter(0.3, 0.3, 0.3, 0.1), RandomGrayscale(0.5),
                                      GaussianBlur((1, 7), (0.1, 3)), one draw per batch).
@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastjax import checkpoint
-from contrastjax.data import photometric
+from contrastjax.augment import photometric
 from contrastjax.errors import ConfigError
 from contrastjax.methods import condseg_losses as losses
 from contrastjax.methods import options

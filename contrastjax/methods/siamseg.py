@@ -42,8 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from contrastjax import parallel
 
-from contrastjax.data import photometric
-from contrastjax.data.siamseg_inputs import split_pair
+from contrastjax.augment import photometric
 from contrastjax.errors import ConfigError
 from contrastjax.evaluators import seg_inference
 from contrastjax.methods import options
@@ -616,8 +615,6 @@ class SiamSegMethod(Method):
 
   # ------------------------------------------------------------------ set-up
   def _images(self, batch):
-    if "source/image" in batch:
-      return batch["source/image"]
     if "source" in batch:
       return batch["source"]["image"]
     return batch["image"]
@@ -714,9 +711,8 @@ class SiamSegMethod(Method):
     :meth:`_per_loss_value_and_grad` uses to run each term after the previous gradient, as
     the reference does (its teacher pass follows the source backward).
     """
-    b = split_pair(batch) if "source/image" in batch else batch
-    xs, ys = b["source"]["image"], b["source"]["label"].astype(jnp.int32)
-    xt = b["target"]["image"]
+    xs, ys = batch["source"]["image"], batch["source"]["label"].astype(jnp.int32)
+    xt = batch["target"]["image"]
     _check_groups(xs.shape[0], self.stat_group_size)
     keys = jax.random.split(rng, 8)
 

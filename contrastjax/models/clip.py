@@ -135,7 +135,7 @@ class TextTransformer(nn.Module):
   features at the end-of-text token -> ``@ text_projection`` (std ``width**-0.5``).
 
   Pooling is OpenCLIP's ``'argmax'``: the position of the largest token id, which is
-  the end-of-text token for both tokenizers of ``contrastjax.data.tokenizer`` (it has
+  the end-of-text token for both tokenizers of ``contrastjax.data.text.tokenizer`` (it has
   the largest id of their vocabularies).
 
   Attributes:

@@ -100,8 +100,8 @@ import numpy as np
 from PIL import Image
 
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.loveda import decode_label
-from contrastjax.data.medseg import ValidationReport, decode_image, read_split
+from contrastjax.data.sources.loveda import decode_label
+from contrastjax.data.sources.medseg import ValidationReport, decode_image, read_split
 
 IGNORE_INDEX = 255
 
@@ -171,7 +171,7 @@ def read_id_list(path: str | os.PathLike[str]) -> list[str]:
 
   A line's first column is the id; a path or a file name with an image extension is reduced to
   its basename without extension. Blank lines are skipped
-  (:func:`~contrastjax.data.medseg.read_split`).
+  (:func:`~contrastjax.data.sources.medseg.read_split`).
 
   Raises:
     DatasetError: The file is missing or unreadable (``missing_split``/``unreadable``), lists no
@@ -787,7 +787,7 @@ def validate(source: Any) -> ValidationReport:
   vector differs from the classes present in its mask).
 
   Returns:
-    A :class:`~contrastjax.data.medseg.ValidationReport`; ``report.counts`` and
+    A :class:`~contrastjax.data.sources.medseg.ValidationReport`; ``report.counts`` and
     ``report.summary()`` give the counts per kind.
   """
   report = ValidationReport(source=repr(source), num_examples=len(source))

@@ -17,16 +17,27 @@
 * ``dropout_hole_size``: CoarseDropout hole side in original-image pixels (reference 32);
 * synthetic only: ``num_train``, ``num_val``, ``num_test``, ``source_size`` (generated
   size, default ``image_size``), ``contrast``.
+
+``DataSpec.info``: classes ``('background', 'foreground')``, palette black/white, no ignore
+label (:data:`INFO`).
 """
 from __future__ import annotations
 
 import os
 
-from contrastjax.data import transforms as T
-from contrastjax.data.builder import DataSpec
+from contrastjax.data.builder import DatasetInfo, DataSpec
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.medseg import MedSegSource
-from contrastjax.data.synthetic import SyntheticPolyps
+from contrastjax.data.sources.medseg import MedSegSource
+from contrastjax.data.synthetic.polyps import SyntheticPolyps
+from contrastjax.data.transforms import medseg as T
+
+#: The ``DataSpec.info`` of each maker (by function name; ``builder.dataset_info`` reads it):
+#: two classes, drawn black and white as the saved mask PNGs; no ignored label.
+INFO = {
+    name: DatasetInfo(name, ("background", "foreground"), ((0, 0, 0), (255, 255, 255)),
+                      ignore_index=None)
+    for name in ("medseg", "synthetic_polyps")
+}
 
 
 def _transforms(dcfg) -> tuple[list, list]:
@@ -37,6 +48,16 @@ def _transforms(dcfg) -> tuple[list, list]:
                              channel_order=order,
                              dropout_hole_size=int(dcfg.get("dropout_hole_size", 32)))
   return train, T.eval_transforms(size, channel_order=order)
+
+
+def _rgb_from_bgr(image):
+  return image[..., ::-1]
+
+
+def _display(dcfg):
+  """Inputs are [0, 1] floats; with ``channel_order='bgr'`` (the reference's cv2 reads)
+  their channels are reversed for pictures."""
+  return _rgb_from_bgr if dcfg.get("channel_order", "rgb") == "bgr" else None
 
 
 def medseg(dcfg, seed: int) -> DataSpec:
@@ -57,7 +78,8 @@ def medseg(dcfg, seed: int) -> DataSpec:
     sources[split] = MedSegSource(root, split, binarize=dcfg.get("binarize", "auto"),
                                   mask_suffix=dcfg.get("mask_suffix", ""))
   train, evals = _transforms(dcfg)
-  return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals)
+  return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals,
+                  info=INFO["medseg"], display=_display(dcfg))
 
 
 def synthetic_polyps(dcfg, seed: int) -> DataSpec:
@@ -79,4 +101,5 @@ def synthetic_polyps(dcfg, seed: int) -> DataSpec:
     sources["test"] = SyntheticPolyps(int(dcfg.num_test), size, data_seed + 2, **kw)
   del seed
   train, evals = _transforms(dcfg)
-  return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals)
+  return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals,
+                  info=INFO["synthetic_polyps"], display=_display(dcfg))

@@ -5,22 +5,23 @@ labelled source-domain example with an unlabelled target-domain example, as mmse
 ``UDADataset`` with ``data_strategy='total'`` (SiamSeg ``mmseg/datasets/uda_dataset.py``, spec
 §4.2): the pair source has ``|S| * |T|`` entries and entry ``i`` is ``(S[i // |T|], T[i % |T|])``;
 the shuffled training stream therefore draws independent uniform source and target indices.
-Both examples go through the same mmseg train pipeline (:mod:`contrastjax.data.seg_transforms`)
+Both examples go through the same mmseg train pipeline (:mod:`contrastjax.data.transforms.mmseg`)
 with independent random draws. Evaluation splits are on the target domain (``val``), plus the
-source domain's validation data (``source_val``) for diagnostics.
+source domain's validation data (``source_val``) for diagnostics. ``DataSpec.info`` holds the
+dataset's classes and palette (:data:`INFO`).
 
-Training batches (``B`` = batch size, ``c`` = crop size; leading axis ``B``)::
+Training batches are nested, one dict per domain (``B`` = batch size, ``c`` = crop size;
+leading axis ``B``)::
 
-  'source/image'  float32 [B, c, c, 3]   normalised (ImageNet mean/std on 0..255)
-  'source/label'  int32   [B, c, c]      0..C-1, 255 = ignored / padding
-  'target/image'  float32 [B, c, c, 3]
-  'target/label'  int32   [B, c, c]      only with data.carry_target_label=True (diagnostics;
-                                         the reference never loads target labels for training)
-  'source/index', 'target/index'  int32 [B]   indices into the two domain sources
-  'index'         int32   [B]            index of the pair
-
-The keys are flat because the shared pipeline keeps only top-level arrays; :func:`split_pair`
-nests them as ``{'source': {'image', 'label', 'index'}, 'target': {...}}``.
+  {'source': {'image': float32 [B, c, c, 3],   normalised (ImageNet mean/std on 0..255)
+              'label': int32   [B, c, c],      0..C-1, 255 = ignored / padding
+              'index': int32   [B]},           index into the source-domain source
+   'target': {'image': float32 [B, c, c, 3],
+              'label': int32   [B, c, c],      only with data.carry_target_label=True
+                                               (diagnostics; the reference never loads
+                                               target labels for training)
+              'index': int32   [B]},           index into the target-domain source
+   'index':   int32   [B]}                     index of the pair
 
 Evaluation batches: ``'image'`` float32 ``[B, H, W, 3]`` (normalised, full size: LoveDA 1024,
 ISPRS 512), ``'label'`` int32 ``[B, H, W]``, ``'index'``, ``'valid'``.
@@ -39,51 +40,34 @@ ISPRS 512), ``'label'`` int32 ``[B, H, W]``, ``'index'``, ``'valid'``.
 (None = use ``<split>.txt`` when present).
 ``synthetic_aerial``: ``image_size`` (64), ``num_train`` (source), ``num_target_train``
 (default ``num_train``), ``num_val``, ``data_seed`` (1234), ``shift`` (1.0: the full domain
-shift; 0: none; see ``synthetic_aerial.domain_style``).
+shift; 0: none; see ``contrastjax.data.synthetic.aerial.domain_style``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Mapping
 
 import grain
 import numpy as np
 
-from contrastjax.data import isprs as isprs_lib
-from contrastjax.data import loveda as loveda_lib
-from contrastjax.data import seg_transforms as ST
-from contrastjax.data import synthetic_aerial as aerial_lib
-from contrastjax.data.builder import DataSpec
+from contrastjax.data.builder import DatasetInfo, DataSpec
 from contrastjax.data.errors import DatasetError
+from contrastjax.data.sources import isprs as isprs_lib
+from contrastjax.data.sources import loveda as loveda_lib
+from contrastjax.data.synthetic import aerial as aerial_lib
+from contrastjax.data.transforms import mmseg as ST
 from contrastjax.errors import ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
-class SegDatasetInfo:
-  """Class names, colours and ignore label of a semantic-segmentation dataset."""
-  classes: tuple[str, ...]
-  palette: tuple[tuple[int, int, int], ...]
-  ignore_index: int = 255
-
-  @property
-  def num_classes(self) -> int:
-    return len(self.classes)
-
-
+#: The ``DataSpec.info`` of each maker (by function name; ``builder.dataset_info`` reads it).
 INFO = {
-    'loveda': SegDatasetInfo(loveda_lib.CLASSES, loveda_lib.PALETTE),
-    'isprs': SegDatasetInfo(isprs_lib.CLASSES, isprs_lib.PALETTE),
-    'synthetic_aerial': SegDatasetInfo(aerial_lib.CLASSES, aerial_lib.PALETTE),
+    'loveda': DatasetInfo('loveda', loveda_lib.CLASSES, loveda_lib.PALETTE),
+    'isprs': DatasetInfo('isprs', isprs_lib.CLASSES, isprs_lib.PALETTE),
+    'synthetic_aerial': DatasetInfo('synthetic_aerial', aerial_lib.CLASSES, aerial_lib.PALETTE),
 }
-
-
-def dataset_info(name: str) -> SegDatasetInfo:
-  """Classes and palette of the dataset made by maker ``name``."""
-  if name not in INFO:
-    raise ValueError(f'no segmentation dataset info for {name!r}; have {sorted(INFO)}')
-  return INFO[name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +106,8 @@ class PairSource:
 
 
 class PairTrainAugment(grain.transforms.RandomMap):
-  """The mmseg train pipeline on both members of a pair (independent draws), flat keys."""
+  """The mmseg train pipeline on both members of a pair (independent draws, source first):
+  ``{'source': {'image', 'label', 'index'}, 'target': {'image'[, 'label'], 'index'}, 'index'}``."""
 
   def __init__(self, cfg: ST.SegAugConfig, carry_target_label: bool = False):
     self.cfg = cfg
@@ -131,26 +116,13 @@ class PairTrainAugment(grain.transforms.RandomMap):
   def random_map(self, x: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     s_img, s_lab = ST.train_example(x['source']['image'], x['source']['label'], rng, self.cfg)
     t_img, t_lab = ST.train_example(x['target']['image'], x['target']['label'], rng, self.cfg)
-    out = {'source/image': s_img, 'source/label': s_lab, 'target/image': t_img,
-           'source/index': np.int32(x['source_index']),
-           'target/index': np.int32(x['target_index'])}
+    out = {'source': {'image': s_img, 'label': s_lab, 'index': np.int32(x['source_index'])},
+           'target': {'image': t_img, 'index': np.int32(x['target_index'])}}
     if self.carry_target_label:
-      out['target/label'] = t_lab
+      out['target']['label'] = t_lab
     if 'index' in x:
       out['index'] = x['index']
     return out
-
-
-def split_pair(batch: Mapping[str, Any]) -> dict[str, Any]:
-  """``{'source/image': ..., 'index': ...}`` -> ``{'source': {'image': ...}, 'index': ...}``."""
-  out: dict[str, Any] = {}
-  for key, value in batch.items():
-    if '/' in key:
-      domain, field = key.split('/', 1)
-      out.setdefault(domain, {})[field] = value
-    else:
-      out[key] = value
-  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,13 +158,14 @@ def aug_config(dcfg, default: ST.SegAugConfig) -> ST.SegAugConfig:
 
 
 def _spec(train: PairSource, evals: Mapping[str, Any], dcfg,
-          default: ST.SegAugConfig) -> DataSpec:
+          default: ST.SegAugConfig, info: DatasetInfo) -> DataSpec:
   cfg = aug_config(dcfg, default)
   sources = {'train': train, **evals}
   return DataSpec(
       sources=sources,
       train_transforms=[PairTrainAugment(cfg, bool(dcfg.get('carry_target_label', False)))],
-      eval_transforms=[ST.SegEvalNormalize(cfg.mean, cfg.std)])
+      eval_transforms=[ST.SegEvalNormalize(cfg.mean, cfg.std)], info=info,
+      display=functools.partial(ST.denormalize, mean=cfg.mean, std=cfg.std))
 
 
 def _root(dcfg, hint: str) -> str:
@@ -216,7 +189,7 @@ def loveda(dcfg, seed: int) -> DataSpec:
   evals = {'val': loveda_lib.LoveDASource(root, 'Val', tgt)}
   if os.path.isdir(os.path.join(root, 'Val', src)):
     evals['source_val'] = loveda_lib.LoveDASource(root, 'Val', src)
-  return _spec(train, evals, dcfg, ST.LOVEDA_AUG)
+  return _spec(train, evals, dcfg, ST.LOVEDA_AUG, INFO['loveda'])
 
 
 def _isprs_folder(root: str, name: str, key: str) -> str:
@@ -226,7 +199,7 @@ def _isprs_folder(root: str, name: str, key: str) -> str:
   if not os.path.isdir(path):
     raise DatasetError(f'config.data.{key}={name!r}: {path} does not exist; expected a tiled '
                        f'ISPRS folder such as {sorted(isprs_lib.FOLDERS.values())} (make it with '
-                       '`python -m contrastjax.data.isprs_tiles`)', path=path,
+                       '`python -m contrastjax.data.tools.isprs_tiles`)', path=path,
                        kind='missing_folder')
   return path
 
@@ -243,7 +216,7 @@ def isprs(dcfg, seed: int) -> DataSpec:
   evals = {'val': isprs_lib.ISPRSSource(tgt, 'val', use_split_file=use)}
   if os.path.isdir(os.path.join(src, 'img_dir', 'val')):
     evals['source_val'] = isprs_lib.ISPRSSource(src, 'val', use_split_file=use)
-  return _spec(train, evals, dcfg, ST.ISPRS_AUG)
+  return _spec(train, evals, dcfg, ST.ISPRS_AUG, INFO['isprs'])
 
 
 def synthetic_aerial(dcfg, seed: int) -> DataSpec:
@@ -264,4 +237,4 @@ def synthetic_aerial(dcfg, seed: int) -> DataSpec:
            'source_val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'source')}
   default = ST.SegAugConfig(img_scale=(size, size), ratio_range=(1.0, 2.0),
                             crop_size=(size, size))
-  return _spec(train, evals, dcfg, default)
+  return _spec(train, evals, dcfg, default, INFO['synthetic_aerial'])

@@ -15,7 +15,7 @@ contrast between object and background, and uneven illumination. It is generated
   (more of them on objects, as on real polyps, unless ``contrast`` is near 0);
 * acquisition: optional 3-tap blur and Gaussian noise.
 
-The output dict has the same contract as :class:`~contrastjax.data.medseg.MedSegSource`.
+The output dict has the same contract as :class:`~contrastjax.data.sources.medseg.MedSegSource`.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Usage::
 
-  python -m contrastjax.data.isprs_tiles --dataset=potsdam --modality=irrg \\
+  python -m contrastjax.data.tools.isprs_tiles --dataset=potsdam --modality=irrg \\
       --src=/data/raw/potsdam --dst=data/Potsdam_IRRG_DA
-  python -m contrastjax.data.isprs_tiles --dataset=potsdam --modality=rgb \\
+  python -m contrastjax.data.tools.isprs_tiles --dataset=potsdam --modality=rgb \\
       --src=/data/raw/potsdam --dst=data/Potsdam_RGB_DA
-  python -m contrastjax.data.isprs_tiles --dataset=vaihingen \\
+  python -m contrastjax.data.tools.isprs_tiles --dataset=vaihingen \\
       --src=/data/raw/vaihingen --dst=data/Vaihingen_IRRG_DA
 
 ``--src`` holds the official downloads, zipped or unzipped (searched recursively):
@@ -21,7 +21,7 @@ Usage::
   (``top_mosaic_09cm_area<n>_noBoundary.tif``, the reference's choice) or
   ``..._ground_truth_COMPLETE.zip`` (``top_mosaic_09cm_area<n>.tif``, ``--labels=full``).
 
-``--dst`` receives the layout of :mod:`contrastjax.data.isprs` (``img_dir/{train,val}``,
+``--dst`` receives the layout of :mod:`contrastjax.data.sources.isprs` (``img_dir/{train,val}``,
 ``ann_dir/{train,val}``) plus the ``train.txt`` / ``val.txt`` split lists the SiamSeg configs
 expect and the stock converters do not write.
 
@@ -404,7 +404,7 @@ def tile_dataset(src: str, dst: str, dataset: str, *, modality: str = 'irrg',
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m contrastjax.data.isprs_tiles',
+  parser = argparse.ArgumentParser(prog='python -m contrastjax.data.tools.isprs_tiles',
                                    description=__doc__.split('\n\n')[0])
   parser.add_argument('--dataset', required=True, choices=('potsdam', 'vaihingen'))
   parser.add_argument('--src', required=True, help='folder with the official zips or tiles')

@@ -1,4 +1,4 @@
-"""Tests of the on-device strong view (contrastjax.data.photometric).
+"""Tests of the on-device strong view (contrastjax.augment.photometric).
 
 Each op is checked against an independent numpy formula and, when torch is installed, against
 torchvision.transforms.functional (the reference's implementation).
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastjax.data import photometric as P
+from contrastjax.augment import photometric as P
 
 LUMA = np.array([0.2989, 0.587, 0.114])
 

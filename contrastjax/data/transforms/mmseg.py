@@ -14,7 +14,7 @@ What each step does here (``mmseg/datasets/pipelines/transforms.py``, ``mmcv.imr
 * **Resize**: ``ratio ~ U(lo, hi)``; target scale ``(int(S0 * ratio), int(S1 * ratio))``; keep
   ratio: ``factor = min(max(scale) / long_edge, min(scale) / short_edge)``, new size
   ``int(edge * factor + 0.5)``. Image cv2 ``INTER_LINEAR`` (half-pixel centres, no antialias;
-  :func:`contrastjax.data.transforms.resize_bilinear`), label cv2 ``INTER_NEAREST``
+  :func:`contrastjax.data.transforms.medseg.resize_bilinear`), label cv2 ``INTER_NEAREST``
   (``src = floor(dst * in / out)``).
 * **RandomCrop** with ``cat_max_ratio``: a crop origin uniform in ``[0, max(H - c, 0)]``; up to 10
   times, if the crop's label has fewer than 2 non-ignored classes or its most frequent class
@@ -48,7 +48,7 @@ from typing import Any, NamedTuple, Sequence
 import grain
 import numpy as np
 
-from contrastjax.data.transforms import resize_bilinear
+from contrastjax.data.transforms.medseg import resize_bilinear
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)

@@ -1,7 +1,7 @@
 """Host-side (numpy) per-example transforms for ConDSeg, as grain transforms.
 
 An example is a dict ``{'image': uint8 [H, W, 3], 'mask': uint8 [H, W], ...}`` (see
-:class:`~contrastjax.data.medseg.MedSegSource`). The reference pipeline
+:class:`~contrastjax.data.sources.medseg.MedSegSource`). The reference pipeline
 (``utils/run_engine.py``, ``DATASET.__getitem__``) is, per example:
 
 1. ``background = 255 - mask``;

@@ -5,7 +5,7 @@
 * ``name``: ``'synthetic_pairs'`` or ``'coco_captions'``.
 * synthetic: ``num_train``, ``num_val``, ``num_zeroshot`` (0: no zero-shot split),
   ``num_classes``, ``latent_dim``, ``dim_x``, ``dim_y``, ``within``, ``noise``,
-  ``data_seed``, ``map_seed`` (see ``contrastjax.data.synthetic_pairs``).
+  ``data_seed``, ``map_seed`` (see ``contrastjax.data.synthetic.pairs``).
 * coco: ``root`` (the official layout: ``annotations/captions_{train,val}2017.json``,
   ``train2017/``, ``val2017/``; ``~`` and ``$VARS`` expanded), ``train_mode``
   (``'pairs'``: one example per (image, caption), the default, as an OpenCLIP CSV of
@@ -17,12 +17,14 @@
   ``vocab_min_count`` (word tokenizer: words seen fewer times map to ``<unk>``),
   ``max_vocab`` (word tokenizer cap, 0 = none), ``cifar10_root`` (the extracted
   ``cifar-10-batches-py`` folder; empty: none) and ``cifar10_prompt``: with a root, the
-  splits ``cifar10_test`` and ``cifar10_probe`` of ``contrastjax.data.cifar`` (zero-shot
+  splits ``cifar10_test`` and ``cifar10_probe`` of ``contrastjax.data.sources.cifar`` (zero-shot
   and linear-probe evaluation) are added.
 
 The word tokenizer is built from the training captions and saved to
 ``<workdir>/tokenizer.json``; a resumed run (or ``contrastjax.evaluate``) reloads it from
 there, so the ids never change under a run.
+
+The specs have no ``info`` (None): the data have no classes.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from absl import logging
 
 from contrastjax.data.builder import DataSpec
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.synthetic_pairs import SyntheticPairs
+from contrastjax.data.synthetic.pairs import SyntheticPairs
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -58,7 +60,7 @@ def make_tokenizer(dcfg, train_captions, workdir: str | None):
   """The configured tokenizer: BPE from ``bpe_path``, or the word tokenizer built from
   ``train_captions`` (a callable returning the caption list) and saved to / reloaded
   from ``<workdir>/tokenizer.json``."""
-  from contrastjax.data import tokenizer as tok  # pylint: disable=g-import-not-at-top
+  from contrastjax.data.text import tokenizer as tok  # pylint: disable=g-import-not-at-top
   kind = str(dcfg.get("tokenizer", "word"))
   context = int(dcfg.get("context_length", 77))
   if kind == "bpe":
@@ -92,7 +94,7 @@ def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
   """MSCOCO captions (2017 release) in the official layout: splits ``train`` and
   ``val`` (the 5k ``val2017`` images, the usual "test" split of COCO-trained CLIPs)."""
   del seed
-  from contrastjax.data import coco  # pylint: disable=g-import-not-at-top
+  from contrastjax.data.sources import coco  # pylint: disable=g-import-not-at-top
   root = os.path.expandvars(os.path.expanduser(str(dcfg.get("root", ""))))
   if not root or "$" in root:
     raise DatasetError(f"config.data.root={dcfg.get('root')!r}: set it to the COCO folder "
@@ -116,7 +118,7 @@ def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
     else:
       sources[split] = coco.CocoCaptionsSource(index, mode="eval",
                                                caption_index=eval_caption)
-  from contrastjax.data import cifar  # pylint: disable=g-import-not-at-top
+  from contrastjax.data.sources import cifar  # pylint: disable=g-import-not-at-top
   sources.update(cifar.clip_eval_sources(dcfg))
   scale = tuple(float(s) for s in dcfg.get("crop_scale", (0.9, 1.0)))
   train_tf = [coco.ChooseCaption(), coco.RandomResizedCrop(size, scale),

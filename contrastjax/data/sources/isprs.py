@@ -1,7 +1,7 @@
 """ISPRS Potsdam / Vaihingen 512x512 crops in the layout SiamSeg's configs read.
 
 The layout (``configs/_base_/datasets/uda_*_512x512.py``, spec §4.2), written by
-``python -m contrastjax.data.isprs_tiles``::
+``python -m contrastjax.data.tools.isprs_tiles``::
 
   <data>/Potsdam_IRRG_DA/            (or Potsdam_RGB_DA, Vaihingen_IRRG_DA)
     img_dir/{train,val}/<crop>.png   # 512x512 RGB or IRRG (file channel order)
@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.loveda import LabelFolderSource
-from contrastjax.data.medseg import read_split
+from contrastjax.data.sources.loveda import LabelFolderSource
+from contrastjax.data.sources.medseg import read_split
 
 CLASSES = ('impervious_surface', 'building', 'low_vegetation', 'tree', 'car', 'clutter')
 #: mmseg ``ISPRSDataset.PALETTE`` (RGB): the official label colours.
@@ -58,7 +58,7 @@ class ISPRSSource(LabelFolderSource):
     if not os.path.isdir(root):
       raise DatasetError(f'ISPRS dataset folder {root} does not exist; expected '
                          '<root>/{img_dir,ann_dir}/{train,val}/ (make it with `python -m '
-                         'contrastjax.data.isprs_tiles`)', path=root, kind='missing_folder')
+                         'contrastjax.data.tools.isprs_tiles`)', path=root, kind='missing_folder')
     self.root, self.split = root, split
     split_file = os.path.join(root, f'{split}.txt')
     if use_split_file is None:

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from contrastjax.data.errors import DatasetError
-from contrastjax.data.medseg import ValidationReport, decode_image
+from contrastjax.data.sources.medseg import ValidationReport, decode_image
 
 CLASSES = ('background', 'building', 'road', 'water', 'barren', 'forest', 'agricultural')
 #: mmseg ``LoveDADataset.PALETTE`` (RGB).
@@ -58,7 +58,7 @@ def decode_label(path: str) -> np.ndarray:
 
   Raises:
     DatasetError: Unreadable, 16/32-bit, or a colour image (the ISPRS colour labels must first
-      go through ``python -m contrastjax.data.isprs_tiles``).
+      go through ``python -m contrastjax.data.tools.isprs_tiles``).
   """
   try:
     with Image.open(path) as im:
@@ -77,7 +77,7 @@ def decode_label(path: str) -> np.ndarray:
   raise DatasetError(
       f'label file {path} has mode {mode}; expected an 8-bit single-channel (L or P) PNG of '
       'class indices (colour-coded ISPRS labels must be converted with '
-      '`python -m contrastjax.data.isprs_tiles`)', path=path, kind='bad_mask')
+      '`python -m contrastjax.data.tools.isprs_tiles`)', path=path, kind='bad_mask')
 
 
 def _png_index(folder: str, role: str, exts: Sequence[str]) -> dict[str, str]:
@@ -240,7 +240,7 @@ def validate(source: Any) -> ValidationReport:
   Warnings: labels with no valid (non-ignored) pixel.
 
   Returns:
-    A :class:`~contrastjax.data.medseg.ValidationReport`.
+    A :class:`~contrastjax.data.sources.medseg.ValidationReport`.
   """
   report = ValidationReport(source=repr(source), num_examples=len(source))
   warnings: dict[str, list[str]] = collections.defaultdict(list)

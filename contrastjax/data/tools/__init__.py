@@ -1,0 +1,1 @@
+"""Command-line dataset preparation tools, run as ``python -m contrastjax.data.tools.<name>``."""
