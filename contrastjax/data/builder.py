@@ -85,6 +85,9 @@ _MAKERS = {
     "synthetic_aerial": "contrastjax.data.tasks.uda:synthetic_aerial",
     "synthetic_pairs": "contrastjax.data.tasks.clip:synthetic_pairs",
     "coco_captions": "contrastjax.data.tasks.clip:coco_captions",
+    "voc": "contrastjax.data.tasks.wsss:voc",
+    "coco_wsss": "contrastjax.data.tasks.wsss:coco_wsss",
+    "synthetic_scenes": "contrastjax.data.tasks.wsss:synthetic_scenes",
 }
 
 

@@ -11,6 +11,7 @@ _REGISTRY = {
     "condseg": "contrastjax.methods.condseg:ConDSegMethod",
     "clip": "contrastjax.methods.clip:CLIPMethod",
     "siamseg": "contrastjax.methods.siamseg:SiamSegMethod",
+    "apc": "contrastjax.methods.apc:APCMethod",
 }
 
 

@@ -40,8 +40,10 @@ import dataclasses
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from contrastjax import checkpoint
+from contrastjax import parallel
 from contrastjax.errors import ConfigError
 from contrastjax.evaluators import seg_inference
 from contrastjax.methods import apc_losses as L
@@ -151,7 +153,8 @@ class APCMethod(Method):
   # ------------------------------------------------------------------ set-up
   def init(self, rng, batch):
     x = normalize(batch["image"].astype(jnp.float32), self.options.normalization)
-    variables = self.net.init({"params": rng, "dropout": rng}, x, train=False)
+    variables = parallel.auto_axes(
+        lambda r, x: self.net.init({"params": r, "dropout": r}, x, train=False), P())(rng, x)
     return variables["params"], {}, {}
 
   def load_pretrained(self, params, model_state, extra):
@@ -195,7 +198,12 @@ class APCMethod(Method):
 
   # ------------------------------------------------------------------ training
   def loss_fn(self, params, model_state, extra, batch, rng, step):
+    # The ViT reshapes batch-sharded activations (patches, heads): traced with sharding
+    # propagation under the spine's explicit mesh (the numbers are the same).
     del extra
+    return parallel.auto_axes(self._loss, P())(params, model_state, batch, rng, step)
+
+  def _loss(self, params, model_state, batch, rng, step):
     o = self.options
     images = batch["image"].astype(jnp.float32)
     labels = batch["labels"].astype(jnp.float32)
@@ -235,6 +243,9 @@ class APCMethod(Method):
     """``pred`` (segmentation) and ``pseudo`` (merge with the true image labels) class
     maps ``[B, H, W]``, and ``scores`` (pooled image scores ``[B, C+1]``)."""
     del model_state, extra
+    return parallel.auto_axes(self._predict, P(parallel.DATA_AXIS))(params, batch)
+
+  def _predict(self, params, batch):
     o = self.options
     images = batch["image"].astype(jnp.float32)
     probs, aux = self._apply(params, normalize(images, o.normalization), train=False)
@@ -255,6 +266,9 @@ class APCMethod(Method):
   def eval_loss(self, params, model_state, extra, batch) -> jax.Array:
     """The classification loss of the valid rows (the validation loss)."""
     del model_state, extra
+    return parallel.auto_axes(self._eval_loss, P())(params, batch)
+
+  def _eval_loss(self, params, batch):
     o = self.options
     images = batch["image"].astype(jnp.float32)
     probs, _ = self._apply(params, normalize(images, o.normalization), train=False)
