@@ -43,6 +43,7 @@ import numpy as np
 
 from contrastjax.models import layers
 from contrastjax.models import vit as vit_lib
+from contrastjax.models.torch_import import CONV_NAMES, TorchNames
 
 Array = jax.Array
 Dtype = Any
@@ -356,13 +357,13 @@ class ASPP(nn.Module):
 
 
 #: PyTorch (ToCo) names of the decoders' parameters.
-LARGEFOV_NAMES = layers.TorchNames(children={
-    f"conv{i}": (f"conv{i}", layers.CONV_NAMES) for i in (6, 7, 8)})
+LARGEFOV_NAMES = TorchNames(children={
+    f"conv{i}": (f"conv{i}", CONV_NAMES) for i in (6, 7, 8)})
 
 
-def aspp_torch_names(num_rates: int = 4) -> layers.TorchNames:
+def aspp_torch_names(num_rates: int = 4) -> TorchNames:
   """PyTorch (ToCo) names of an :class:`ASPP` with ``num_rates`` branches (``c0``...)."""
-  return layers.TorchNames(children={f"c{i}": (f"c{i}", layers.CONV_NAMES)
+  return TorchNames(children={f"c{i}": (f"c{i}", CONV_NAMES)
                                      for i in range(num_rates)})
 
 

@@ -42,6 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastjax.models import layers
+from contrastjax.models.torch_import import (
+    BN_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -215,33 +218,33 @@ class ModifiedResNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------- weights
-_BOTTLENECK_NAMES = layers.TorchNames(children={
-    **{f"conv{i}": (f"conv{i}", layers.CONV_NAMES) for i in (1, 2, 3)},
-    **{f"bn{i}": (f"bn{i}", layers.BN_NAMES) for i in (1, 2, 3)},
-    "downsample_conv": ("downsample.0", layers.CONV_NAMES),
-    "downsample_bn": ("downsample.1", layers.BN_NAMES),
+_BOTTLENECK_NAMES = TorchNames(children={
+    **{f"conv{i}": (f"conv{i}", CONV_NAMES) for i in (1, 2, 3)},
+    **{f"bn{i}": (f"bn{i}", BN_NAMES) for i in (1, 2, 3)},
+    "downsample_conv": ("downsample.0", CONV_NAMES),
+    "downsample_bn": ("downsample.1", BN_NAMES),
 })
-_ATTNPOOL_NAMES = layers.TorchNames(
+_ATTNPOOL_NAMES = TorchNames(
     leaves={("params", "positional_embedding"): ("positional_embedding", "none")},
-    children={p: (p, layers.LINEAR_NAMES) for p in ("q_proj", "k_proj", "v_proj", "c_proj")})
+    children={p: (p, LINEAR_NAMES) for p in ("q_proj", "k_proj", "v_proj", "c_proj")})
 
 
-def torch_names(child_names: Iterable[str]) -> layers.TorchNames:
+def torch_names(child_names: Iterable[str]) -> TorchNames:
   """OpenCLIP naming (without the ``visual.`` prefix) of a :class:`ModifiedResNet`.
 
   Args:
     child_names: The tower's top-level Flax module names (``variables['params']``).
   """
-  children: dict[str, tuple[str, layers.TorchNames]] = {
-      **{f"conv{i}": (f"conv{i}", layers.CONV_NAMES) for i in (1, 2, 3)},
-      **{f"bn{i}": (f"bn{i}", layers.BN_NAMES) for i in (1, 2, 3)},
+  children: dict[str, tuple[str, TorchNames]] = {
+      **{f"conv{i}": (f"conv{i}", CONV_NAMES) for i in (1, 2, 3)},
+      **{f"bn{i}": (f"bn{i}", BN_NAMES) for i in (1, 2, 3)},
       "attnpool": ("attnpool", _ATTNPOOL_NAMES),
   }
   for name in child_names:
     match = _BLOCK_RE.match(name)
     if match:
       children[name] = (f"layer{match.group(1)}.{match.group(2)}", _BOTTLENECK_NAMES)
-  return layers.TorchNames(children=children)
+  return TorchNames(children=children)
 
 
 def visual_state_dict(state: Mapping[str, np.ndarray], prefix: str = "visual."
@@ -286,8 +289,8 @@ def load(variables: Mapping[str, PyTree],
     KeyError: Missing or unexpected key (named in the message).
     ValueError: Shape mismatch (key, expected and found shape in the message).
   """
-  state, ignored = visual_state_dict(layers.read_state_dict(path_or_state_dict))
-  new, unused = layers.load_state_dict(variables, state, torch_names(variables["params"]),
+  state, ignored = visual_state_dict(read_state_dict(path_or_state_dict))
+  new, unused = load_state_dict(variables, state, torch_names(variables["params"]),
                                        what="OpenCLIP ModifiedResNet")
   return new, sorted(ignored + ["visual." + k if ignored else k for k in unused])
 
@@ -296,5 +299,5 @@ def to_torch_state_dict(variables: Mapping[str, PyTree], prefix: str = ""
                         ) -> dict[str, np.ndarray]:
   """:class:`ModifiedResNet` variables as an OpenCLIP-named state dict (NumPy, OIHW);
   ``prefix='visual.'`` gives the keys of a whole CLIP checkpoint."""
-  state = layers.to_state_dict(variables, torch_names(variables["params"].keys()))
+  state = to_state_dict(variables, torch_names(variables["params"].keys()))
   return {prefix + k: v for k, v in state.items()}

@@ -34,6 +34,9 @@ import numpy as np
 from contrastjax.models import layers
 from contrastjax.models import resnet
 from contrastjax.models.layers import CBR, ChannelAttention, Conv2d, SpatialAttention
+from contrastjax.models.torch_import import (
+    CBR_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -457,39 +460,39 @@ Model = ConDSeg
 Stage1Model = ConDSegStage1
 
 # ----------------------------------------------------------------------------- torch names
-_CBR = layers.CBR_NAMES
+_CBR = CBR_NAMES
 _CA = layers.CHANNEL_ATTENTION_NAMES
 _SA = layers.SPATIAL_ATTENTION_NAMES
 
-_DILATED_CONV_NAMES = layers.TorchNames(children={
+_DILATED_CONV_NAMES = TorchNames(children={
     **{f"c{i}_cbr": (f"c{i}.0", _CBR) for i in range(1, 5)},
     **{f"c{i}_ca": (f"c{i}.1", _CA) for i in range(1, 5)},
     "c5": ("c5", _CBR), "c6": ("c6", _CBR), "sa": ("sa", _SA)})
-_SID_NAMES = layers.TorchNames(children={
+_SID_NAMES = TorchNames(children={
     f"cbr_{b}_{i}": (f"cbr_{b}.{i}", _CBR) for b in _BRANCHES for i in range(3)})
 # Reference branch Sequential: CBR at 0, 2, 4, 6, 8 (Upsample in between), Conv2d at 9.
-_AUX_BRANCH_NAMES = layers.TorchNames(children={
+_AUX_BRANCH_NAMES = TorchNames(children={
     **{f"cbr_{i}": (str(2 * i), _CBR) for i in range(5)},
-    "out_conv": ("9", layers.CONV_NAMES)})
-_AUX_HEAD_NAMES = layers.TorchNames(children={
+    "out_conv": ("9", CONV_NAMES)})
+_AUX_HEAD_NAMES = TorchNames(children={
     f"branch_{b}": (f"branch_{b}", _AUX_BRANCH_NAMES) for b in _BRANCHES})
-_PREPROCESS_NAMES = layers.TorchNames(children={
+_PREPROCESS_NAMES = TorchNames(children={
     "c1": ("c1", _CBR), **{f"conv_{i}": (f"preprocess.conv_{i}", _CBR) for i in range(8)}})
-_CDFA_NAMES = layers.TorchNames(children={
-    **{n: (n, layers.LINEAR_NAMES) for n in ("v", "attn_fg", "attn_bg", "proj")},
+_CDFA_NAMES = TorchNames(children={
+    **{n: (n, LINEAR_NAMES) for n in ("v", "attn_fg", "attn_bg", "proj")},
     **{f"{s}_cbr_{i}": (f"{s}_cbr.{i}", _CBR) for s in ("input", "output") for i in range(2)}})
-_DECODER_NAMES = layers.TorchNames(children={
+_DECODER_NAMES = TorchNames(children={
     **{f"c{i}": (f"c{i}", _CBR) for i in range(1, 5)}, "ca": ("ca", _CA), "sa": ("sa", _SA)})
-_OUTPUT_NAMES = layers.TorchNames(children={
+_OUTPUT_NAMES = TorchNames(children={
     "fuse": ("fuse", _CBR), "c1": ("c1", _CBR), "c2": ("c2", _CBR),
-    "c3": ("c3", layers.CONV_NAMES)})
-_STAGE1_HEAD_NAMES = layers.TorchNames(children={
+    "c3": ("c3", CONV_NAMES)})
+_STAGE1_HEAD_NAMES = TorchNames(children={
     **{f"conv{i}": (f"conv{i}", _CBR) for i in range(1, 5)},
-    "conv_fuse": ("conv_fuse", layers.CONV_NAMES)})
+    "conv_fuse": ("conv_fuse", CONV_NAMES)})
 
 
-def _encoder_names(params: Mapping[str, Any], style: str) -> layers.TorchNames:
-  return layers.TorchNames(children={
+def _encoder_names(params: Mapping[str, Any], style: str) -> TorchNames:
+  return TorchNames(children={
       "encoder": ("", resnet.torch_names(params["encoder"].keys(), style))})
 
 
@@ -503,13 +506,13 @@ def _model_kind(variables: Mapping[str, PyTree]) -> str:
                    "'params' with 'encoder' and 'dconv1' or 'head')")
 
 
-def torch_names(variables: Mapping[str, PyTree]) -> layers.TorchNames:
+def torch_names(variables: Mapping[str, PyTree]) -> TorchNames:
   """Reference PyTorch naming of ConDSeg or ConDSegStage1 ``variables``."""
   kind = _model_kind(variables)
   children = dict(_encoder_names(variables["params"], "condseg").children)
   if kind == "condseg_stage1":
     children["head"] = ("head", _STAGE1_HEAD_NAMES)
-    return layers.TorchNames(children=children)
+    return TorchNames(children=children)
   for i in range(1, 5):
     children[f"dconv{i}"] = (f"dconv{i}", _DILATED_CONV_NAMES)
     children[f"cdfa{i}"] = (f"cdfa{i}", _CDFA_NAMES)
@@ -520,7 +523,7 @@ def torch_names(variables: Mapping[str, PyTree]) -> layers.TorchNames:
   for size in ("small", "middle", "large"):
     children[f"decoder_{size}"] = (f"decoder_{size}", _DECODER_NAMES)
   children["output_block"] = ("output_block", _OUTPUT_NAMES)
-  return layers.TorchNames(children=children)
+  return TorchNames(children=children)
 
 
 _SOURCES = ("condseg", "condseg_stage1", "resnet50")
@@ -564,10 +567,10 @@ def load(variables: Mapping[str, PyTree],
   if source not in _SOURCES:
     raise ValueError(f"unknown source {source!r}; expected one of {_SOURCES}")
   kind = _model_kind(variables)
-  state = layers.read_state_dict(path_or_state_dict)
+  state = read_state_dict(path_or_state_dict)
   what = f"{source} state dict"
   if source == kind:
-    return layers.load_state_dict(variables, state, torch_names(variables), what=what)
+    return load_state_dict(variables, state, torch_names(variables), what=what)
 
   params = variables["params"]
   if source == "resnet50":
@@ -578,7 +581,7 @@ def load(variables: Mapping[str, PyTree],
     ignore = lambda key: not _REFERENCE_ENCODER_KEY.match(key)  # noqa: E731
   sub = {c: {"encoder": variables[c]["encoder"]} for c in ("params", "batch_stats")
          if c in variables}
-  loaded, ignored = layers.load_state_dict(sub, state, names, ignore=ignore,
+  loaded, ignored = load_state_dict(sub, state, names, ignore=ignore,
                                            what=f"{what} (encoder only)")
   new_variables = {c: dict(v) for c, v in variables.items()}
   for c, tree in loaded.items():
@@ -593,4 +596,4 @@ def to_torch_state_dict(variables: Mapping[str, PyTree]) -> dict[str, np.ndarray
   int64 ``num_batches_tracked`` per BatchNorm, so ``torch.nn.Module.load_state_dict``
   of the reference model accepts the result with ``strict=True``.
   """
-  return layers.to_state_dict(variables, torch_names(variables))
+  return to_state_dict(variables, torch_names(variables))

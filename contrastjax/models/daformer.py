@@ -41,6 +41,9 @@ import numpy as np
 
 from contrastjax.models import layers
 from contrastjax.models import mit
+from contrastjax.models.torch_import import (
+    BN_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -319,43 +322,43 @@ def simsiam_loss(p1: Array, p2: Array, z1: Array, z2: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- torch names
-_BN = layers.BN_NAMES
-_CONV_MODULE_NAMES = layers.TorchNames(children={"conv": ("conv", layers.CONV_NAMES),
+_BN = BN_NAMES
+_CONV_MODULE_NAMES = TorchNames(children={"conv": ("conv", CONV_NAMES),
                                                  "bn": ("bn", _BN)})
-_DSCONV_NAMES = layers.TorchNames(children={
+_DSCONV_NAMES = TorchNames(children={
     "depthwise_conv": ("depthwise_conv", _CONV_MODULE_NAMES),
     "pointwise_conv": ("pointwise_conv", _CONV_MODULE_NAMES)})
 
 
-def head_torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
+def head_torch_names(params: Mapping[str, Any]) -> TorchNames:
   """mmseg naming (``decode_head.*`` without the prefix) of :class:`DAFormerHead` params."""
-  children: dict[str, tuple[str, layers.TorchNames]] = {
-      "conv_seg": ("conv_seg", layers.CONV_NAMES)}
+  children: dict[str, tuple[str, TorchNames]] = {
+      "conv_seg": ("conv_seg", CONV_NAMES)}
   for name in params:
     if name.startswith("embed_"):
-      children[name] = (f"embed_layers.{name[len('embed_'):]}.proj", layers.LINEAR_NAMES)
+      children[name] = (f"embed_layers.{name[len('embed_'):]}.proj", LINEAR_NAMES)
   fuse = params.get("fuse_layer", {})
   if "conv" in fuse:  # fusion='conv'
     children["fuse_layer"] = ("fuse_layer", _CONV_MODULE_NAMES)
   else:
-    fuse_children: dict[str, tuple[str, layers.TorchNames]] = {
+    fuse_children: dict[str, tuple[str, TorchNames]] = {
         "bottleneck": ("bottleneck", _CONV_MODULE_NAMES),
         "image_pool": ("image_pool.1", _CONV_MODULE_NAMES)}
     for name, sub in fuse.items():
       if name.startswith("aspp_"):
         names = _DSCONV_NAMES if "depthwise_conv" in sub else _CONV_MODULE_NAMES
         fuse_children[name] = (f"aspp_modules.{name[len('aspp_'):]}", names)
-    children["fuse_layer"] = ("fuse_layer", layers.TorchNames(children=fuse_children))
-  return layers.TorchNames(children=children)
+    children["fuse_layer"] = ("fuse_layer", TorchNames(children=fuse_children))
+  return TorchNames(children=children)
 
 
-SIMSIAM_NAMES = layers.TorchNames(children={
-    "projector": ("fc", layers.TorchNames(children={
-        "linear1": ("2", layers.LINEAR_NAMES), "bn1": ("3", _BN),
-        "linear2": ("5", layers.LINEAR_NAMES), "bn2": ("6", _BN)})),
-    "predictor": ("predictor", layers.TorchNames(children={
-        "linear1": ("0", layers.LINEAR_NAMES), "bn1": ("1", _BN),
-        "linear2": ("3", layers.LINEAR_NAMES)})),
+SIMSIAM_NAMES = TorchNames(children={
+    "projector": ("fc", TorchNames(children={
+        "linear1": ("2", LINEAR_NAMES), "bn1": ("3", _BN),
+        "linear2": ("5", LINEAR_NAMES), "bn2": ("6", _BN)})),
+    "predictor": ("predictor", TorchNames(children={
+        "linear1": ("0", LINEAR_NAMES), "bn1": ("1", _BN),
+        "linear2": ("3", LINEAR_NAMES)})),
 })
 
 
@@ -453,11 +456,11 @@ class SiamSegNet(nn.Module):
 Model = SiamSegNet
 
 
-def torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
+def torch_names(params: Mapping[str, Any]) -> TorchNames:
   """Naming of :class:`SiamSegNet` params: ``model.backbone.*`` (official MiT names;
   :func:`to_torch_state_dict` also writes mmseg's), ``model.decode_head.*`` and
   ``contras_model.fc.*`` / ``contras_model.predictor.*``."""
-  return layers.TorchNames(children={
+  return TorchNames(children={
       "backbone": ("model.backbone", mit.torch_names(params["backbone"])),
       "decode_head": ("model.decode_head", head_torch_names(params["decode_head"])),
       "contrast": ("contras_model", SIMSIAM_NAMES)})
@@ -488,10 +491,10 @@ def load(variables: Mapping[str, PyTree],
     ``(new_variables, ignored_keys)``.
 
   Raises:
-    KeyError / ValueError: As :func:`mit.load` and :func:`layers.load_state_dict`,
+    KeyError / ValueError: As :func:`mit.load` and :func:`load_state_dict`,
       naming the key.
   """
-  state = layers.read_state_dict(path_or_state_dict)
+  state = read_state_dict(path_or_state_dict)
   params = variables["params"]
   encoder, enc_ignored = mit.load({"params": params["backbone"]}, state,
                                   prefix=prefix + "backbone.")
@@ -508,7 +511,7 @@ def load(variables: Mapping[str, PyTree],
     names["contrast"] = (contrast_prefix.rstrip("."), SIMSIAM_NAMES)
     used_prefixes += [contrast_prefix + "fc.", contrast_prefix + "predictor."]
   head_state = {k: v for k, v in state.items() if k.startswith(tuple(used_prefixes))}
-  loaded, _ = layers.load_state_dict(sub, head_state, layers.TorchNames(children=names),
+  loaded, _ = load_state_dict(sub, head_state, TorchNames(children=names),
                                      what="SiamSeg decode head / SimSiam state dict")
   new_variables = {c: dict(v) for c, v in variables.items()}
   new_variables["params"]["backbone"] = encoder["params"]
@@ -530,9 +533,9 @@ def to_torch_state_dict(variables: Mapping[str, PyTree], backbone_style: str = "
   params = variables["params"]
   rest = {c: {k: v for k, v in tree.items() if k != "backbone"}
           for c, tree in variables.items()}
-  names = layers.TorchNames(children={k: v for k, v in torch_names(params).children.items()
+  names = TorchNames(children={k: v for k, v in torch_names(params).children.items()
                                       if k != "backbone"})
-  state = layers.to_state_dict(rest, names)
+  state = to_state_dict(rest, names)
   backbone = mit.to_torch_state_dict({"params": params["backbone"]}, backbone_style)
   state.update({f"model.backbone.{k}": v for k, v in backbone.items()})
   return state

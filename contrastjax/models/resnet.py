@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastjax.models import layers
+from contrastjax.models.torch_import import (
+    BN_NAMES, CONV_NAMES, TorchNames, load_state_dict, read_state_dict, to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -114,15 +116,15 @@ class ResNet(nn.Module):
 
 Model = ResNet
 
-_BOTTLENECK_NAMES = layers.TorchNames(children={
-    **{f"conv{i}": (f"conv{i}", layers.CONV_NAMES) for i in (1, 2, 3)},
-    **{f"bn{i}": (f"bn{i}", layers.BN_NAMES) for i in (1, 2, 3)},
-    "downsample_conv": ("downsample.0", layers.CONV_NAMES),
-    "downsample_bn": ("downsample.1", layers.BN_NAMES),
+_BOTTLENECK_NAMES = TorchNames(children={
+    **{f"conv{i}": (f"conv{i}", CONV_NAMES) for i in (1, 2, 3)},
+    **{f"bn{i}": (f"bn{i}", BN_NAMES) for i in (1, 2, 3)},
+    "downsample_conv": ("downsample.0", CONV_NAMES),
+    "downsample_bn": ("downsample.1", BN_NAMES),
 })
 
 
-def torch_names(child_names: Iterable[str], style: str = "torchvision") -> layers.TorchNames:
+def torch_names(child_names: Iterable[str], style: str = "torchvision") -> TorchNames:
   """PyTorch naming of a :class:`ResNet`'s variables.
 
   Args:
@@ -133,14 +135,14 @@ def torch_names(child_names: Iterable[str], style: str = "torchvision") -> layer
       ``layer1.1.<i>`` because ``layer1 = Sequential(maxpool, layer1)``, ``layer2.<i>``).
 
   Returns:
-    The :class:`~contrastjax.models.layers.TorchNames` of the encoder.
+    The :class:`~contrastjax.models.torch_import.TorchNames` of the encoder.
   """
   if style not in ("torchvision", "condseg"):
     raise ValueError(f"unknown ResNet naming style {style!r}")
   condseg = style == "condseg"
-  children: dict[str, tuple[str, layers.TorchNames]] = {
-      "conv1": ("layer0.0" if condseg else "conv1", layers.CONV_NAMES),
-      "bn1": ("layer0.1" if condseg else "bn1", layers.BN_NAMES),
+  children: dict[str, tuple[str, TorchNames]] = {
+      "conv1": ("layer0.0" if condseg else "conv1", CONV_NAMES),
+      "bn1": ("layer0.1" if condseg else "bn1", BN_NAMES),
   }
   for name in child_names:
     match = _BLOCK_RE.match(name)
@@ -148,7 +150,7 @@ def torch_names(child_names: Iterable[str], style: str = "torchvision") -> layer
       stage, block = match.groups()
       prefix = "layer1.1" if condseg and stage == "1" else f"layer{stage}"
       children[name] = (f"{prefix}.{block}", _BOTTLENECK_NAMES)
-  return layers.TorchNames(children=children)
+  return TorchNames(children=children)
 
 
 def _stages(params: Mapping[str, Any]) -> set[int]:
@@ -177,9 +179,9 @@ def load(variables: Mapping[str, PyTree],
     KeyError: Missing or unexpected key (named in the message).
     ValueError: Shape mismatch (key, expected and found shape in the message).
   """
-  state = layers.read_state_dict(path_or_state_dict)
+  state = read_state_dict(path_or_state_dict)
   params = variables["params"]
-  return layers.load_state_dict(variables, state, torch_names(params.keys(), "torchvision"),
+  return load_state_dict(variables, state, torch_names(params.keys(), "torchvision"),
                                 ignore=torchvision_ignored(params), what="torchvision ResNet")
 
 
@@ -196,4 +198,4 @@ def torchvision_ignored(params: Mapping[str, Any]) -> Callable[[str], bool]:
 
 def to_torch_state_dict(variables: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
   """:class:`ResNet` variables as a torchvision-named state dict (NumPy, OIHW)."""
-  return layers.to_state_dict(variables, torch_names(variables["params"].keys()))
+  return to_state_dict(variables, torch_names(variables["params"].keys()))
