@@ -22,6 +22,7 @@ import pytest
 
 from contrastjax import benchmark
 from contrastjax.models import layers
+from contrastjax.models import resample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,7 +174,7 @@ def test_conv2d_uses_xla_gradient_for_thin_or_small_convolutions():
 def _resize_by_matrices(x, size):
   """The align-corners resize as dense per-axis interpolation matrices (einsum)."""
   def matrix(n_in, n_out):
-    plan = layers._align_corners_plan(n_in, n_out, x.dtype == jnp.float64)
+    plan = resample._align_corners_plan(n_in, n_out, x.dtype == jnp.float64)
     m = np.zeros((n_out, n_in), plan.w0.dtype)
     np.add.at(m, (np.arange(n_out), plan.i0), plan.w0)
     np.add.at(m, (np.arange(n_out), plan.i1), plan.w1)
@@ -187,7 +188,7 @@ def _resize_by_matrices(x, size):
                                           ((5, 5), (5, 9))])
 def test_resize_gradient_is_the_transposed_interpolation(in_hw, out_hw):
   x = np.random.default_rng(2).normal(size=(2, *in_hw, 3))
-  _check_same(lambda x: layers.resize_bilinear_align_corners(x, out_hw),
+  _check_same(lambda x: resample.resize_bilinear_align_corners(x, out_hw),
               lambda x: _resize_by_matrices(x, out_hw), (x,))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from contrastjax.models import layers
+from contrastjax.models import resample
 
 
 def _rand(shape, seed=0, low=-1.0, high=1.0):
@@ -43,13 +44,13 @@ def _resize_numpy_loop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                                           ((5, 5), (5, 9))])
 def test_resize_matches_numpy_loop(in_hw, out_hw):
   x = _rand((2, *in_hw, 3))
-  got = np.asarray(layers.resize_bilinear_align_corners(jnp.asarray(x), out_hw))
+  got = np.asarray(resample.resize_bilinear_align_corners(jnp.asarray(x), out_hw))
   np.testing.assert_allclose(got, _resize_numpy_loop(x, out_hw), atol=2e-6, rtol=0)
 
 
 def test_upsample_corners_are_exact_and_not_half_pixel():
   x = _rand((1, 4, 4, 2))
-  up = np.asarray(layers.upsample(jnp.asarray(x), 4))
+  up = np.asarray(resample.upsample(jnp.asarray(x), 4))
   assert up.shape == (1, 16, 16, 2)
   # align_corners=True keeps the corner pixels; half-pixel resizing would not.
   np.testing.assert_array_equal(up[:, [0, 0, -1, -1], [0, -1, 0, -1]],
@@ -65,7 +66,7 @@ def test_upsample_matches_torch(scale):
   want = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                                          scale_factor=scale, mode="bilinear",
                                          align_corners=True).numpy().transpose(0, 2, 3, 1)
-  got = np.asarray(layers.upsample(jnp.asarray(x), scale))
+  got = np.asarray(resample.upsample(jnp.asarray(x), scale))
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
@@ -75,7 +76,7 @@ def test_resize_to_size_matches_torch():
   want = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                                          size=(5, 16), mode="bilinear",
                                          align_corners=True).numpy().transpose(0, 2, 3, 1)
-  got = np.asarray(layers.resize_bilinear_align_corners(jnp.asarray(x), (5, 16)))
+  got = np.asarray(resample.resize_bilinear_align_corners(jnp.asarray(x), (5, 16)))
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 

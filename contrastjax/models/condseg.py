@@ -37,6 +37,7 @@ from contrastjax.models.layers import CBR, ChannelAttention, Conv2d, SpatialAtte
 from contrastjax.models.torch_import import (
     CBR_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict)
+from contrastjax.models.resample import upsample
 
 Array = jax.Array
 Dtype = Any
@@ -125,7 +126,7 @@ class AuxiliaryBranch(nn.Module):
     """Maps ``[B, h, w, C]`` to logits ``[B, h * 2**(len(widths)-1), ..., 1]``."""
     for i, width in enumerate(self.widths):
       if i > 0:
-        x = layers.upsample(x, 2)
+        x = upsample(x, 2)
       x = CBR(width, 3, 1, dtype=self.dtype, name=f"cbr_{i}")(x, train)
     return Conv2d(1, 1, use_bias=True, dtype=self.dtype, name="out_conv")(x)
 
@@ -175,7 +176,7 @@ class CDFAPreprocess(nn.Module):
     x = CBR(self.features, 3, 1, dtype=self.dtype, name="c1")(x, train)
     for i in range(up_times):
       x = CBR(self.features, 3, 1, dtype=self.dtype, name=f"conv_{i}")(
-          layers.upsample(x, 2), train)
+          upsample(x, 2), train)
     return x
 
 
@@ -262,7 +263,7 @@ class SizeAwareDecoder(nn.Module):
   def __call__(self, x: Array, skip: Array, train: bool) -> Array:
     """Decodes coarse ``x`` with ``skip`` (at twice ``x``'s resolution)."""
     f, dt = self.features, self.dtype
-    x = jnp.concatenate([layers.upsample(x, 2), skip], axis=-1)
+    x = jnp.concatenate([upsample(x, 2), skip], axis=-1)
     s1 = CBR(f, 1, 0, dtype=dt, name="c1")(x, train)
     s2 = nn.relu(CBR(f, 3, 1, act=False, dtype=dt, name="c2")(s1, train) + s1)
     s3 = nn.relu(CBR(f, 3, 1, act=False, dtype=dt, name="c3")(s2, train) + s2 + s1)
@@ -291,9 +292,9 @@ class OutputBlock(nn.Module):
   def __call__(self, x1: Array, x2: Array, x3: Array, train: bool) -> Array:
     """Returns logits at twice ``x1``'s resolution."""
     dt = self.dtype
-    x = jnp.concatenate([x1, layers.upsample(x2, 2), layers.upsample(x3, 4)], axis=-1)
+    x = jnp.concatenate([x1, upsample(x2, 2), upsample(x3, 4)], axis=-1)
     x = CBR(self.features, 3, 1, dtype=dt, name="fuse")(x, train)
-    x = layers.upsample(x, 2)
+    x = upsample(x, 2)
     x = CBR(self.head_widths[0], 3, 1, dtype=dt, name="c1")(x, train)
     x = CBR(self.head_widths[1], 1, 0, dtype=dt, name="c2")(x, train)
     return Conv2d(1, 1, use_bias=True, dtype=dt, name="c3")(x)
@@ -376,7 +377,7 @@ class ConDSeg(nn.Module):
     for level in (4, 3, 2, 1):
       inp = feats[f"d{level}"]
       if prev is not None:
-        inp = jnp.concatenate([inp, layers.upsample(prev, 2)], axis=-1)
+        inp = jnp.concatenate([inp, upsample(prev, 2)], axis=-1)
       prev = ContrastDrivenFeatureAggregation(dim, self.num_heads, dtype=dt,
                                               name=f"cdfa{level}")(
           inp, feats[f"f_fg{level}"], feats[f"f_bg{level}"], train)
@@ -450,7 +451,7 @@ class ConDSegStage1(nn.Module):
     enc = resnet.ResNet(self.stage_sizes, self.stem_width, self.base_width,
                         dtype=self.dtype, name="encoder")(x, train=train)
     feats = {f"x{i + 1}": enc[f"layer{i}"] for i in range(4)}
-    ups = [layers.upsample(feats[f"x{i + 1}"], 2**(i + 1)) for i in range(4)]
+    ups = [upsample(feats[f"x{i + 1}"], 2**(i + 1)) for i in range(4)]
     logits = Stage1Head(self.head_width, dtype=self.dtype, name="head")(ups, train)
     logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))
     return nn.sigmoid(logits), {"mask_logits": logits, "features": feats}
