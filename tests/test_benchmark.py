@@ -23,6 +23,7 @@ import pytest
 from contrastjax import benchmark
 from contrastjax.models import layers
 from contrastjax.models import resample
+from contrastjax.models import condseg_ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,13 +203,13 @@ def test_outlook_aggregate_is_fold_of_window_attention(k, hw, heads, head_dim):
 
   def unfolded(values, attn):
     b, h, w, c = values.shape
-    windows = layers.unfold(values, k, pad).reshape(b, h, w, heads, head_dim, k * k)
+    windows = condseg_ops.unfold(values, k, pad).reshape(b, h, w, heads, head_dim, k * k)
     out = jnp.einsum("bxyhij,bxyhdj->bxyhdi", attn, windows)
-    return layers.fold(out.reshape(b, h, w, c * k * k), (h, w), k, pad)
+    return condseg_ops.fold(out.reshape(b, h, w, c * k * k), (h, w), k, pad)
 
-  _check_same(lambda v, a: layers.outlook_aggregate(v, a, k, pad), unfolded,
+  _check_same(lambda v, a: condseg_ops.outlook_aggregate(v, a, k, pad), unfolded,
               (values, attn))
-  bf16 = layers.outlook_aggregate(jnp.asarray(values, jnp.bfloat16),
+  bf16 = condseg_ops.outlook_aggregate(jnp.asarray(values, jnp.bfloat16),
                                   jnp.asarray(attn, jnp.bfloat16), k, pad)
   assert bf16.dtype == jnp.bfloat16
   assert _max_rel(bf16.astype(jnp.float32), unfolded(values, attn)) < 2e-2

@@ -12,6 +12,7 @@ import pytest
 
 from contrastjax.models import layers
 from contrastjax.models import resample
+from contrastjax.models import condseg_ops
 
 
 def _rand(shape, seed=0, low=-1.0, high=1.0):
@@ -106,10 +107,10 @@ def _fold_numpy(cols: np.ndarray, size: tuple[int, int], k: int, pad: int) -> np
 @pytest.mark.parametrize("k,pad", [(3, 1), (3, 0), (5, 2)])
 def test_unfold_fold_match_numpy(k, pad):
   x = _rand((2, 6, 5, 3), seed=k + pad)
-  cols = np.asarray(layers.unfold(jnp.asarray(x), k, pad))
+  cols = np.asarray(condseg_ops.unfold(jnp.asarray(x), k, pad))
   np.testing.assert_array_equal(cols, _unfold_numpy(x, k, pad))
   y = _rand(cols.shape, seed=7)
-  folded = np.asarray(layers.fold(jnp.asarray(y), (6, 5), k, pad))
+  folded = np.asarray(condseg_ops.fold(jnp.asarray(y), (6, 5), k, pad))
   np.testing.assert_allclose(folded, _fold_numpy(y, (6, 5), k, pad), atol=1e-5, rtol=0)
   # fold is the adjoint of unfold: <unfold(x), y> == <x, fold(y)>.
   np.testing.assert_allclose(np.vdot(cols.astype(np.float64), y),
@@ -121,11 +122,11 @@ def test_unfold_fold_match_torch():
   x = _rand((2, 5, 6, 4), seed=11)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
   want = torch.nn.functional.unfold(xt, 3, padding=1)  # [B, C*9, H*W]
-  got = np.asarray(layers.unfold(jnp.asarray(x), 3, 1))
+  got = np.asarray(condseg_ops.unfold(jnp.asarray(x), 3, 1))
   np.testing.assert_array_equal(got.reshape(2, 30, 36).transpose(0, 2, 1), want.numpy())
   y = _rand((2, 36, 30), seed=12)
   want_fold = torch.nn.functional.fold(torch.from_numpy(y), (5, 6), 3, padding=1).numpy()
-  got_fold = np.asarray(layers.fold(jnp.asarray(y.transpose(0, 2, 1).reshape(2, 5, 6, 36)),
+  got_fold = np.asarray(condseg_ops.fold(jnp.asarray(y.transpose(0, 2, 1).reshape(2, 5, 6, 36)),
                                     (5, 6), 3, 1))
   np.testing.assert_allclose(got_fold.transpose(0, 3, 1, 2), want_fold, atol=1e-6, rtol=0)
 
@@ -263,7 +264,7 @@ def test_batchnorm_train_rejects_single_value_per_channel():
 # ----------------------------------------------------------------------------- attention
 def test_channel_and_spatial_attention_match_numpy():
   x = _rand((2, 5, 4, 32), seed=4)
-  ca = layers.ChannelAttention()
+  ca = condseg_ops.ChannelAttention()
   ca_vars = ca.init(jax.random.key(0), jnp.asarray(x))
   w1 = np.asarray(ca_vars["params"]["fc1"]["kernel"])[0, 0]  # [32, 2]
   w2 = np.asarray(ca_vars["params"]["fc2"]["kernel"])[0, 0]  # [2, 32]
@@ -273,7 +274,7 @@ def test_channel_and_spatial_attention_match_numpy():
   np.testing.assert_allclose(ca.apply(ca_vars, jnp.asarray(x)), x * gate[:, None, None],
                              atol=1e-6)
 
-  sa = layers.SpatialAttention()
+  sa = condseg_ops.SpatialAttention()
   sa_vars = sa.init(jax.random.key(1), jnp.asarray(x))
   w = np.asarray(sa_vars["params"]["conv1"]["kernel"])[..., 0]  # [7, 7, 2]
   pooled = np.stack([x.mean(-1), x.max(-1)], -1)  # concat order [mean, max]

@@ -33,11 +33,14 @@ import numpy as np
 
 from contrastjax.models import layers
 from contrastjax.models import resnet
-from contrastjax.models.layers import CBR, ChannelAttention, Conv2d, SpatialAttention
+from contrastjax.models.layers import CBR, Conv2d
 from contrastjax.models.torch_import import (
     CBR_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict)
 from contrastjax.models.resample import upsample
+from contrastjax.models.condseg_ops import (
+    CHANNEL_ATTENTION_NAMES, ChannelAttention, SPATIAL_ATTENTION_NAMES,
+    SpatialAttention, outlook_aggregate)
 
 Array = jax.Array
 Dtype = Any
@@ -234,8 +237,8 @@ class ContrastDrivenFeatureAggregation(nn.Module):
 
     def aggregate(values: Array, attn: Array) -> Array:
       # fold(einsum('bxyhij,bxyhdj->bxyhdi', attn, unfold(values))), computed without
-      # the unfolded copy (layers.outlook_aggregate).
-      return proj(layers.outlook_aggregate(values, attn, k, self.padding))
+      # the unfolded copy (outlook_aggregate).
+      return proj(outlook_aggregate(values, attn, k, self.padding))
 
     v = _dense(dim, dim, dt, "v")(x)
     x_fg = aggregate(v, attention(fg, "attn_fg"))
@@ -462,8 +465,8 @@ Stage1Model = ConDSegStage1
 
 # ----------------------------------------------------------------------------- torch names
 _CBR = CBR_NAMES
-_CA = layers.CHANNEL_ATTENTION_NAMES
-_SA = layers.SPATIAL_ATTENTION_NAMES
+_CA = CHANNEL_ATTENTION_NAMES
+_SA = SPATIAL_ATTENTION_NAMES
 
 _DILATED_CONV_NAMES = TorchNames(children={
     **{f"c{i}_cbr": (f"c{i}.0", _CBR) for i in range(1, 5)},
