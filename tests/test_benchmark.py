@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from contrastjax import benchmark
-from contrastjax.models import layers
 from contrastjax.models import resample
 from contrastjax.models import condseg_ops
+from contrastjax.models import conv_grad
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,8 +146,8 @@ def _check_same(fast, slow, args, rtol32=5e-6):
     (3, 1, 18, 18, (16, 16), 16), (1, 2, 0, 1, (12, 12), 20), (1, 1, 0, 1, (7, 5), 24),
     (7, 2, 3, 1, (17, 15), 16)])
 def test_conv2d_tap_kernel_gradient(monkeypatch, k, stride, padding, dilation, hw, c_in):
-  monkeypatch.setattr(layers, "TAP_KERNEL_GRAD_MIN_FLOPS", 0)  # small test shapes
-  assert layers._use_tap_kernel_grad((2, *hw, c_in), (k, k, c_in, 8), stride, padding,
+  monkeypatch.setattr(conv_grad, "TAP_KERNEL_GRAD_MIN_FLOPS", 0)  # small test shapes
+  assert conv_grad._use_tap_kernel_grad((2, *hw, c_in), (k, k, c_in, 8), stride, padding,
                                      dilation)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, *hw, c_in))
@@ -160,16 +160,16 @@ def test_conv2d_tap_kernel_gradient(monkeypatch, k, stride, padding, dilation, h
                                     dimension_numbers=dims)
 
   def fast(x, w):
-    return layers.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    return conv_grad.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
 
   _check_same(fast, xla, (x, w))
 
 
 def test_conv2d_uses_xla_gradient_for_thin_or_small_convolutions():
-  assert not layers._use_tap_kernel_grad((4, 256, 256, 3), (7, 7, 3, 64), 2, 3, 1)
-  assert not layers._use_tap_kernel_grad((2, 16, 16, 16), (3, 3, 16, 16), 1, 1, 1)
-  assert layers._use_tap_kernel_grad((2, 16, 16, 16), (1, 1, 16, 16), 1, 0, 1)
-  assert layers._use_tap_kernel_grad((4, 256, 256, 64), (3, 3, 64, 64), 1, 1, 1)
+  assert not conv_grad._use_tap_kernel_grad((4, 256, 256, 3), (7, 7, 3, 64), 2, 3, 1)
+  assert not conv_grad._use_tap_kernel_grad((2, 16, 16, 16), (3, 3, 16, 16), 1, 1, 1)
+  assert conv_grad._use_tap_kernel_grad((2, 16, 16, 16), (1, 1, 16, 16), 1, 0, 1)
+  assert conv_grad._use_tap_kernel_grad((4, 256, 256, 64), (3, 3, 64, 64), 1, 1, 1)
 
 
 def _resize_by_matrices(x, size):
