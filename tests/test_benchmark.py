@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from contrastjax import benchmark
-from contrastjax.models import resample
 from contrastjax.models import condseg_ops
 from contrastjax.models import conv_grad
+from contrastjax.models import resample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

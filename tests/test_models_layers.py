@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastjax.models import layers
-from contrastjax.models import resample
 from contrastjax.models import condseg_ops
+from contrastjax.models import nn
+from contrastjax.models import resample
 
 
 def _rand(shape, seed=0, low=-1.0, high=1.0):
@@ -134,7 +134,7 @@ def test_unfold_fold_match_torch():
 # ----------------------------------------------------------------------------- conv / pool
 def test_max_pool_pads_with_minus_inf():
   x = _rand((1, 6, 6, 2), low=-5.0, high=-1.0)  # all negative: zero padding would win
-  got = np.asarray(layers.max_pool(jnp.asarray(x), 3, 2, 1))
+  got = np.asarray(nn.max_pool(jnp.asarray(x), 3, 2, 1))
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
   want = np.stack([np.stack([xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
                              for j in range(3)], 1) for i in range(3)], 1)
@@ -146,7 +146,7 @@ def test_max_pool_pads_with_minus_inf():
                                                    (1, 2, 0, 1, False), (3, 1, 6, 6, False)])
 def test_conv2d_matches_torch(k, stride, pad, dil, bias):
   torch = pytest.importorskip("torch")
-  conv = layers.Conv2d(5, k, stride, pad, dil, use_bias=bias)
+  conv = nn.Conv2d(5, k, stride, pad, dil, use_bias=bias)
   x = _rand((2, 10, 9, 3), seed=k)
   variables = conv.init(jax.random.key(0), jnp.asarray(x))
   tconv = torch.nn.Conv2d(3, 5, k, stride, pad, dil, bias=bias)
@@ -161,7 +161,7 @@ def test_conv2d_matches_torch(k, stride, pad, dil, bias):
 
 
 def test_conv2d_default_init_is_torch_uniform():
-  kernel = layers.Conv2d(64, 3).init(jax.random.key(1), jnp.zeros((1, 4, 4, 32)))
+  kernel = nn.Conv2d(64, 3).init(jax.random.key(1), jnp.zeros((1, 4, 4, 32)))
   w = np.asarray(kernel["params"]["kernel"])
   bound = 1 / np.sqrt(3 * 3 * 32)
   assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
@@ -170,7 +170,7 @@ def test_conv2d_default_init_is_torch_uniform():
 # ----------------------------------------------------------------------------- batch norm
 def test_batchnorm_train_uses_biased_var_and_updates_unbiased():
   x = _rand((2, 3, 4, 5), seed=5) * 3 + 1
-  bn = layers.BatchNorm()
+  bn = nn.BatchNorm()
   variables = bn.init(jax.random.key(0), jnp.asarray(x), train=False)
   y, new = bn.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
   flat = x.reshape(-1, 5).astype(np.float64)
@@ -191,7 +191,7 @@ def test_batchnorm_train_uses_biased_var_and_updates_unbiased():
 def test_batchnorm_matches_torch_train_and_eval():
   torch = pytest.importorskip("torch")
   x = _rand((3, 4, 5, 6), seed=9) * 2 + 0.5
-  bn = layers.BatchNorm()
+  bn = nn.BatchNorm()
   rng = np.random.default_rng(1)
   variables = {"params": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32),
                           "bias": jnp.asarray(rng.normal(size=6), jnp.float32)},
@@ -225,7 +225,7 @@ def test_grouped_batchnorm_is_unsynchronised_torch_batchnorm_per_group():
                           "bias": jnp.asarray(rng.normal(size=5), jnp.float32)},
                "batch_stats": {"mean": jnp.zeros(5, jnp.float32),
                                "var": jnp.ones(5, jnp.float32)}}
-  y, new = layers.BatchNorm(group_size=3).apply(variables, jnp.asarray(x), train=True,
+  y, new = nn.BatchNorm(group_size=3).apply(variables, jnp.asarray(x), train=True,
                                                 mutable=["batch_stats"])
   outs, means, vars_ = [], [], []
   for g in range(2):   # two "GPUs" of 3 samples, no sync
@@ -240,21 +240,21 @@ def test_grouped_batchnorm_is_unsynchronised_torch_batchnorm_per_group():
   np.testing.assert_allclose(new["batch_stats"]["mean"], np.mean(means, 0), atol=1e-6)
   np.testing.assert_allclose(new["batch_stats"]["var"], np.mean(vars_, 0), atol=1e-6)
   # one group of the whole batch is the ungrouped layer
-  y6, _ = layers.BatchNorm(group_size=6).apply(variables, jnp.asarray(x), train=True,
+  y6, _ = nn.BatchNorm(group_size=6).apply(variables, jnp.asarray(x), train=True,
                                                mutable=["batch_stats"])
-  y0, _ = layers.BatchNorm().apply(variables, jnp.asarray(x), train=True,
+  y0, _ = nn.BatchNorm().apply(variables, jnp.asarray(x), train=True,
                                    mutable=["batch_stats"])
   np.testing.assert_allclose(y6, y0, atol=1e-6)
   with pytest.raises(ValueError, match="group_size=4 does not divide"):
-    layers.BatchNorm(group_size=4).apply(variables, jnp.asarray(x), train=True,
+    nn.BatchNorm(group_size=4).apply(variables, jnp.asarray(x), train=True,
                                          mutable=["batch_stats"])
   with pytest.raises(ValueError, match="per channel and group"):
-    layers.BatchNorm(group_size=1).apply(variables, jnp.asarray(x), train=True,
+    nn.BatchNorm(group_size=1).apply(variables, jnp.asarray(x), train=True,
                                          mutable=["batch_stats"])
 
 
 def test_batchnorm_train_rejects_single_value_per_channel():
-  bn = layers.BatchNorm()
+  bn = nn.BatchNorm()
   x = jnp.ones((1, 1, 1, 3))
   variables = bn.init(jax.random.key(0), x, train=False)
   with pytest.raises(ValueError, match="more than 1 value per channel"):

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
 from contrastjax.models import vit as vit_lib
+from contrastjax.models.nn import Conv2d
 from contrastjax.models.torch_import import CONV_NAMES, TorchNames
 
 Array = jax.Array
@@ -317,11 +317,11 @@ class LargeFOV(nn.Module):
   def __call__(self, x: Array) -> Array:
     """``[B, h, w, D]`` -> ``[B, h, w, C + 1]``."""
     d = self.dilation
-    x = nn.relu(layers.Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
+    x = nn.relu(Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
                               name="conv6")(x))
-    x = nn.relu(layers.Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
+    x = nn.relu(Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
                               name="conv7")(x))
-    return layers.Conv2d(self.num_classes + 1, 1, use_bias=False, dtype=self.dtype,
+    return Conv2d(self.num_classes + 1, 1, use_bias=False, dtype=self.dtype,
                          name="conv8")(x)
 
 
@@ -347,7 +347,7 @@ class ASPP(nn.Module):
     """``[B, h, w, D]`` -> ``[B, h, w, C + 1]``."""
     out = None
     for i, r in enumerate(self.rates):
-      y = layers.Conv2d(self.num_classes + 1, 3, 1, r, r, use_bias=True, dtype=self.dtype,
+      y = Conv2d(self.num_classes + 1, 3, 1, r, r, use_bias=True, dtype=self.dtype,
                         kernel_init=ASPP_INIT, bias_init=nn.initializers.zeros,
                         name=f"c{i}")(x)
       out = y if out is None else out + y

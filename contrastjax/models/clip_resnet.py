@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
+from contrastjax.models.nn import BatchNorm, Conv2d, torch_default_bias_init
 from contrastjax.models.torch_import import (
     BN_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict)
@@ -64,8 +64,8 @@ def avg_pool(x: Array, stride: int) -> Array:
   return nn.avg_pool(x, (stride, stride), strides=(stride, stride), padding="VALID")
 
 
-class ZeroScaleBatchNorm(layers.BatchNorm):
-  """:class:`~contrastjax.models.layers.BatchNorm` whose ``scale`` is initialised to
+class ZeroScaleBatchNorm(BatchNorm):
+  """:class:`~contrastjax.models.nn.BatchNorm` whose ``scale`` is initialised to
   zero (OpenCLIP zeroes ``bn3`` of every block); applying it is the same."""
 
   def param(self, name, init_fn, *args, **kwargs):
@@ -94,9 +94,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     """Applies the block to ``[B, H, W, C]`` input."""
     out_features = self.planes * EXPANSION
-    conv = lambda f, k, p, name: layers.Conv2d(f, k, 1, p, dtype=self.dtype,  # noqa: E731
+    conv = lambda f, k, p, name: Conv2d(f, k, 1, p, dtype=self.dtype,  # noqa: E731
                                                name=name)
-    bn = lambda name: layers.BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
+    bn = lambda name: BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
     y = nn.relu(bn("bn1")(conv(self.planes, 1, 0, "conv1")(x), train))
     y = nn.relu(bn("bn2")(conv(self.planes, 3, 1, "conv2")(y), train))
     y = avg_pool(y, self.stride)
@@ -153,7 +153,7 @@ class AttentionPool2d(nn.Module):
     tokens = tokens + pos.astype(tokens.dtype)[None]
     dense = lambda f, name: nn.Dense(  # noqa: E731
         f, kernel_init=nn.initializers.normal(std),
-        bias_init=layers.torch_default_bias_init(c), dtype=self.dtype, name=name)
+        bias_init=torch_default_bias_init(c), dtype=self.dtype, name=name)
     hd = c // self.heads
     q = dense(c, "q_proj")(tokens[:, 0]).reshape(b, self.heads, hd)
     k = dense(c, "k_proj")(tokens).reshape(b, n, self.heads, hd)
@@ -204,8 +204,8 @@ class ModifiedResNet(nn.Module):
     x = x.astype(self.dtype)
     half = self.width // 2
     for i, f in enumerate((half, half, self.width), start=1):
-      x = layers.Conv2d(f, 3, 2 if i == 1 else 1, 1, dtype=self.dtype, name=f"conv{i}")(x)
-      x = nn.relu(layers.BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train))
+      x = Conv2d(f, 3, 2 if i == 1 else 1, 1, dtype=self.dtype, name=f"conv{i}")(x)
+      x = nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train))
     x = avg_pool(x, 2)
     for stage, num_blocks in enumerate(self.layers):
       for block in range(num_blocks):

@@ -31,16 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
 from contrastjax.models import resnet
-from contrastjax.models.layers import CBR, Conv2d
-from contrastjax.models.torch_import import (
-    CBR_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
-    to_state_dict)
-from contrastjax.models.resample import upsample
 from contrastjax.models.condseg_ops import (
     CHANNEL_ATTENTION_NAMES, ChannelAttention, SPATIAL_ATTENTION_NAMES,
     SpatialAttention, outlook_aggregate)
+from contrastjax.models.nn import (
+    CBR, Conv2d, TORCH_DEFAULT_KERNEL_INIT, torch_default_bias_init)
+from contrastjax.models.resample import upsample
+from contrastjax.models.torch_import import (
+    CBR_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -51,8 +51,8 @@ _BRANCHES = ("fg", "bg", "uc")
 
 def _dense(features: int, fan_in: int, dtype: Dtype, name: str) -> nn.Dense:
   """``torch.nn.Linear`` with PyTorch's default init."""
-  return nn.Dense(features, dtype=dtype, kernel_init=layers.TORCH_DEFAULT_KERNEL_INIT,
-                  bias_init=layers.torch_default_bias_init(fan_in), name=name)
+  return nn.Dense(features, dtype=dtype, kernel_init=TORCH_DEFAULT_KERNEL_INIT,
+                  bias_init=torch_default_bias_init(fan_in), name=name)
 
 
 class DilatedConv(nn.Module):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from contrastjax.models.layers import Conv2d
+from contrastjax.models.nn import Conv2d
 from contrastjax.models.torch_import import CONV_NAMES, TorchNames
 
 Array = jax.Array

@@ -24,7 +24,7 @@ backbone (``mmseg/models/uda/simsiam.py``); see ``specs/siamseg.md`` section 2.
 Note the ReLU after the projector's last BN and the 2048-wide predictor hidden layer:
 both differ from the SimSiam paper and are kept as in the reference.
 
-BatchNorm follows PyTorch (eps 1e-5, momentum 0.1, see :class:`layers.BatchNorm`);
+BatchNorm follows PyTorch (eps 1e-5, momentum 0.1, see :class:`~contrastjax.models.nn.BatchNorm`);
 under ``jit`` with a data-sharded batch the decode head's statistics are global-batch
 ones (the reference's SyncBN). The SimSiam BatchNorm1d is per-GPU in the reference.
 """
@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
 from contrastjax.models import mit
+from contrastjax.models.nn import (
+    BatchNorm, Conv2d, TORCH_DEFAULT_KERNEL_INIT, torch_default_bias_init)
 from contrastjax.models.torch_import import (
     BN_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict)
@@ -69,8 +70,8 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
 def _linear(features: int, fan_in: int, use_bias: bool, dtype: Dtype, name: str) -> nn.Dense:
   """``torch.nn.Linear`` with PyTorch's default init."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype,
-                  kernel_init=layers.TORCH_DEFAULT_KERNEL_INIT,
-                  bias_init=layers.torch_default_bias_init(fan_in), name=name)
+                  kernel_init=TORCH_DEFAULT_KERNEL_INIT,
+                  bias_init=torch_default_bias_init(fan_in), name=name)
 
 
 class ConvModule(nn.Module):
@@ -102,10 +103,10 @@ class ConvModule(nn.Module):
       x = mit.DepthwiseConv2d(self.kernel_size, self.padding, self.dilation, use_bias=False,
                               dtype=self.dtype, kernel_init=KAIMING_FAN_OUT, name="conv")(x)
     else:
-      x = layers.Conv2d(self.features, self.kernel_size, 1, self.padding, self.dilation,
+      x = Conv2d(self.features, self.kernel_size, 1, self.padding, self.dilation,
                         use_bias=False, dtype=self.dtype, kernel_init=KAIMING_FAN_OUT,
                         name="conv")(x)
-    return nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn")(x, train))
+    return nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x, train))
 
 
 class DepthwiseSeparableConvModule(nn.Module):
@@ -225,7 +226,7 @@ class DAFormerHead(nn.Module):
                       dtype=self.dtype, name="fuse_layer")(x, train)
     fused = x
     x = nn.Dropout(self.dropout_ratio, broadcast_dims=(1, 2))(x, deterministic=det)
-    logits = layers.Conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+    logits = Conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
                            kernel_init=nn.initializers.normal(0.01),
                            bias_init=nn.initializers.zeros, name="conv_seg")(x)
     return logits, {"fused": fused}
@@ -255,9 +256,9 @@ class SimSiamProjector(nn.Module):
                        f"{x.shape[-1]}")
     g = self.bn_group_size
     x = _linear(self.hidden_features, x.shape[-1], False, self.dtype, "linear1")(x)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=g, name="bn1")(x, train))
+    x = nn.relu(BatchNorm(dtype=self.dtype, group_size=g, name="bn1")(x, train))
     x = _linear(self.features, x.shape[-1], False, self.dtype, "linear2")(x)
-    return nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=g, name="bn2")(x, train))
+    return nn.relu(BatchNorm(dtype=self.dtype, group_size=g, name="bn2")(x, train))
 
 
 class SimSiamPredictor(nn.Module):
@@ -277,7 +278,7 @@ class SimSiamPredictor(nn.Module):
   def __call__(self, z: Array, train: bool) -> Array:
     """``z`` ``[B, D]`` -> ``p`` ``[B, features]``."""
     x = _linear(self.hidden_features, z.shape[-1], False, self.dtype, "linear1")(z)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=self.bn_group_size,
+    x = nn.relu(BatchNorm(dtype=self.dtype, group_size=self.bn_group_size,
                                  name="bn1")(x, train))
     return _linear(self.features, x.shape[-1], True, self.dtype, "linear2")(x)
 
@@ -491,7 +492,7 @@ def load(variables: Mapping[str, PyTree],
     ``(new_variables, ignored_keys)``.
 
   Raises:
-    KeyError / ValueError: As :func:`mit.load` and :func:`load_state_dict`,
+    KeyError / ValueError: As :func:`mit.load` and :func:`torch_import.load_state_dict`,
       naming the key.
   """
   state = read_state_dict(path_or_state_dict)

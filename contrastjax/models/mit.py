@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from contrastjax.models import layers
+from contrastjax.models.nn import Conv2d
 from contrastjax.models.torch_import import (
     CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict)
@@ -224,7 +224,7 @@ class OverlapPatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """``[B, H, W, C_in]`` -> ``[B, H/stride, W/stride, features]``."""
-    x = layers.Conv2d(self.features, self.patch_size, self.stride, self.patch_size // 2,
+    x = Conv2d(self.features, self.patch_size, self.stride, self.patch_size // 2,
                       use_bias=True, dtype=self.dtype, kernel_init=CONV_INIT,
                       bias_init=nn.initializers.zeros, precision=self.precision,
                       name="proj")(x)

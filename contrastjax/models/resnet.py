@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
+from contrastjax.models.nn import BatchNorm, Conv2d, max_pool
 from contrastjax.models.torch_import import (
     BN_NAMES, CONV_NAMES, TorchNames, load_state_dict, read_state_dict, to_state_dict)
 
@@ -56,9 +56,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     """Applies the block to ``[B, H, W, C]`` input."""
     out_features = self.planes * EXPANSION
-    conv = lambda f, k, s, p, name: layers.Conv2d(  # noqa: E731
+    conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
         f, k, s, p, kernel_init=KAIMING_FAN_OUT, dtype=self.dtype, name=name)
-    bn = lambda name: layers.BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
+    bn = lambda name: BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
     y = nn.relu(bn("bn1")(conv(self.planes, 1, 1, 0, "conv1")(x), train))
     y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, 1, "conv2")(y), train))
     y = bn("bn3")(conv(out_features, 1, 1, 0, "conv3")(y), train)
@@ -100,11 +100,11 @@ class ResNet(nn.Module):
     if not 1 <= len(self.stage_sizes) <= 4:
       raise ValueError(f"stage_sizes must have 1 to 4 entries, got {self.stage_sizes}")
     x = x.astype(self.dtype)
-    x = layers.Conv2d(self.stem_width, 7, 2, 3, kernel_init=KAIMING_FAN_OUT,
+    x = Conv2d(self.stem_width, 7, 2, 3, kernel_init=KAIMING_FAN_OUT,
                       dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
     features = {"layer0": x}
-    x = layers.max_pool(x, 3, 2, 1)
+    x = max_pool(x, 3, 2, 1)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         stride = 2 if stage > 0 and block == 0 else 1

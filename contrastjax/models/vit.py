@@ -67,7 +67,7 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from contrastjax.models import layers
+from contrastjax.models.nn import TORCH_DEFAULT_KERNEL_INIT, torch_default_bias_init
 from contrastjax.models.torch_import import (
     CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict, torch_mapping)
@@ -156,7 +156,7 @@ class PatchEmbed(nn.Module):
   The same sums as the strided convolution (trailing rows/columns that do not fill a
   patch are dropped, as PyTorch does), with a plain matmul gradient (XLA:CPU's
   strided-convolution kernel gradients are slow). The kernel is stored HWIO
-  ``[p, p, C, D]`` like :class:`layers.Conv2d`; PyTorch's default init.
+  ``[p, p, C, D]`` like :class:`~contrastjax.models.nn.Conv2d`; PyTorch's default init.
 
   Attributes:
     features: Embedding width ``D``.
@@ -175,9 +175,9 @@ class PatchEmbed(nn.Module):
     b, h, w, c = x.shape
     p = self.patch_size
     fan_in = p * p * c
-    kernel = self.param("kernel", layers.TORCH_DEFAULT_KERNEL_INIT,
+    kernel = self.param("kernel", TORCH_DEFAULT_KERNEL_INIT,
                         (p, p, c, self.features), jnp.float32)
-    bias = self.param("bias", layers.torch_default_bias_init(fan_in), (self.features,),
+    bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,),
                       jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     gh, gw = h // p, w // p

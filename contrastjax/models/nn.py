@@ -1,15 +1,20 @@
-"""PyTorch-convention building blocks in Flax linen (NHWC), and PyTorch weight import.
+"""PyTorch-convention layers in Flax linen (NHWC).
 
 The models under ``contrastjax.models`` are ports of PyTorch reference code. The layers
 here reproduce the PyTorch numerics that matter for weight-level parity:
 
+* :func:`torch_default_kernel_init` / :func:`torch_default_bias_init`: PyTorch's default
+  ``Conv2d`` / ``Linear`` initialisation.
 * :class:`Conv2d`: explicit symmetric padding (Flax ``'SAME'`` pads asymmetrically for
-  stride 2), HWIO kernels, PyTorch's default initialisation.
+  stride 2), HWIO kernels, PyTorch's default initialisation; the convolution itself is
+  :func:`contrastjax.models.conv_grad.conv2d`.
 * :class:`BatchNorm`: ``BatchNorm2d`` semantics (eps 1e-5, torch momentum 0.1, biased
-  variance for normalising, *unbiased* variance for the running estimate).
+  variance for normalising, *unbiased* variance for the running estimate), optionally
+  with per-group statistics.
+* :class:`CBR`: Conv -> BatchNorm -> ReLU.
 * :func:`max_pool`: ``MaxPool2d`` with ``-inf`` padding.
 
-The PyTorch ``state_dict`` naming of the models and its I/O are in
+The PyTorch ``state_dict`` naming of these layers and its I/O are in
 :mod:`contrastjax.models.torch_import`.
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ from contrastjax.models.conv_grad import conv2d
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
+
 
 # ----------------------------------------------------------------------------- inits
 def torch_default_kernel_init() -> Initializer:
