@@ -148,7 +148,7 @@ def _check_same(fast, slow, args, rtol32=5e-6):
 def test_conv2d_tap_kernel_gradient(monkeypatch, k, stride, padding, dilation, hw, c_in):
   monkeypatch.setattr(conv_grad, "TAP_KERNEL_GRAD_MIN_FLOPS", 0)  # small test shapes
   assert conv_grad._use_tap_kernel_grad((2, *hw, c_in), (k, k, c_in, 8), stride, padding,
-                                     dilation)
+                                        dilation)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, *hw, c_in))
   w = rng.normal(size=(k, k, c_in, 8)) / np.sqrt(k * k * c_in)
@@ -210,7 +210,7 @@ def test_outlook_aggregate_is_fold_of_window_attention(k, hw, heads, head_dim):
   _check_same(lambda v, a: condseg_ops.outlook_aggregate(v, a, k, pad), unfolded,
               (values, attn))
   bf16 = condseg_ops.outlook_aggregate(jnp.asarray(values, jnp.bfloat16),
-                                  jnp.asarray(attn, jnp.bfloat16), k, pad)
+                                       jnp.asarray(attn, jnp.bfloat16), k, pad)
   assert bf16.dtype == jnp.bfloat16
   assert _max_rel(bf16.astype(jnp.float32), unfolded(values, attn)) < 2e-2
 

@@ -154,7 +154,7 @@ def test_siamseg_parameter_counts():
   names = {f"model.decode_head.{k}" for k in torch_import.torch_mapping(
       head, daformer.head_torch_names(head["params"]))}
   names |= {f"contras_model.{k}" for k in torch_import.torch_mapping(simsiam,
-                                                                daformer.SIMSIAM_NAMES)}
+                                                                     daformer.SIMSIAM_NAMES)}
   assert {"model.decode_head.embed_layers.3.proj.weight",
           "model.decode_head.fuse_layer.aspp_modules.3.pointwise_conv.bn.running_var",
           "model.decode_head.fuse_layer.bottleneck.conv.weight",
@@ -216,7 +216,7 @@ def test_daformer_head_parity_with_torch_reference():
   np.testing.assert_allclose(evaluated, expected_eval, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(trained, expected_train, atol=1e-4, rtol=1e-4)
   new_state = torch_import.to_state_dict({"params": variables["params"], "batch_stats": stats},
-                                   daformer.head_torch_names(variables["params"]))
+                                         daformer.head_torch_names(variables["params"]))
   for key in ("fuse_layer.aspp_modules.2.depthwise_conv.bn.running_var",
               "fuse_layer.image_pool.1.bn.running_mean", "fuse_layer.bottleneck.bn.running_var"):
     np.testing.assert_allclose(new_state[key], ref.state_dict()[key].numpy(), atol=1e-5,

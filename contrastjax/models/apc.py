@@ -318,11 +318,11 @@ class LargeFOV(nn.Module):
     """``[B, h, w, D]`` -> ``[B, h, w, C + 1]``."""
     d = self.dilation
     x = nn.relu(Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
-                              name="conv6")(x))
+                       name="conv6")(x))
     x = nn.relu(Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
-                              name="conv7")(x))
+                       name="conv7")(x))
     return Conv2d(self.num_classes + 1, 1, use_bias=False, dtype=self.dtype,
-                         name="conv8")(x)
+                  name="conv8")(x)
 
 
 class ASPP(nn.Module):
@@ -348,8 +348,8 @@ class ASPP(nn.Module):
     out = None
     for i, r in enumerate(self.rates):
       y = Conv2d(self.num_classes + 1, 3, 1, r, r, use_bias=True, dtype=self.dtype,
-                        kernel_init=ASPP_INIT, bias_init=nn.initializers.zeros,
-                        name=f"c{i}")(x)
+                 kernel_init=ASPP_INIT, bias_init=nn.initializers.zeros,
+                 name=f"c{i}")(x)
       out = y if out is None else out + y
     if out is None:
       raise ValueError("ASPP needs at least one rate")
@@ -364,7 +364,7 @@ LARGEFOV_NAMES = TorchNames(children={
 def aspp_torch_names(num_rates: int = 4) -> TorchNames:
   """PyTorch (ToCo) names of an :class:`ASPP` with ``num_rates`` branches (``c0``...)."""
   return TorchNames(children={f"c{i}": (f"c{i}", CONV_NAMES)
-                                     for i in range(num_rates)})
+                              for i in range(num_rates)})
 
 
 # ----------------------------------------------------------------------------- network

@@ -95,7 +95,7 @@ class Bottleneck(nn.Module):
     """Applies the block to ``[B, H, W, C]`` input."""
     out_features = self.planes * EXPANSION
     conv = lambda f, k, p, name: Conv2d(f, k, 1, p, dtype=self.dtype,  # noqa: E731
-                                               name=name)
+                                        name=name)
     bn = lambda name: BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
     y = nn.relu(bn("bn1")(conv(self.planes, 1, 0, "conv1")(x), train))
     y = nn.relu(bn("bn2")(conv(self.planes, 3, 1, "conv2")(y), train))
@@ -291,7 +291,7 @@ def load(variables: Mapping[str, PyTree],
   """
   state, ignored = visual_state_dict(read_state_dict(path_or_state_dict))
   new, unused = load_state_dict(variables, state, torch_names(variables["params"]),
-                                       what="OpenCLIP ModifiedResNet")
+                                what="OpenCLIP ModifiedResNet")
   return new, sorted(ignored + ["visual." + k if ignored else k for k in unused])
 
 

@@ -586,7 +586,7 @@ def load(variables: Mapping[str, PyTree],
   sub = {c: {"encoder": variables[c]["encoder"]} for c in ("params", "batch_stats")
          if c in variables}
   loaded, ignored = load_state_dict(sub, state, names, ignore=ignore,
-                                           what=f"{what} (encoder only)")
+                                    what=f"{what} (encoder only)")
   new_variables = {c: dict(v) for c, v in variables.items()}
   for c, tree in loaded.items():
     new_variables[c]["encoder"] = tree["encoder"]

@@ -104,8 +104,8 @@ class ConvModule(nn.Module):
                               dtype=self.dtype, kernel_init=KAIMING_FAN_OUT, name="conv")(x)
     else:
       x = Conv2d(self.features, self.kernel_size, 1, self.padding, self.dilation,
-                        use_bias=False, dtype=self.dtype, kernel_init=KAIMING_FAN_OUT,
-                        name="conv")(x)
+                 use_bias=False, dtype=self.dtype, kernel_init=KAIMING_FAN_OUT,
+                 name="conv")(x)
     return nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x, train))
 
 
@@ -227,8 +227,8 @@ class DAFormerHead(nn.Module):
     fused = x
     x = nn.Dropout(self.dropout_ratio, broadcast_dims=(1, 2))(x, deterministic=det)
     logits = Conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
-                           kernel_init=nn.initializers.normal(0.01),
-                           bias_init=nn.initializers.zeros, name="conv_seg")(x)
+                    kernel_init=nn.initializers.normal(0.01),
+                    bias_init=nn.initializers.zeros, name="conv_seg")(x)
     return logits, {"fused": fused}
 
 
@@ -279,7 +279,7 @@ class SimSiamPredictor(nn.Module):
     """``z`` ``[B, D]`` -> ``p`` ``[B, features]``."""
     x = _linear(self.hidden_features, z.shape[-1], False, self.dtype, "linear1")(z)
     x = nn.relu(BatchNorm(dtype=self.dtype, group_size=self.bn_group_size,
-                                 name="bn1")(x, train))
+                          name="bn1")(x, train))
     return _linear(self.features, x.shape[-1], True, self.dtype, "linear2")(x)
 
 
@@ -325,7 +325,7 @@ def simsiam_loss(p1: Array, p2: Array, z1: Array, z2: Array) -> Array:
 # ----------------------------------------------------------------------------- torch names
 _BN = BN_NAMES
 _CONV_MODULE_NAMES = TorchNames(children={"conv": ("conv", CONV_NAMES),
-                                                 "bn": ("bn", _BN)})
+                                          "bn": ("bn", _BN)})
 _DSCONV_NAMES = TorchNames(children={
     "depthwise_conv": ("depthwise_conv", _CONV_MODULE_NAMES),
     "pointwise_conv": ("pointwise_conv", _CONV_MODULE_NAMES)})
@@ -513,7 +513,7 @@ def load(variables: Mapping[str, PyTree],
     used_prefixes += [contrast_prefix + "fc.", contrast_prefix + "predictor."]
   head_state = {k: v for k, v in state.items() if k.startswith(tuple(used_prefixes))}
   loaded, _ = load_state_dict(sub, head_state, TorchNames(children=names),
-                                     what="SiamSeg decode head / SimSiam state dict")
+                              what="SiamSeg decode head / SimSiam state dict")
   new_variables = {c: dict(v) for c, v in variables.items()}
   new_variables["params"]["backbone"] = encoder["params"]
   for c, tree in loaded.items():
@@ -535,7 +535,7 @@ def to_torch_state_dict(variables: Mapping[str, PyTree], backbone_style: str = "
   rest = {c: {k: v for k, v in tree.items() if k != "backbone"}
           for c, tree in variables.items()}
   names = TorchNames(children={k: v for k, v in torch_names(params).children.items()
-                                      if k != "backbone"})
+                               if k != "backbone"})
   state = to_state_dict(rest, names)
   backbone = mit.to_torch_state_dict({"params": params["backbone"]}, backbone_style)
   state.update({f"model.backbone.{k}": v for k, v in backbone.items()})

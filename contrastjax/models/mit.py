@@ -225,9 +225,9 @@ class OverlapPatchEmbed(nn.Module):
   def __call__(self, x: Array) -> Array:
     """``[B, H, W, C_in]`` -> ``[B, H/stride, W/stride, features]``."""
     x = Conv2d(self.features, self.patch_size, self.stride, self.patch_size // 2,
-                      use_bias=True, dtype=self.dtype, kernel_init=CONV_INIT,
-                      bias_init=nn.initializers.zeros, precision=self.precision,
-                      name="proj")(x)
+               use_bias=True, dtype=self.dtype, kernel_init=CONV_INIT,
+               bias_init=nn.initializers.zeros, precision=self.precision,
+               name="proj")(x)
     return _layer_norm(self.eps, self.dtype, "norm")(x)
 
 
@@ -493,7 +493,7 @@ def mit(variant: str = "b5", **overrides: Any) -> MixVisionTransformer:
 
 # ----------------------------------------------------------------------------- torch names
 LN_NAMES = TorchNames(leaves={("params", "scale"): ("weight", "none"),
-                                     ("params", "bias"): ("bias", "none")})
+                              ("params", "bias"): ("bias", "none")})
 _ATTN_NAMES = TorchNames(children={
     "q": ("q", LINEAR_NAMES), "kv": ("kv", LINEAR_NAMES),
     "proj": ("proj", LINEAR_NAMES), "sr": ("sr", CONV_NAMES),

@@ -101,7 +101,7 @@ class ResNet(nn.Module):
       raise ValueError(f"stage_sizes must have 1 to 4 entries, got {self.stage_sizes}")
     x = x.astype(self.dtype)
     x = Conv2d(self.stem_width, 7, 2, 3, kernel_init=KAIMING_FAN_OUT,
-                      dtype=self.dtype, name="conv1")(x)
+               dtype=self.dtype, name="conv1")(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
     features = {"layer0": x}
     x = max_pool(x, 3, 2, 1)
@@ -182,7 +182,7 @@ def load(variables: Mapping[str, PyTree],
   state = read_state_dict(path_or_state_dict)
   params = variables["params"]
   return load_state_dict(variables, state, torch_names(params.keys(), "torchvision"),
-                                ignore=torchvision_ignored(params), what="torchvision ResNet")
+                         ignore=torchvision_ignored(params), what="torchvision ResNet")
 
 
 def torchvision_ignored(params: Mapping[str, Any]) -> Callable[[str], bool]:

@@ -504,14 +504,14 @@ def vit(variant: str = "b16", **overrides: Any) -> VisionTransformer:
 
 # ----------------------------------------------------------------------------- torch names
 LN_NAMES = TorchNames(leaves={("params", "scale"): ("weight", "none"),
-                                     ("params", "bias"): ("bias", "none")})
+                              ("params", "bias"): ("bias", "none")})
 _BLOCK_NAMES = TorchNames(children={
     "norm1": ("norm1", LN_NAMES),
     "attn": ("attn", TorchNames(children={"qkv": ("qkv", LINEAR_NAMES),
-                                                 "proj": ("proj", LINEAR_NAMES)})),
+                                          "proj": ("proj", LINEAR_NAMES)})),
     "norm2": ("norm2", LN_NAMES),
     "mlp": ("mlp", TorchNames(children={"fc1": ("fc1", LINEAR_NAMES),
-                                               "fc2": ("fc2", LINEAR_NAMES)}))})
+                                        "fc2": ("fc2", LINEAR_NAMES)}))})
 _BLOCK_RE = re.compile(r"^blocks_(\d+)$")
 
 
