@@ -1,8 +1,10 @@
 """``torch.nn.functional.conv2d`` in NHWC/HWIO with a faster kernel gradient on XLA:CPU.
 
-:func:`conv2d` is XLA's convolution forward and for the input gradient; for convolutions
-with enough channels and work it computes the kernel gradient as one matmul per kernel
-tap instead of XLA:CPU's slow weight-gradient convolution (BENCHMARKS.md).
+:func:`conv2d` is XLA's convolution forward and for the input gradient. On the CPU
+backend (``impl='auto'``), for convolutions with enough channels and work, it computes
+the kernel gradient as one matmul per kernel tap instead of XLA:CPU's slow
+weight-gradient convolution (BENCHMARKS.md); on other backends it is plain
+``lax.conv_general_dilated`` with XLA's own gradient.
 """
 from __future__ import annotations
 
@@ -49,23 +51,43 @@ def _use_tap_kernel_grad(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]
   return 2 * b * ho * wo * c * o * k * k >= TAP_KERNEL_GRAD_MIN_FLOPS
 
 
+#: The :func:`conv2d` implementations (``impl``).
+IMPLS = ("auto", "taps", "conv")
+
+
+def resolve_impl(impl: str) -> str:
+  """``'taps'`` or ``'conv'``: ``'auto'`` is ``'taps'`` on the CPU backend, else ``'conv'``."""
+  if impl not in IMPLS:
+    raise ValueError(f"conv2d impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "taps" if jax.default_backend() == "cpu" else "conv"
+  return impl
+
+
 def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
-           dilation: int = 1, precision: Any = None) -> Array:
+           dilation: int = 1, precision: Any = None, impl: str = "auto") -> Array:
   """NHWC/HWIO convolution with symmetric zero padding (``torch.nn.functional.conv2d``).
 
-  The forward pass and the input gradient are XLA's. The kernel gradient of a
-  convolution with at least :data:`TAP_KERNEL_GRAD_MIN_FEATURES` input channels (and,
-  for ``k > 1``, at least :data:`TAP_KERNEL_GRAD_MIN_FLOPS` of work) is computed as one
-  matmul per kernel tap,
-  ``dK[ki, kj] = sum_{b,y,x} x_pad[b, y*s + ki*d, x*s + kj*d, :]^T dy[b, y, x, :]``,
-  instead of XLA's transposed convolution: XLA:CPU runs that "weight-gradient
-  convolution" (a window as large as the feature map) several times slower than the
-  forward convolution (e.g. 4-7 s against 0.6-0.9 s for a 3x3 128->128 convolution on
-  4x256x256 maps; BENCHMARKS.md). Same sums in a different order: the results agree to
-  float32 round-off (and to 1e-13 in float64). Taps that only ever see the zero padding
-  (large dilations on small maps) get an exact zero gradient without a matmul.
+  Two implementations of the same function (``impl``), both with XLA's forward pass
+  and input gradient:
+
+  * ``'conv'``: ``lax.conv_general_dilated`` and its autodiff.
+  * ``'taps'``: the kernel gradient of a convolution with at least
+    :data:`TAP_KERNEL_GRAD_MIN_FEATURES` input channels (and, for ``k > 1``, at least
+    :data:`TAP_KERNEL_GRAD_MIN_FLOPS` of work; smaller ones as ``'conv'``) is computed as
+    one matmul per kernel tap,
+    ``dK[ki, kj] = sum_{b,y,x} x_pad[b, y*s + ki*d, x*s + kj*d, :]^T dy[b, y, x, :]``,
+    instead of XLA's transposed convolution: XLA:CPU runs that "weight-gradient
+    convolution" (a window as large as the feature map) several times slower than the
+    forward convolution (e.g. 4-7 s against 0.6-0.9 s for a 3x3 128->128 convolution on
+    4x256x256 maps; BENCHMARKS.md). Same sums in a different order: the results agree to
+    float32 round-off (and to 1e-13 in float64). Taps that only ever see the zero padding
+    (large dilations on small maps) get an exact zero gradient without a matmul.
+  * ``'auto'`` (default): ``'taps'`` when JAX's default backend is the CPU (where it was
+    measured), else ``'conv'`` (XLA's own weight-gradient convolution, cuDNN's on GPUs).
   """
-  if not _use_tap_kernel_grad(x.shape, kernel.shape, stride, padding, dilation):
+  if (resolve_impl(impl) == "conv"
+      or not _use_tap_kernel_grad(x.shape, kernel.shape, stride, padding, dilation)):
     return _conv(x, kernel, stride, padding, dilation, precision)
   return _tap_grad_conv(stride, padding, dilation, precision)(x, kernel)
 

@@ -74,6 +74,8 @@ class Conv2d(nn.Module):
     kernel_init: Kernel initialiser (default: PyTorch's default).
     bias_init: Bias initialiser (default: PyTorch's default, from the fan-in).
     precision: ``lax`` precision of the convolution.
+    impl: Kernel-gradient implementation of :func:`~contrastjax.models.conv_grad.conv2d`
+      (``'auto'``: per-tap matmuls on the CPU backend, XLA's elsewhere).
   """
   features: int
   kernel_size: int = 3
@@ -86,6 +88,7 @@ class Conv2d(nn.Module):
   kernel_init: Initializer = TORCH_DEFAULT_KERNEL_INIT
   bias_init: Initializer | None = None
   precision: Any = None
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -100,7 +103,7 @@ class Conv2d(nn.Module):
       bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = conv2d(x, kernel, stride=self.stride, padding=self.padding,
-               dilation=self.dilation, precision=self.precision)
+               dilation=self.dilation, precision=self.precision, impl=self.impl)
     if bias is not None:
       y = y + bias
     return y
