@@ -173,17 +173,6 @@ def test_siamseg_parameter_counts():
 
 
 # ----------------------------------------------------------------------------- parity
-def test_resize_bilinear_matches_torch():
-  torch = pytest.importorskip("torch")
-  x = randn((2, 5, 7, 3))
-  for size in ((16, 16), (10, 14), (3, 4)):
-    expected = torch.nn.functional.interpolate(
-        torch.from_numpy(x.transpose(0, 3, 1, 2)), size=size, mode="bilinear",
-        align_corners=False).numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(daformer.resize_bilinear(jnp.asarray(x), size), expected,
-                               atol=1e-5)
-
-
 def test_daformer_head_parity_with_torch_reference():
   torch = pytest.importorskip("torch")
   in_channels, embed, ch, classes = (16, 24, 40, 48), 16, 24, 5

@@ -75,3 +75,25 @@ def test_resize_to_size_matches_torch():
                                          align_corners=True).numpy().transpose(0, 2, 3, 1)
   got = np.asarray(resample.resize_bilinear_align_corners(jnp.asarray(x), (5, 16)))
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- half-pixel
+def test_resize_half_pixel_matches_torch():
+  torch = pytest.importorskip("torch")
+  x = _rand((2, 5, 7, 3))
+  for size in ((16, 16), (10, 14), (3, 4)):
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)), size=size, mode="bilinear",
+        align_corners=False).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(resample.resize_bilinear_half_pixel(jnp.asarray(x), size),
+                               expected, atol=1e-5)
+
+
+def test_resize_half_pixel_is_jax_image_resize_and_keeps_same_size_input():
+  x = jnp.asarray(_rand((2, 5, 7, 3)), jnp.bfloat16)
+  same = resample.resize_bilinear_half_pixel(x, np.array([5, 7]))
+  assert same is x
+  got = resample.resize_bilinear_half_pixel(x, (9.0, 4))
+  assert got.dtype == jnp.bfloat16 and got.shape == (2, 9, 4, 3)
+  want = jax.image.resize(x, (2, 9, 4, 3), "bilinear", antialias=False)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -42,6 +42,7 @@ import numpy as np
 from contrastjax.models import mit
 from contrastjax.models.nn import (
     BatchNorm, Conv2d, TORCH_DEFAULT_KERNEL_INIT, torch_default_bias_init)
+from contrastjax.models.resample import resize_bilinear_half_pixel
 from contrastjax.models.torch_import import (
     BN_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict)
@@ -52,19 +53,6 @@ PyTree = Any
 
 #: mmcv ``ConvModule`` conv init: ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``.
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
-  """``F.interpolate(x, size, mode='bilinear', align_corners=False)`` for NHWC ``x``.
-
-  Without antialiasing: equal to PyTorch for upsampling and downsampling (half-pixel
-  centres; PyTorch clamps source positions below 0, which the renormalised triangle
-  kernel of ``jax.image.resize`` reproduces).
-  """
-  b, h, w, c = x.shape
-  if (h, w) == tuple(size):
-    return x
-  return jax.image.resize(x, (b, size[0], size[1], c), "bilinear", antialias=False)
 
 
 def _linear(features: int, fan_in: int, use_bias: bool, dtype: Dtype, name: str) -> nn.Dense:
@@ -217,7 +205,7 @@ class DAFormerHead(nn.Module):
     embedded = []
     for i, f in enumerate(features):
       e = _linear(self.embed_dims, f.shape[-1], True, self.dtype, f"embed_{i}")(f)
-      embedded.append(resize_bilinear(e, size))
+      embedded.append(resize_bilinear_half_pixel(e, size))
     x = jnp.concatenate(embedded, axis=-1)
     if self.fusion == "conv":
       x = ConvModule(self.channels, 1, dtype=self.dtype, name="fuse_layer")(x, train)

@@ -3,12 +3,14 @@
 * :func:`resize_bilinear_align_corners` / :func:`upsample`: ``F.interpolate(mode=
   'bilinear', align_corners=True)`` / ``nn.Upsample(..., align_corners=True)``, as
   separable static gathers with an exact gather-based adjoint (no scatter-add).
+* :func:`resize_bilinear_half_pixel`: ``F.interpolate(mode='bilinear',
+  align_corners=False)`` (torch's default), ``jax.image.resize`` without antialiasing.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -137,3 +139,18 @@ def upsample(x: Array, scale: int, precision: Any = None) -> Array:
   """``nn.Upsample(scale_factor=scale, mode='bilinear', align_corners=True)``, NHWC."""
   _, h, w, _ = x.shape
   return resize_bilinear_align_corners(x, (h * scale, w * scale), precision)
+
+
+def resize_bilinear_half_pixel(x: Array, size: Sequence[int]) -> Array:
+  """``F.interpolate(x, size, mode='bilinear', align_corners=False)`` for NHWC ``x``.
+
+  ``jax.image.resize(..., 'bilinear', antialias=False)``: half-pixel centres, equal to
+  PyTorch for upsampling and downsampling (PyTorch clamps source positions below 0,
+  which the renormalised triangle kernel of ``jax.image.resize`` reproduces) and to
+  cv2's ``INTER_LINEAR`` also when shrinking. ``size = (H_out, W_out)`` (entries cast to
+  ``int``); an input already of that size is returned as is.
+  """
+  size = (int(size[0]), int(size[1]))
+  if tuple(x.shape[1:3]) == size:
+    return x
+  return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), "bilinear", antialias=False)
