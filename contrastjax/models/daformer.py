@@ -295,7 +295,13 @@ class SimSiam(nn.Module):
 
 
 def cosine_similarity(a: Array, b: Array, eps: float = 1e-8) -> Array:
-  """``torch.nn.CosineSimilarity(dim=-1, eps)``: ``a.b / sqrt(max(|a|^2 |b|^2, eps^2))``."""
+  """``torch.nn.CosineSimilarity(dim=-1, eps)`` as in the reference's torch 1.10.2.
+
+  ``a.b / sqrt(max(|a|^2 |b|^2, eps^2))``, ATen's formula in torch 1.1-1.11 (squared
+  norms, so, like it, 0 once ``|a|^2 |b|^2`` overflows float32). Mathematically that
+  is the documented ``a.b / max(|a| |b|, eps)``; torch >= 1.12 clamps each norm instead,
+  ``(a / max(|a|, eps)) . (b / max(|b|, eps))``, which differs when ``|a| |b| < eps``.
+  """
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
   dot = jnp.sum(a * b, axis=-1)
