@@ -4,11 +4,13 @@
   reference, and writes its JSON report.
 * The benchmark's PyTorch stage-2 loss equals ``condseg_losses.condseg_stage2_loss`` in
   the reference's semantics (double sigmoid, batch-summed beta).
-* The fast formulations BENCHMARKS.md reports (per-tap kernel gradients of ``conv2d``,
+* The fast formulations BENCHMARKS.md reports (per-tap kernel gradients of ``conv2d``
+  on the CPU, and its other backends' plain path equal to them,
   gather-based align-corners resize, ``outlook_aggregate`` for CDFA) give the values and
   gradients of the straightforward ones: equal to ~1e-13 in float64, to float32
   round-off in float32.
 """
+import functools
 import json
 import os
 import subprocess
@@ -21,7 +23,10 @@ import numpy as np
 import pytest
 
 from contrastjax import benchmark
-from contrastjax.models import layers
+from contrastjax.models import condseg_ops
+from contrastjax.models import conv_grad
+from contrastjax.models import resample
+from contrastjax.models.nn import Conv2d
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,9 +146,9 @@ def _check_same(fast, slow, args, rtol32=5e-6):
     (3, 1, 18, 18, (16, 16), 16), (1, 2, 0, 1, (12, 12), 20), (1, 1, 0, 1, (7, 5), 24),
     (7, 2, 3, 1, (17, 15), 16)])
 def test_conv2d_tap_kernel_gradient(monkeypatch, k, stride, padding, dilation, hw, c_in):
-  monkeypatch.setattr(layers, "TAP_KERNEL_GRAD_MIN_FLOPS", 0)  # small test shapes
-  assert layers._use_tap_kernel_grad((2, *hw, c_in), (k, k, c_in, 8), stride, padding,
-                                     dilation)
+  monkeypatch.setattr(conv_grad, "TAP_KERNEL_GRAD_MIN_FLOPS", 0)  # small test shapes
+  assert conv_grad._use_tap_kernel_grad((2, *hw, c_in), (k, k, c_in, 8), stride, padding,
+                                        dilation)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, *hw, c_in))
   w = rng.normal(size=(k, k, c_in, 8)) / np.sqrt(k * k * c_in)
@@ -155,22 +160,70 @@ def test_conv2d_tap_kernel_gradient(monkeypatch, k, stride, padding, dilation, h
                                     dimension_numbers=dims)
 
   def fast(x, w):
-    return layers.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    return conv_grad.conv2d(x, w, stride=stride, padding=padding, dilation=dilation,
+                            impl="taps")
 
   _check_same(fast, xla, (x, w))
 
 
+@pytest.mark.parametrize("k,stride,padding,dilation,hw,c_in", [
+    (3, 1, 1, 1, (9, 11), 16), (3, 2, 1, 1, (10, 10), 32), (3, 1, 6, 6, (12, 12), 16),
+    (1, 2, 0, 1, (12, 12), 20)])
+def test_conv2d_gpu_path_equals_cpu_path(monkeypatch, k, stride, padding, dilation, hw,
+                                          c_in):
+  """``impl='conv'`` (what ``'auto'`` picks off the CPU) = ``'taps'`` (the CPU's pick)."""
+  monkeypatch.setattr(conv_grad, "TAP_KERNEL_GRAD_MIN_FLOPS", 0)  # small test shapes
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, *hw, c_in))
+  w = rng.normal(size=(k, k, c_in, 8)) / np.sqrt(k * k * c_in)
+  conv = {impl: functools.partial(conv_grad.conv2d, stride=stride, padding=padding,
+                                  dilation=dilation, impl=impl) for impl in ("taps", "conv")}
+  _check_same(conv["conv"], conv["taps"], (x, w))
+
+  # The layer: same values and gradients (input and parameters) with either switch.
+  x32 = jnp.asarray(x, jnp.float32)
+  convs = {impl: Conv2d(8, k, stride, padding, dilation, use_bias=True, impl=impl)
+           for impl in ("taps", "conv")}
+  variables = convs["taps"].init(jax.random.key(0), x32)
+
+  def loss(layer, v, x):
+    return jnp.sum(jnp.sin(layer.apply(v, x)))
+
+  out = {i: jax.jit(jax.value_and_grad(functools.partial(loss, l), argnums=(0, 1)))(
+      variables, x32) for i, l in convs.items()}
+  for got, want in zip(jax.tree.leaves(out["conv"]), jax.tree.leaves(out["taps"])):
+    assert _max_rel(got, want) < 1e-5
+
+
+def test_conv2d_auto_picks_taps_on_cpu_only(monkeypatch):
+  monkeypatch.setattr(conv_grad, "TAP_KERNEL_GRAD_MIN_FLOPS", 0)
+  x, w = jnp.zeros((2, 8, 8, 16)), jnp.zeros((3, 3, 16, 16))
+
+  def custom_vjp(impl):
+    jaxpr = jax.make_jaxpr(lambda x, w: conv_grad.conv2d(x, w, padding=1, impl=impl))(x, w)
+    return "custom_vjp" in str(jaxpr)
+
+  assert custom_vjp("taps") and not custom_vjp("conv")
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert conv_grad.resolve_impl("auto") == "taps" and custom_vjp("auto")
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert conv_grad.resolve_impl("auto") == "conv" and not custom_vjp("auto")
+  with pytest.raises(ValueError, match="impl"):
+    conv_grad.conv2d(x, w, impl="cudnn")
+
+
 def test_conv2d_uses_xla_gradient_for_thin_or_small_convolutions():
-  assert not layers._use_tap_kernel_grad((4, 256, 256, 3), (7, 7, 3, 64), 2, 3, 1)
-  assert not layers._use_tap_kernel_grad((2, 16, 16, 16), (3, 3, 16, 16), 1, 1, 1)
-  assert layers._use_tap_kernel_grad((2, 16, 16, 16), (1, 1, 16, 16), 1, 0, 1)
-  assert layers._use_tap_kernel_grad((4, 256, 256, 64), (3, 3, 64, 64), 1, 1, 1)
+  assert not conv_grad._use_tap_kernel_grad((4, 256, 256, 3), (7, 7, 3, 64), 2, 3, 1)
+  assert not conv_grad._use_tap_kernel_grad((2, 16, 16, 16), (3, 3, 16, 16), 1, 1, 1)
+  assert conv_grad._use_tap_kernel_grad((2, 16, 16, 16), (1, 1, 16, 16), 1, 0, 1)
+  assert conv_grad._use_tap_kernel_grad((4, 256, 256, 64), (3, 3, 64, 64), 1, 1, 1)
 
 
 def _resize_by_matrices(x, size):
   """The align-corners resize as dense per-axis interpolation matrices (einsum)."""
   def matrix(n_in, n_out):
-    plan = layers._align_corners_plan(n_in, n_out, x.dtype == jnp.float64)
+    plan = resample._align_corners_plan(n_in, n_out, x.dtype == jnp.float64)
     m = np.zeros((n_out, n_in), plan.w0.dtype)
     np.add.at(m, (np.arange(n_out), plan.i0), plan.w0)
     np.add.at(m, (np.arange(n_out), plan.i1), plan.w1)
@@ -184,7 +237,7 @@ def _resize_by_matrices(x, size):
                                           ((5, 5), (5, 9))])
 def test_resize_gradient_is_the_transposed_interpolation(in_hw, out_hw):
   x = np.random.default_rng(2).normal(size=(2, *in_hw, 3))
-  _check_same(lambda x: layers.resize_bilinear_align_corners(x, out_hw),
+  _check_same(lambda x: resample.resize_bilinear_align_corners(x, out_hw),
               lambda x: _resize_by_matrices(x, out_hw), (x,))
 
 
@@ -198,14 +251,14 @@ def test_outlook_aggregate_is_fold_of_window_attention(k, hw, heads, head_dim):
 
   def unfolded(values, attn):
     b, h, w, c = values.shape
-    windows = layers.unfold(values, k, pad).reshape(b, h, w, heads, head_dim, k * k)
+    windows = condseg_ops.unfold(values, k, pad).reshape(b, h, w, heads, head_dim, k * k)
     out = jnp.einsum("bxyhij,bxyhdj->bxyhdi", attn, windows)
-    return layers.fold(out.reshape(b, h, w, c * k * k), (h, w), k, pad)
+    return condseg_ops.fold(out.reshape(b, h, w, c * k * k), (h, w), k, pad)
 
-  _check_same(lambda v, a: layers.outlook_aggregate(v, a, k, pad), unfolded,
+  _check_same(lambda v, a: condseg_ops.outlook_aggregate(v, a, k, pad), unfolded,
               (values, attn))
-  bf16 = layers.outlook_aggregate(jnp.asarray(values, jnp.bfloat16),
-                                  jnp.asarray(attn, jnp.bfloat16), k, pad)
+  bf16 = condseg_ops.outlook_aggregate(jnp.asarray(values, jnp.bfloat16),
+                                       jnp.asarray(attn, jnp.bfloat16), k, pad)
   assert bf16.dtype == jnp.bfloat16
   assert _max_rel(bf16.astype(jnp.float32), unfolded(values, attn)) < 2e-2
 

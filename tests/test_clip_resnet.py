@@ -8,6 +8,7 @@ import pytest
 
 from contrastjax.models import clip as clip_model
 from contrastjax.models import clip_resnet as cr
+from contrastjax.models import torch_import
 
 TINY = dict(layers=(1, 1, 1, 1), width=16, image_size=64, embed_dim=32)  # heads 8
 RN50_VISUAL_PARAMS = 38_316_896  # open_clip.create_model('RN50').visual, counted below
@@ -55,7 +56,7 @@ def test_rn50_parameter_count_and_shapes():
   assert p["layer2_0"]["downsample_conv"]["kernel"].shape == (1, 1, 256, 512)
   assert "downsample_conv" in p["layer1_0"] and "downsample_conv" not in p["layer1_1"]
   assert cr.ModifiedResNet().num_heads == 32
-  keys = set(cr.torch_names(p.keys()) and cr.layers.torch_mapping(shapes, cr.torch_names(p)))
+  keys = set(cr.torch_names(p.keys()) and torch_import.torch_mapping(shapes, cr.torch_names(p)))
   assert {"attnpool.positional_embedding", "layer4.2.bn3.running_var",
           "layer3.0.downsample.0.weight", "conv3.weight"} <= keys
 

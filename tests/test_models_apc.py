@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from contrastjax.models import apc
-from contrastjax.models import layers
 from contrastjax.models import vit
+from contrastjax.models import torch_import
 
 # A small ViT: 64x64 inputs give a 4x4 patch grid.
 SMALL_VIT = (("embed_dim", 32), ("depth", 2), ("num_heads", 2))
@@ -241,13 +241,13 @@ def test_decoders_match_torch():
       (apc.LargeFOV(c), apc.LARGEFOV_NAMES, fov_t, want_fov),
       (apc.ASPP(c), apc.aspp_torch_names(4), aspp_t, want_aspp)):
     shapes = jax.eval_shape(module.init, jax.random.key(0), x)
-    variables, ignored = layers.load_state_dict(shapes, reference.state_dict(), names)
+    variables, ignored = torch_import.load_state_dict(shapes, reference.state_dict(), names)
     assert ignored == []
     assert count(variables) == sum(p.numel() for p in reference.parameters())
     got = jax.jit(module.apply)(variables, x)
     assert got.shape == (2, 24, 24, c + 1)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    exported = layers.to_state_dict(variables, names)
+    exported = torch_import.to_state_dict(variables, names)
     assert sorted(exported) == sorted(reference.state_dict())
   # Shapes and counts at ViT-B width, from the layer sizes.
   fov = jax.eval_shape(apc.LargeFOV(c).init, jax.random.key(0), jnp.zeros((1, 24, 24, 768)))

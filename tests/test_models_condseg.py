@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from contrastjax.models import condseg
-from contrastjax.models import layers
 from contrastjax.models import resnet
+from contrastjax.models import torch_import
 
 SMALL = dict(stage_sizes=(1, 1, 1), stem_width=8, base_width=4, dim=16, decouple_mid=16,
              num_heads=4, aux_widths=(8, 8, 8, 8, 8))
@@ -93,7 +93,7 @@ def test_parameter_counts_match_reference():
   assert count([cdfa3["input_cbr_0"], cdfa3["input_cbr_1"]]) == 442_880
   assert count(params["dconv4"]["c6"]) == 131_328 and count(params["dconv1"]["sa"]) == 98
   # 795 tensors + 142 num_batches_tracked = 937 reference state-dict keys.
-  mapping = layers.torch_mapping(shapes, condseg.torch_names(shapes))
+  mapping = torch_import.torch_mapping(shapes, condseg.torch_names(shapes))
   num_bn = sum(k.endswith("running_mean") for k in mapping)
   assert num_bn == 142 and len(mapping) + num_bn == 937
   assert count(shapes["batch_stats"]) + num_bn == 59_022

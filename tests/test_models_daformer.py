@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from contrastjax.models import daformer, layers, mit
+from contrastjax.models import daformer, mit, torch_import
 
 # SiamSeg sizes: MiT-B5 (81,443,008, see test_models_mit.py), the head with LoveDA's 7
 # classes and the SimSiam branch (512 -> 512 -> 2048, predictor 2048 -> 2048 -> 2048).
@@ -151,10 +151,10 @@ def test_siamseg_parameter_counts():
   assert "bias" not in simsiam["params"]["projector"]["linear2"]
   assert simsiam["params"]["predictor"]["linear2"]["bias"].shape == (2048,)
   # Every Flax variable has a reference name.
-  names = {f"model.decode_head.{k}" for k in layers.torch_mapping(
+  names = {f"model.decode_head.{k}" for k in torch_import.torch_mapping(
       head, daformer.head_torch_names(head["params"]))}
-  names |= {f"contras_model.{k}" for k in layers.torch_mapping(simsiam,
-                                                                daformer.SIMSIAM_NAMES)}
+  names |= {f"contras_model.{k}" for k in torch_import.torch_mapping(simsiam,
+                                                                     daformer.SIMSIAM_NAMES)}
   assert {"model.decode_head.embed_layers.3.proj.weight",
           "model.decode_head.fuse_layer.aspp_modules.3.pointwise_conv.bn.running_var",
           "model.decode_head.fuse_layer.bottleneck.conv.weight",
@@ -173,17 +173,6 @@ def test_siamseg_parameter_counts():
 
 
 # ----------------------------------------------------------------------------- parity
-def test_resize_bilinear_matches_torch():
-  torch = pytest.importorskip("torch")
-  x = randn((2, 5, 7, 3))
-  for size in ((16, 16), (10, 14), (3, 4)):
-    expected = torch.nn.functional.interpolate(
-        torch.from_numpy(x.transpose(0, 3, 1, 2)), size=size, mode="bilinear",
-        align_corners=False).numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(daformer.resize_bilinear(jnp.asarray(x), size), expected,
-                               atol=1e-5)
-
-
 def test_daformer_head_parity_with_torch_reference():
   torch = pytest.importorskip("torch")
   in_channels, embed, ch, classes = (16, 24, 40, 48), 16, 24, 5
@@ -193,7 +182,7 @@ def test_daformer_head_parity_with_torch_reference():
   head = daformer.DAFormerHead(classes, embed, ch, pool=True)
   shapes = jax.eval_shape(lambda k: head.init(k, feats, train=False), jax.random.key(0))
   state = {k: v.numpy() for k, v in ref.state_dict().items()}
-  variables, ignored = layers.load_state_dict(
+  variables, ignored = torch_import.load_state_dict(
       shapes, state, daformer.head_torch_names(shapes["params"]))
   assert ignored == []
   tfeats = [torch.from_numpy(f.transpose(0, 3, 1, 2)) for f in feats]
@@ -215,8 +204,8 @@ def test_daformer_head_parity_with_torch_reference():
   assert evaluated.shape == (3, 16, 16, classes)
   np.testing.assert_allclose(evaluated, expected_eval, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(trained, expected_train, atol=1e-4, rtol=1e-4)
-  new_state = layers.to_state_dict({"params": variables["params"], "batch_stats": stats},
-                                   daformer.head_torch_names(variables["params"]))
+  new_state = torch_import.to_state_dict({"params": variables["params"], "batch_stats": stats},
+                                         daformer.head_torch_names(variables["params"]))
   for key in ("fuse_layer.aspp_modules.2.depthwise_conv.bn.running_var",
               "fuse_layer.image_pool.1.bn.running_mean", "fuse_layer.bottleneck.bn.running_var"):
     np.testing.assert_allclose(new_state[key], ref.state_dict()[key].numpy(), atol=1e-5,
@@ -240,7 +229,7 @@ def test_simsiam_parity_with_torch_reference():
   shapes = jax.eval_shape(lambda k: model.init(k, jnp.asarray(x1), train=False),
                           jax.random.key(0))
   state = {k: v.numpy() for k, v in ref.state_dict().items()}
-  variables, _ = layers.load_state_dict(shapes, state, daformer.SIMSIAM_NAMES)
+  variables, _ = torch_import.load_state_dict(shapes, state, daformer.SIMSIAM_NAMES)
 
   def loss_fn(params, stats, a, b):
     v = {"params": params, "batch_stats": stats}

@@ -18,10 +18,11 @@ Reference (SiamSeg ``mmseg/models/segmentors/encoder_decoder.py``, spec §4.4):
   ISPRS: one scale (512, 512) on 512 crops, i.e. plain whole inference. The scaled image size is
   mmcv's keep-ratio ``rescale_size``.
 
-Bilinear resizing uses ``jax.image.resize(..., antialias=False)``, which samples at half-pixel
-centres like torch's ``align_corners=False`` and cv2's ``INTER_LINEAR`` also when shrinking (the
-reference resizes the uint8 image before normalising; resizing after normalising is the same up
-to uint8 rounding, as both are affine per pixel).
+Bilinear resizing is :func:`contrastjax.models.resample.resize_bilinear_half_pixel`
+(``jax.image.resize(..., antialias=False)``), which samples at half-pixel centres like torch's
+``align_corners=False`` and cv2's ``INTER_LINEAR`` also when shrinking (the reference resizes
+the uint8 image before normalising; resizing after normalising is the same up to uint8
+rounding, as both are affine per pixel).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastjax.data.transforms.mmseg import rescale_size
+from contrastjax.models.resample import resize_bilinear_half_pixel
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -39,25 +41,16 @@ LOVEDA_TTA_RATIOS = (0.75, 1.0, 1.25, 1.5)
 LOVEDA_IMG_SCALE = (1024, 1024)
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
-  """``F.interpolate(mode='bilinear', align_corners=False)`` of NHWC ``x`` to ``size = (h, w)``."""
-  size = (int(size[0]), int(size[1]))
-  if tuple(x.shape[1:3]) == size:
-    return x
-  return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method='bilinear',
-                          antialias=False)
-
-
 def encode_decode(logits_fn: LogitsFn, images: jax.Array) -> jax.Array:
   """Logits resized to the input's size ``[B, H, W, C]``."""
-  return resize_bilinear(logits_fn(images), images.shape[1:3])
+  return resize_bilinear_half_pixel(logits_fn(images), images.shape[1:3])
 
 
 def whole_inference(logits_fn: LogitsFn, images: jax.Array,
                     out_size: Sequence[int] | None = None) -> jax.Array:
   """mmseg ``whole_inference``: logits at the input size, then at ``out_size`` if given."""
   logits = encode_decode(logits_fn, images)
-  return logits if out_size is None else resize_bilinear(logits, out_size)
+  return logits if out_size is None else resize_bilinear_half_pixel(logits, out_size)
 
 
 def slide_windows(height: int, width: int, crop: Sequence[int],
@@ -99,7 +92,7 @@ def slide_inference(logits_fn: LogitsFn, images: jax.Array, crop: Sequence[int] 
     preds = preds.at[:, y1:y2, x1:x2].add(logits)
     count = count.at[:, y1:y2, x1:x2].add(1.0)
   preds = preds / count.astype(preds.dtype)
-  return preds if out_size is None else resize_bilinear(preds, out_size)
+  return preds if out_size is None else resize_bilinear_half_pixel(preds, out_size)
 
 
 def inference(logits_fn: LogitsFn, images: jax.Array, *, mode: str = 'whole',
@@ -175,7 +168,7 @@ def multiscale_inference(logits_fn: LogitsFn, images: jax.Array, *,
   h, w = images.shape[1:3]
   total, n = None, 0
   for size in tta_sizes(h, w, ratios, img_scale):
-    scaled = resize_bilinear(images, size)
+    scaled = resize_bilinear_half_pixel(images, size)
     for direction in ([None, flip_direction] if flip else [None]):
       x = scaled
       if direction == 'horizontal':

@@ -51,6 +51,7 @@ from contrastjax.methods import apc_par
 from contrastjax.methods import options
 from contrastjax.methods.base import Method, module_kwargs
 from contrastjax.models import apc as apc_model
+from contrastjax.models import resample
 
 VARIANTS = ("gmp", "topk", "akp", "akp_pcl", "apc", "supervised")
 NORMALIZATIONS = ("vit_pcm", "imagenet")
@@ -215,7 +216,7 @@ class APCMethod(Method):
     metrics = {"loss_cls": loss_cls, "loss_reg": loss_reg}
     step_f = jnp.asarray(step, jnp.float32)
     if o.uses_decoder:
-      seg_logits = seg_inference.resize_bilinear(aux["seg_logits"].astype(jnp.float32),
+      seg_logits = resample.resize_bilinear_half_pixel(aux["seg_logits"].astype(jnp.float32),
                                                  images.shape[1:3])
       if o.variant == "supervised":
         target = batch["label"].astype(jnp.int32)
@@ -256,7 +257,7 @@ class APCMethod(Method):
       out["pseudo"] = L.merged_pseudo_labels(probs, batch["labels"].astype(jnp.float32),
                                              out_size=size)
     if o.uses_decoder:
-      seg = seg_inference.resize_bilinear(aux["seg_logits"].astype(jnp.float32), size)
+      seg = resample.resize_bilinear_half_pixel(aux["seg_logits"].astype(jnp.float32), size)
       out["pred"] = seg_inference.predict_classes(seg)
     else:
       present = (scores > o.score_threshold).astype(jnp.float32).at[:, 0].set(1.0)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from contrastjax.models.layers import resize_bilinear_align_corners
+from contrastjax.models.resample import resize_bilinear_align_corners
 
 Array = jax.Array
 
@@ -343,7 +343,7 @@ def merged_pseudo_labels(probs: Array, labels: Array, *,
   ViT-PCM (``model.py`` ``compute_metrics`` -> ``utils.py`` ``resize``) upsamples the
   *merged probabilities* with ``tf.compat.v1.image.resize(..., BILINEAR,
   align_corners=True)`` and then takes the argmax; that is the default here
-  (:func:`contrastjax.models.layers.resize_bilinear_align_corners`). ``align_corners=False``
+  (:func:`contrastjax.models.resample.resize_bilinear_align_corners`). ``align_corners=False``
   uses half-pixel centres without antialiasing (``jax.image.resize(..., 'linear',
   antialias=False)``, = ``F.interpolate(align_corners=False)``). The confidence threshold is
   applied to the upsampled merged probabilities.

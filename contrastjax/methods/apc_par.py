@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from contrastjax.models.layers import resize_bilinear_align_corners
+from contrastjax.models.resample import resize_bilinear_align_corners
 
 Array = jax.Array
 
@@ -143,7 +143,7 @@ def par_refine(images: Array, masks: Array, *, dilations: Sequence[int] = TOCO_D
   """ToCo ``PAR.forward(imgs, masks)``.
 
   ``masks`` is first resized to the image size with bilinear ``align_corners=True``
-  (:func:`contrastjax.models.layers.resize_bilinear_align_corners`, as the reference's
+  (:func:`contrastjax.models.resample.resize_bilinear_align_corners`, as the reference's
   ``F.interpolate``), then propagated ``num_iter`` times with :func:`par_affinity`.
   Under ``stop_gradient``.
 

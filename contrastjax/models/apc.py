@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
 from contrastjax.models import vit as vit_lib
+from contrastjax.models.nn import Conv2d
+from contrastjax.models.torch_import import CONV_NAMES, TorchNames
 
 Array = jax.Array
 Dtype = Any
@@ -316,12 +317,12 @@ class LargeFOV(nn.Module):
   def __call__(self, x: Array) -> Array:
     """``[B, h, w, D]`` -> ``[B, h, w, C + 1]``."""
     d = self.dilation
-    x = nn.relu(layers.Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
-                              name="conv6")(x))
-    x = nn.relu(layers.Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
-                              name="conv7")(x))
-    return layers.Conv2d(self.num_classes + 1, 1, use_bias=False, dtype=self.dtype,
-                         name="conv8")(x)
+    x = nn.relu(Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
+                       name="conv6")(x))
+    x = nn.relu(Conv2d(self.channels, 3, 1, d, d, use_bias=False, dtype=self.dtype,
+                       name="conv7")(x))
+    return Conv2d(self.num_classes + 1, 1, use_bias=False, dtype=self.dtype,
+                  name="conv8")(x)
 
 
 class ASPP(nn.Module):
@@ -346,9 +347,9 @@ class ASPP(nn.Module):
     """``[B, h, w, D]`` -> ``[B, h, w, C + 1]``."""
     out = None
     for i, r in enumerate(self.rates):
-      y = layers.Conv2d(self.num_classes + 1, 3, 1, r, r, use_bias=True, dtype=self.dtype,
-                        kernel_init=ASPP_INIT, bias_init=nn.initializers.zeros,
-                        name=f"c{i}")(x)
+      y = Conv2d(self.num_classes + 1, 3, 1, r, r, use_bias=True, dtype=self.dtype,
+                 kernel_init=ASPP_INIT, bias_init=nn.initializers.zeros,
+                 name=f"c{i}")(x)
       out = y if out is None else out + y
     if out is None:
       raise ValueError("ASPP needs at least one rate")
@@ -356,14 +357,14 @@ class ASPP(nn.Module):
 
 
 #: PyTorch (ToCo) names of the decoders' parameters.
-LARGEFOV_NAMES = layers.TorchNames(children={
-    f"conv{i}": (f"conv{i}", layers.CONV_NAMES) for i in (6, 7, 8)})
+LARGEFOV_NAMES = TorchNames(children={
+    f"conv{i}": (f"conv{i}", CONV_NAMES) for i in (6, 7, 8)})
 
 
-def aspp_torch_names(num_rates: int = 4) -> layers.TorchNames:
+def aspp_torch_names(num_rates: int = 4) -> TorchNames:
   """PyTorch (ToCo) names of an :class:`ASPP` with ``num_rates`` branches (``c0``...)."""
-  return layers.TorchNames(children={f"c{i}": (f"c{i}", layers.CONV_NAMES)
-                                     for i in range(num_rates)})
+  return TorchNames(children={f"c{i}": (f"c{i}", CONV_NAMES)
+                              for i in range(num_rates)})
 
 
 # ----------------------------------------------------------------------------- network

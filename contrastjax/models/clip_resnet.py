@@ -41,7 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
+from contrastjax.models.nn import BatchNorm, Conv2d, torch_default_bias_init
+from contrastjax.models.torch_import import (
+    BN_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -61,8 +64,8 @@ def avg_pool(x: Array, stride: int) -> Array:
   return nn.avg_pool(x, (stride, stride), strides=(stride, stride), padding="VALID")
 
 
-class ZeroScaleBatchNorm(layers.BatchNorm):
-  """:class:`~contrastjax.models.layers.BatchNorm` whose ``scale`` is initialised to
+class ZeroScaleBatchNorm(BatchNorm):
+  """:class:`~contrastjax.models.nn.BatchNorm` whose ``scale`` is initialised to
   zero (OpenCLIP zeroes ``bn3`` of every block); applying it is the same."""
 
   def param(self, name, init_fn, *args, **kwargs):
@@ -91,9 +94,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     """Applies the block to ``[B, H, W, C]`` input."""
     out_features = self.planes * EXPANSION
-    conv = lambda f, k, p, name: layers.Conv2d(f, k, 1, p, dtype=self.dtype,  # noqa: E731
-                                               name=name)
-    bn = lambda name: layers.BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
+    conv = lambda f, k, p, name: Conv2d(f, k, 1, p, dtype=self.dtype,  # noqa: E731
+                                        name=name)
+    bn = lambda name: BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
     y = nn.relu(bn("bn1")(conv(self.planes, 1, 0, "conv1")(x), train))
     y = nn.relu(bn("bn2")(conv(self.planes, 3, 1, "conv2")(y), train))
     y = avg_pool(y, self.stride)
@@ -150,7 +153,7 @@ class AttentionPool2d(nn.Module):
     tokens = tokens + pos.astype(tokens.dtype)[None]
     dense = lambda f, name: nn.Dense(  # noqa: E731
         f, kernel_init=nn.initializers.normal(std),
-        bias_init=layers.torch_default_bias_init(c), dtype=self.dtype, name=name)
+        bias_init=torch_default_bias_init(c), dtype=self.dtype, name=name)
     hd = c // self.heads
     q = dense(c, "q_proj")(tokens[:, 0]).reshape(b, self.heads, hd)
     k = dense(c, "k_proj")(tokens).reshape(b, n, self.heads, hd)
@@ -201,8 +204,8 @@ class ModifiedResNet(nn.Module):
     x = x.astype(self.dtype)
     half = self.width // 2
     for i, f in enumerate((half, half, self.width), start=1):
-      x = layers.Conv2d(f, 3, 2 if i == 1 else 1, 1, dtype=self.dtype, name=f"conv{i}")(x)
-      x = nn.relu(layers.BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train))
+      x = Conv2d(f, 3, 2 if i == 1 else 1, 1, dtype=self.dtype, name=f"conv{i}")(x)
+      x = nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, train))
     x = avg_pool(x, 2)
     for stage, num_blocks in enumerate(self.layers):
       for block in range(num_blocks):
@@ -215,33 +218,33 @@ class ModifiedResNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------- weights
-_BOTTLENECK_NAMES = layers.TorchNames(children={
-    **{f"conv{i}": (f"conv{i}", layers.CONV_NAMES) for i in (1, 2, 3)},
-    **{f"bn{i}": (f"bn{i}", layers.BN_NAMES) for i in (1, 2, 3)},
-    "downsample_conv": ("downsample.0", layers.CONV_NAMES),
-    "downsample_bn": ("downsample.1", layers.BN_NAMES),
+_BOTTLENECK_NAMES = TorchNames(children={
+    **{f"conv{i}": (f"conv{i}", CONV_NAMES) for i in (1, 2, 3)},
+    **{f"bn{i}": (f"bn{i}", BN_NAMES) for i in (1, 2, 3)},
+    "downsample_conv": ("downsample.0", CONV_NAMES),
+    "downsample_bn": ("downsample.1", BN_NAMES),
 })
-_ATTNPOOL_NAMES = layers.TorchNames(
+_ATTNPOOL_NAMES = TorchNames(
     leaves={("params", "positional_embedding"): ("positional_embedding", "none")},
-    children={p: (p, layers.LINEAR_NAMES) for p in ("q_proj", "k_proj", "v_proj", "c_proj")})
+    children={p: (p, LINEAR_NAMES) for p in ("q_proj", "k_proj", "v_proj", "c_proj")})
 
 
-def torch_names(child_names: Iterable[str]) -> layers.TorchNames:
+def torch_names(child_names: Iterable[str]) -> TorchNames:
   """OpenCLIP naming (without the ``visual.`` prefix) of a :class:`ModifiedResNet`.
 
   Args:
     child_names: The tower's top-level Flax module names (``variables['params']``).
   """
-  children: dict[str, tuple[str, layers.TorchNames]] = {
-      **{f"conv{i}": (f"conv{i}", layers.CONV_NAMES) for i in (1, 2, 3)},
-      **{f"bn{i}": (f"bn{i}", layers.BN_NAMES) for i in (1, 2, 3)},
+  children: dict[str, tuple[str, TorchNames]] = {
+      **{f"conv{i}": (f"conv{i}", CONV_NAMES) for i in (1, 2, 3)},
+      **{f"bn{i}": (f"bn{i}", BN_NAMES) for i in (1, 2, 3)},
       "attnpool": ("attnpool", _ATTNPOOL_NAMES),
   }
   for name in child_names:
     match = _BLOCK_RE.match(name)
     if match:
       children[name] = (f"layer{match.group(1)}.{match.group(2)}", _BOTTLENECK_NAMES)
-  return layers.TorchNames(children=children)
+  return TorchNames(children=children)
 
 
 def visual_state_dict(state: Mapping[str, np.ndarray], prefix: str = "visual."
@@ -286,9 +289,9 @@ def load(variables: Mapping[str, PyTree],
     KeyError: Missing or unexpected key (named in the message).
     ValueError: Shape mismatch (key, expected and found shape in the message).
   """
-  state, ignored = visual_state_dict(layers.read_state_dict(path_or_state_dict))
-  new, unused = layers.load_state_dict(variables, state, torch_names(variables["params"]),
-                                       what="OpenCLIP ModifiedResNet")
+  state, ignored = visual_state_dict(read_state_dict(path_or_state_dict))
+  new, unused = load_state_dict(variables, state, torch_names(variables["params"]),
+                                what="OpenCLIP ModifiedResNet")
   return new, sorted(ignored + ["visual." + k if ignored else k for k in unused])
 
 
@@ -296,5 +299,5 @@ def to_torch_state_dict(variables: Mapping[str, PyTree], prefix: str = ""
                         ) -> dict[str, np.ndarray]:
   """:class:`ModifiedResNet` variables as an OpenCLIP-named state dict (NumPy, OIHW);
   ``prefix='visual.'`` gives the keys of a whole CLIP checkpoint."""
-  state = layers.to_state_dict(variables, torch_names(variables["params"].keys()))
+  state = to_state_dict(variables, torch_names(variables["params"].keys()))
   return {prefix + k: v for k, v in state.items()}

@@ -31,9 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
 from contrastjax.models import resnet
-from contrastjax.models.layers import CBR, ChannelAttention, Conv2d, SpatialAttention
+from contrastjax.models.condseg_ops import (
+    CHANNEL_ATTENTION_NAMES, ChannelAttention, SPATIAL_ATTENTION_NAMES,
+    SpatialAttention, outlook_aggregate)
+from contrastjax.models.nn import (
+    CBR, Conv2d, TORCH_DEFAULT_KERNEL_INIT, torch_default_bias_init)
+from contrastjax.models.resample import upsample
+from contrastjax.models.torch_import import (
+    CBR_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -44,8 +51,8 @@ _BRANCHES = ("fg", "bg", "uc")
 
 def _dense(features: int, fan_in: int, dtype: Dtype, name: str) -> nn.Dense:
   """``torch.nn.Linear`` with PyTorch's default init."""
-  return nn.Dense(features, dtype=dtype, kernel_init=layers.TORCH_DEFAULT_KERNEL_INIT,
-                  bias_init=layers.torch_default_bias_init(fan_in), name=name)
+  return nn.Dense(features, dtype=dtype, kernel_init=TORCH_DEFAULT_KERNEL_INIT,
+                  bias_init=torch_default_bias_init(fan_in), name=name)
 
 
 class DilatedConv(nn.Module):
@@ -122,7 +129,7 @@ class AuxiliaryBranch(nn.Module):
     """Maps ``[B, h, w, C]`` to logits ``[B, h * 2**(len(widths)-1), ..., 1]``."""
     for i, width in enumerate(self.widths):
       if i > 0:
-        x = layers.upsample(x, 2)
+        x = upsample(x, 2)
       x = CBR(width, 3, 1, dtype=self.dtype, name=f"cbr_{i}")(x, train)
     return Conv2d(1, 1, use_bias=True, dtype=self.dtype, name="out_conv")(x)
 
@@ -172,7 +179,7 @@ class CDFAPreprocess(nn.Module):
     x = CBR(self.features, 3, 1, dtype=self.dtype, name="c1")(x, train)
     for i in range(up_times):
       x = CBR(self.features, 3, 1, dtype=self.dtype, name=f"conv_{i}")(
-          layers.upsample(x, 2), train)
+          upsample(x, 2), train)
     return x
 
 
@@ -230,8 +237,8 @@ class ContrastDrivenFeatureAggregation(nn.Module):
 
     def aggregate(values: Array, attn: Array) -> Array:
       # fold(einsum('bxyhij,bxyhdj->bxyhdi', attn, unfold(values))), computed without
-      # the unfolded copy (layers.outlook_aggregate).
-      return proj(layers.outlook_aggregate(values, attn, k, self.padding))
+      # the unfolded copy (outlook_aggregate).
+      return proj(outlook_aggregate(values, attn, k, self.padding))
 
     v = _dense(dim, dim, dt, "v")(x)
     x_fg = aggregate(v, attention(fg, "attn_fg"))
@@ -259,7 +266,7 @@ class SizeAwareDecoder(nn.Module):
   def __call__(self, x: Array, skip: Array, train: bool) -> Array:
     """Decodes coarse ``x`` with ``skip`` (at twice ``x``'s resolution)."""
     f, dt = self.features, self.dtype
-    x = jnp.concatenate([layers.upsample(x, 2), skip], axis=-1)
+    x = jnp.concatenate([upsample(x, 2), skip], axis=-1)
     s1 = CBR(f, 1, 0, dtype=dt, name="c1")(x, train)
     s2 = nn.relu(CBR(f, 3, 1, act=False, dtype=dt, name="c2")(s1, train) + s1)
     s3 = nn.relu(CBR(f, 3, 1, act=False, dtype=dt, name="c3")(s2, train) + s2 + s1)
@@ -288,9 +295,9 @@ class OutputBlock(nn.Module):
   def __call__(self, x1: Array, x2: Array, x3: Array, train: bool) -> Array:
     """Returns logits at twice ``x1``'s resolution."""
     dt = self.dtype
-    x = jnp.concatenate([x1, layers.upsample(x2, 2), layers.upsample(x3, 4)], axis=-1)
+    x = jnp.concatenate([x1, upsample(x2, 2), upsample(x3, 4)], axis=-1)
     x = CBR(self.features, 3, 1, dtype=dt, name="fuse")(x, train)
-    x = layers.upsample(x, 2)
+    x = upsample(x, 2)
     x = CBR(self.head_widths[0], 3, 1, dtype=dt, name="c1")(x, train)
     x = CBR(self.head_widths[1], 1, 0, dtype=dt, name="c2")(x, train)
     return Conv2d(1, 1, use_bias=True, dtype=dt, name="c3")(x)
@@ -373,7 +380,7 @@ class ConDSeg(nn.Module):
     for level in (4, 3, 2, 1):
       inp = feats[f"d{level}"]
       if prev is not None:
-        inp = jnp.concatenate([inp, layers.upsample(prev, 2)], axis=-1)
+        inp = jnp.concatenate([inp, upsample(prev, 2)], axis=-1)
       prev = ContrastDrivenFeatureAggregation(dim, self.num_heads, dtype=dt,
                                               name=f"cdfa{level}")(
           inp, feats[f"f_fg{level}"], feats[f"f_bg{level}"], train)
@@ -447,7 +454,7 @@ class ConDSegStage1(nn.Module):
     enc = resnet.ResNet(self.stage_sizes, self.stem_width, self.base_width,
                         dtype=self.dtype, name="encoder")(x, train=train)
     feats = {f"x{i + 1}": enc[f"layer{i}"] for i in range(4)}
-    ups = [layers.upsample(feats[f"x{i + 1}"], 2**(i + 1)) for i in range(4)]
+    ups = [upsample(feats[f"x{i + 1}"], 2**(i + 1)) for i in range(4)]
     logits = Stage1Head(self.head_width, dtype=self.dtype, name="head")(ups, train)
     logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))
     return nn.sigmoid(logits), {"mask_logits": logits, "features": feats}
@@ -457,39 +464,39 @@ Model = ConDSeg
 Stage1Model = ConDSegStage1
 
 # ----------------------------------------------------------------------------- torch names
-_CBR = layers.CBR_NAMES
-_CA = layers.CHANNEL_ATTENTION_NAMES
-_SA = layers.SPATIAL_ATTENTION_NAMES
+_CBR = CBR_NAMES
+_CA = CHANNEL_ATTENTION_NAMES
+_SA = SPATIAL_ATTENTION_NAMES
 
-_DILATED_CONV_NAMES = layers.TorchNames(children={
+_DILATED_CONV_NAMES = TorchNames(children={
     **{f"c{i}_cbr": (f"c{i}.0", _CBR) for i in range(1, 5)},
     **{f"c{i}_ca": (f"c{i}.1", _CA) for i in range(1, 5)},
     "c5": ("c5", _CBR), "c6": ("c6", _CBR), "sa": ("sa", _SA)})
-_SID_NAMES = layers.TorchNames(children={
+_SID_NAMES = TorchNames(children={
     f"cbr_{b}_{i}": (f"cbr_{b}.{i}", _CBR) for b in _BRANCHES for i in range(3)})
 # Reference branch Sequential: CBR at 0, 2, 4, 6, 8 (Upsample in between), Conv2d at 9.
-_AUX_BRANCH_NAMES = layers.TorchNames(children={
+_AUX_BRANCH_NAMES = TorchNames(children={
     **{f"cbr_{i}": (str(2 * i), _CBR) for i in range(5)},
-    "out_conv": ("9", layers.CONV_NAMES)})
-_AUX_HEAD_NAMES = layers.TorchNames(children={
+    "out_conv": ("9", CONV_NAMES)})
+_AUX_HEAD_NAMES = TorchNames(children={
     f"branch_{b}": (f"branch_{b}", _AUX_BRANCH_NAMES) for b in _BRANCHES})
-_PREPROCESS_NAMES = layers.TorchNames(children={
+_PREPROCESS_NAMES = TorchNames(children={
     "c1": ("c1", _CBR), **{f"conv_{i}": (f"preprocess.conv_{i}", _CBR) for i in range(8)}})
-_CDFA_NAMES = layers.TorchNames(children={
-    **{n: (n, layers.LINEAR_NAMES) for n in ("v", "attn_fg", "attn_bg", "proj")},
+_CDFA_NAMES = TorchNames(children={
+    **{n: (n, LINEAR_NAMES) for n in ("v", "attn_fg", "attn_bg", "proj")},
     **{f"{s}_cbr_{i}": (f"{s}_cbr.{i}", _CBR) for s in ("input", "output") for i in range(2)}})
-_DECODER_NAMES = layers.TorchNames(children={
+_DECODER_NAMES = TorchNames(children={
     **{f"c{i}": (f"c{i}", _CBR) for i in range(1, 5)}, "ca": ("ca", _CA), "sa": ("sa", _SA)})
-_OUTPUT_NAMES = layers.TorchNames(children={
+_OUTPUT_NAMES = TorchNames(children={
     "fuse": ("fuse", _CBR), "c1": ("c1", _CBR), "c2": ("c2", _CBR),
-    "c3": ("c3", layers.CONV_NAMES)})
-_STAGE1_HEAD_NAMES = layers.TorchNames(children={
+    "c3": ("c3", CONV_NAMES)})
+_STAGE1_HEAD_NAMES = TorchNames(children={
     **{f"conv{i}": (f"conv{i}", _CBR) for i in range(1, 5)},
-    "conv_fuse": ("conv_fuse", layers.CONV_NAMES)})
+    "conv_fuse": ("conv_fuse", CONV_NAMES)})
 
 
-def _encoder_names(params: Mapping[str, Any], style: str) -> layers.TorchNames:
-  return layers.TorchNames(children={
+def _encoder_names(params: Mapping[str, Any], style: str) -> TorchNames:
+  return TorchNames(children={
       "encoder": ("", resnet.torch_names(params["encoder"].keys(), style))})
 
 
@@ -503,13 +510,13 @@ def _model_kind(variables: Mapping[str, PyTree]) -> str:
                    "'params' with 'encoder' and 'dconv1' or 'head')")
 
 
-def torch_names(variables: Mapping[str, PyTree]) -> layers.TorchNames:
+def torch_names(variables: Mapping[str, PyTree]) -> TorchNames:
   """Reference PyTorch naming of ConDSeg or ConDSegStage1 ``variables``."""
   kind = _model_kind(variables)
   children = dict(_encoder_names(variables["params"], "condseg").children)
   if kind == "condseg_stage1":
     children["head"] = ("head", _STAGE1_HEAD_NAMES)
-    return layers.TorchNames(children=children)
+    return TorchNames(children=children)
   for i in range(1, 5):
     children[f"dconv{i}"] = (f"dconv{i}", _DILATED_CONV_NAMES)
     children[f"cdfa{i}"] = (f"cdfa{i}", _CDFA_NAMES)
@@ -520,7 +527,7 @@ def torch_names(variables: Mapping[str, PyTree]) -> layers.TorchNames:
   for size in ("small", "middle", "large"):
     children[f"decoder_{size}"] = (f"decoder_{size}", _DECODER_NAMES)
   children["output_block"] = ("output_block", _OUTPUT_NAMES)
-  return layers.TorchNames(children=children)
+  return TorchNames(children=children)
 
 
 _SOURCES = ("condseg", "condseg_stage1", "resnet50")
@@ -564,10 +571,10 @@ def load(variables: Mapping[str, PyTree],
   if source not in _SOURCES:
     raise ValueError(f"unknown source {source!r}; expected one of {_SOURCES}")
   kind = _model_kind(variables)
-  state = layers.read_state_dict(path_or_state_dict)
+  state = read_state_dict(path_or_state_dict)
   what = f"{source} state dict"
   if source == kind:
-    return layers.load_state_dict(variables, state, torch_names(variables), what=what)
+    return load_state_dict(variables, state, torch_names(variables), what=what)
 
   params = variables["params"]
   if source == "resnet50":
@@ -578,8 +585,8 @@ def load(variables: Mapping[str, PyTree],
     ignore = lambda key: not _REFERENCE_ENCODER_KEY.match(key)  # noqa: E731
   sub = {c: {"encoder": variables[c]["encoder"]} for c in ("params", "batch_stats")
          if c in variables}
-  loaded, ignored = layers.load_state_dict(sub, state, names, ignore=ignore,
-                                           what=f"{what} (encoder only)")
+  loaded, ignored = load_state_dict(sub, state, names, ignore=ignore,
+                                    what=f"{what} (encoder only)")
   new_variables = {c: dict(v) for c, v in variables.items()}
   for c, tree in loaded.items():
     new_variables[c]["encoder"] = tree["encoder"]
@@ -593,4 +600,4 @@ def to_torch_state_dict(variables: Mapping[str, PyTree]) -> dict[str, np.ndarray
   int64 ``num_batches_tracked`` per BatchNorm, so ``torch.nn.Module.load_state_dict``
   of the reference model accepts the result with ``strict=True``.
   """
-  return layers.to_state_dict(variables, torch_names(variables))
+  return to_state_dict(variables, torch_names(variables))

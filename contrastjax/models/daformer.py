@@ -24,7 +24,7 @@ backbone (``mmseg/models/uda/simsiam.py``); see ``specs/siamseg.md`` section 2.
 Note the ReLU after the projector's last BN and the 2048-wide predictor hidden layer:
 both differ from the SimSiam paper and are kept as in the reference.
 
-BatchNorm follows PyTorch (eps 1e-5, momentum 0.1, see :class:`layers.BatchNorm`);
+BatchNorm follows PyTorch (eps 1e-5, momentum 0.1, see :class:`~contrastjax.models.nn.BatchNorm`);
 under ``jit`` with a data-sharded batch the decode head's statistics are global-batch
 ones (the reference's SyncBN). The SimSiam BatchNorm1d is per-GPU in the reference.
 """
@@ -39,8 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
 from contrastjax.models import mit
+from contrastjax.models.nn import (
+    BatchNorm, Conv2d, TORCH_DEFAULT_KERNEL_INIT, torch_default_bias_init)
+from contrastjax.models.resample import resize_bilinear_half_pixel
+from contrastjax.models.torch_import import (
+    BN_NAMES, CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -50,24 +55,11 @@ PyTree = Any
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
-  """``F.interpolate(x, size, mode='bilinear', align_corners=False)`` for NHWC ``x``.
-
-  Without antialiasing: equal to PyTorch for upsampling and downsampling (half-pixel
-  centres; PyTorch clamps source positions below 0, which the renormalised triangle
-  kernel of ``jax.image.resize`` reproduces).
-  """
-  b, h, w, c = x.shape
-  if (h, w) == tuple(size):
-    return x
-  return jax.image.resize(x, (b, size[0], size[1], c), "bilinear", antialias=False)
-
-
 def _linear(features: int, fan_in: int, use_bias: bool, dtype: Dtype, name: str) -> nn.Dense:
   """``torch.nn.Linear`` with PyTorch's default init."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype,
-                  kernel_init=layers.TORCH_DEFAULT_KERNEL_INIT,
-                  bias_init=layers.torch_default_bias_init(fan_in), name=name)
+                  kernel_init=TORCH_DEFAULT_KERNEL_INIT,
+                  bias_init=torch_default_bias_init(fan_in), name=name)
 
 
 class ConvModule(nn.Module):
@@ -99,10 +91,10 @@ class ConvModule(nn.Module):
       x = mit.DepthwiseConv2d(self.kernel_size, self.padding, self.dilation, use_bias=False,
                               dtype=self.dtype, kernel_init=KAIMING_FAN_OUT, name="conv")(x)
     else:
-      x = layers.Conv2d(self.features, self.kernel_size, 1, self.padding, self.dilation,
-                        use_bias=False, dtype=self.dtype, kernel_init=KAIMING_FAN_OUT,
-                        name="conv")(x)
-    return nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn")(x, train))
+      x = Conv2d(self.features, self.kernel_size, 1, self.padding, self.dilation,
+                 use_bias=False, dtype=self.dtype, kernel_init=KAIMING_FAN_OUT,
+                 name="conv")(x)
+    return nn.relu(BatchNorm(dtype=self.dtype, name="bn")(x, train))
 
 
 class DepthwiseSeparableConvModule(nn.Module):
@@ -213,7 +205,7 @@ class DAFormerHead(nn.Module):
     embedded = []
     for i, f in enumerate(features):
       e = _linear(self.embed_dims, f.shape[-1], True, self.dtype, f"embed_{i}")(f)
-      embedded.append(resize_bilinear(e, size))
+      embedded.append(resize_bilinear_half_pixel(e, size))
     x = jnp.concatenate(embedded, axis=-1)
     if self.fusion == "conv":
       x = ConvModule(self.channels, 1, dtype=self.dtype, name="fuse_layer")(x, train)
@@ -222,9 +214,9 @@ class DAFormerHead(nn.Module):
                       dtype=self.dtype, name="fuse_layer")(x, train)
     fused = x
     x = nn.Dropout(self.dropout_ratio, broadcast_dims=(1, 2))(x, deterministic=det)
-    logits = layers.Conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
-                           kernel_init=nn.initializers.normal(0.01),
-                           bias_init=nn.initializers.zeros, name="conv_seg")(x)
+    logits = Conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                    kernel_init=nn.initializers.normal(0.01),
+                    bias_init=nn.initializers.zeros, name="conv_seg")(x)
     return logits, {"fused": fused}
 
 
@@ -252,9 +244,9 @@ class SimSiamProjector(nn.Module):
                        f"{x.shape[-1]}")
     g = self.bn_group_size
     x = _linear(self.hidden_features, x.shape[-1], False, self.dtype, "linear1")(x)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=g, name="bn1")(x, train))
+    x = nn.relu(BatchNorm(dtype=self.dtype, group_size=g, name="bn1")(x, train))
     x = _linear(self.features, x.shape[-1], False, self.dtype, "linear2")(x)
-    return nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=g, name="bn2")(x, train))
+    return nn.relu(BatchNorm(dtype=self.dtype, group_size=g, name="bn2")(x, train))
 
 
 class SimSiamPredictor(nn.Module):
@@ -274,8 +266,8 @@ class SimSiamPredictor(nn.Module):
   def __call__(self, z: Array, train: bool) -> Array:
     """``z`` ``[B, D]`` -> ``p`` ``[B, features]``."""
     x = _linear(self.hidden_features, z.shape[-1], False, self.dtype, "linear1")(z)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, group_size=self.bn_group_size,
-                                 name="bn1")(x, train))
+    x = nn.relu(BatchNorm(dtype=self.dtype, group_size=self.bn_group_size,
+                          name="bn1")(x, train))
     return _linear(self.features, x.shape[-1], True, self.dtype, "linear2")(x)
 
 
@@ -303,7 +295,13 @@ class SimSiam(nn.Module):
 
 
 def cosine_similarity(a: Array, b: Array, eps: float = 1e-8) -> Array:
-  """``torch.nn.CosineSimilarity(dim=-1, eps)``: ``a.b / sqrt(max(|a|^2 |b|^2, eps^2))``."""
+  """``torch.nn.CosineSimilarity(dim=-1, eps)`` as in the reference's torch 1.10.2.
+
+  ``a.b / sqrt(max(|a|^2 |b|^2, eps^2))``, ATen's formula in torch 1.1-1.11 (squared
+  norms, so, like it, 0 once ``|a|^2 |b|^2`` overflows float32). Mathematically that
+  is the documented ``a.b / max(|a| |b|, eps)``; torch >= 1.12 clamps each norm instead,
+  ``(a / max(|a|, eps)) . (b / max(|b|, eps))``, which differs when ``|a| |b| < eps``.
+  """
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
   dot = jnp.sum(a * b, axis=-1)
@@ -319,43 +317,43 @@ def simsiam_loss(p1: Array, p2: Array, z1: Array, z2: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- torch names
-_BN = layers.BN_NAMES
-_CONV_MODULE_NAMES = layers.TorchNames(children={"conv": ("conv", layers.CONV_NAMES),
-                                                 "bn": ("bn", _BN)})
-_DSCONV_NAMES = layers.TorchNames(children={
+_BN = BN_NAMES
+_CONV_MODULE_NAMES = TorchNames(children={"conv": ("conv", CONV_NAMES),
+                                          "bn": ("bn", _BN)})
+_DSCONV_NAMES = TorchNames(children={
     "depthwise_conv": ("depthwise_conv", _CONV_MODULE_NAMES),
     "pointwise_conv": ("pointwise_conv", _CONV_MODULE_NAMES)})
 
 
-def head_torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
+def head_torch_names(params: Mapping[str, Any]) -> TorchNames:
   """mmseg naming (``decode_head.*`` without the prefix) of :class:`DAFormerHead` params."""
-  children: dict[str, tuple[str, layers.TorchNames]] = {
-      "conv_seg": ("conv_seg", layers.CONV_NAMES)}
+  children: dict[str, tuple[str, TorchNames]] = {
+      "conv_seg": ("conv_seg", CONV_NAMES)}
   for name in params:
     if name.startswith("embed_"):
-      children[name] = (f"embed_layers.{name[len('embed_'):]}.proj", layers.LINEAR_NAMES)
+      children[name] = (f"embed_layers.{name[len('embed_'):]}.proj", LINEAR_NAMES)
   fuse = params.get("fuse_layer", {})
   if "conv" in fuse:  # fusion='conv'
     children["fuse_layer"] = ("fuse_layer", _CONV_MODULE_NAMES)
   else:
-    fuse_children: dict[str, tuple[str, layers.TorchNames]] = {
+    fuse_children: dict[str, tuple[str, TorchNames]] = {
         "bottleneck": ("bottleneck", _CONV_MODULE_NAMES),
         "image_pool": ("image_pool.1", _CONV_MODULE_NAMES)}
     for name, sub in fuse.items():
       if name.startswith("aspp_"):
         names = _DSCONV_NAMES if "depthwise_conv" in sub else _CONV_MODULE_NAMES
         fuse_children[name] = (f"aspp_modules.{name[len('aspp_'):]}", names)
-    children["fuse_layer"] = ("fuse_layer", layers.TorchNames(children=fuse_children))
-  return layers.TorchNames(children=children)
+    children["fuse_layer"] = ("fuse_layer", TorchNames(children=fuse_children))
+  return TorchNames(children=children)
 
 
-SIMSIAM_NAMES = layers.TorchNames(children={
-    "projector": ("fc", layers.TorchNames(children={
-        "linear1": ("2", layers.LINEAR_NAMES), "bn1": ("3", _BN),
-        "linear2": ("5", layers.LINEAR_NAMES), "bn2": ("6", _BN)})),
-    "predictor": ("predictor", layers.TorchNames(children={
-        "linear1": ("0", layers.LINEAR_NAMES), "bn1": ("1", _BN),
-        "linear2": ("3", layers.LINEAR_NAMES)})),
+SIMSIAM_NAMES = TorchNames(children={
+    "projector": ("fc", TorchNames(children={
+        "linear1": ("2", LINEAR_NAMES), "bn1": ("3", _BN),
+        "linear2": ("5", LINEAR_NAMES), "bn2": ("6", _BN)})),
+    "predictor": ("predictor", TorchNames(children={
+        "linear1": ("0", LINEAR_NAMES), "bn1": ("1", _BN),
+        "linear2": ("3", LINEAR_NAMES)})),
 })
 
 
@@ -453,11 +451,11 @@ class SiamSegNet(nn.Module):
 Model = SiamSegNet
 
 
-def torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
+def torch_names(params: Mapping[str, Any]) -> TorchNames:
   """Naming of :class:`SiamSegNet` params: ``model.backbone.*`` (official MiT names;
   :func:`to_torch_state_dict` also writes mmseg's), ``model.decode_head.*`` and
   ``contras_model.fc.*`` / ``contras_model.predictor.*``."""
-  return layers.TorchNames(children={
+  return TorchNames(children={
       "backbone": ("model.backbone", mit.torch_names(params["backbone"])),
       "decode_head": ("model.decode_head", head_torch_names(params["decode_head"])),
       "contrast": ("contras_model", SIMSIAM_NAMES)})
@@ -488,10 +486,10 @@ def load(variables: Mapping[str, PyTree],
     ``(new_variables, ignored_keys)``.
 
   Raises:
-    KeyError / ValueError: As :func:`mit.load` and :func:`layers.load_state_dict`,
+    KeyError / ValueError: As :func:`mit.load` and :func:`torch_import.load_state_dict`,
       naming the key.
   """
-  state = layers.read_state_dict(path_or_state_dict)
+  state = read_state_dict(path_or_state_dict)
   params = variables["params"]
   encoder, enc_ignored = mit.load({"params": params["backbone"]}, state,
                                   prefix=prefix + "backbone.")
@@ -508,8 +506,8 @@ def load(variables: Mapping[str, PyTree],
     names["contrast"] = (contrast_prefix.rstrip("."), SIMSIAM_NAMES)
     used_prefixes += [contrast_prefix + "fc.", contrast_prefix + "predictor."]
   head_state = {k: v for k, v in state.items() if k.startswith(tuple(used_prefixes))}
-  loaded, _ = layers.load_state_dict(sub, head_state, layers.TorchNames(children=names),
-                                     what="SiamSeg decode head / SimSiam state dict")
+  loaded, _ = load_state_dict(sub, head_state, TorchNames(children=names),
+                              what="SiamSeg decode head / SimSiam state dict")
   new_variables = {c: dict(v) for c, v in variables.items()}
   new_variables["params"]["backbone"] = encoder["params"]
   for c, tree in loaded.items():
@@ -530,9 +528,9 @@ def to_torch_state_dict(variables: Mapping[str, PyTree], backbone_style: str = "
   params = variables["params"]
   rest = {c: {k: v for k, v in tree.items() if k != "backbone"}
           for c, tree in variables.items()}
-  names = layers.TorchNames(children={k: v for k, v in torch_names(params).children.items()
-                                      if k != "backbone"})
-  state = layers.to_state_dict(rest, names)
+  names = TorchNames(children={k: v for k, v in torch_names(params).children.items()
+                               if k != "backbone"})
+  state = to_state_dict(rest, names)
   backbone = mit.to_torch_state_dict({"params": params["backbone"]}, backbone_style)
   state.update({f"model.backbone.{k}": v for k, v in backbone.items()})
   return state

@@ -43,7 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from contrastjax.models import layers
+from contrastjax.models.nn import Conv2d
+from contrastjax.models.torch_import import (
+    CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -221,10 +224,10 @@ class OverlapPatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """``[B, H, W, C_in]`` -> ``[B, H/stride, W/stride, features]``."""
-    x = layers.Conv2d(self.features, self.patch_size, self.stride, self.patch_size // 2,
-                      use_bias=True, dtype=self.dtype, kernel_init=CONV_INIT,
-                      bias_init=nn.initializers.zeros, precision=self.precision,
-                      name="proj")(x)
+    x = Conv2d(self.features, self.patch_size, self.stride, self.patch_size // 2,
+               use_bias=True, dtype=self.dtype, kernel_init=CONV_INIT,
+               bias_init=nn.initializers.zeros, precision=self.precision,
+               name="proj")(x)
     return _layer_norm(self.eps, self.dtype, "norm")(x)
 
 
@@ -489,30 +492,30 @@ def mit(variant: str = "b5", **overrides: Any) -> MixVisionTransformer:
 
 
 # ----------------------------------------------------------------------------- torch names
-LN_NAMES = layers.TorchNames(leaves={("params", "scale"): ("weight", "none"),
-                                     ("params", "bias"): ("bias", "none")})
-_ATTN_NAMES = layers.TorchNames(children={
-    "q": ("q", layers.LINEAR_NAMES), "kv": ("kv", layers.LINEAR_NAMES),
-    "proj": ("proj", layers.LINEAR_NAMES), "sr": ("sr", layers.CONV_NAMES),
+LN_NAMES = TorchNames(leaves={("params", "scale"): ("weight", "none"),
+                              ("params", "bias"): ("bias", "none")})
+_ATTN_NAMES = TorchNames(children={
+    "q": ("q", LINEAR_NAMES), "kv": ("kv", LINEAR_NAMES),
+    "proj": ("proj", LINEAR_NAMES), "sr": ("sr", CONV_NAMES),
     "norm": ("norm", LN_NAMES)})
-_MLP_NAMES = layers.TorchNames(children={
-    "fc1": ("fc1", layers.LINEAR_NAMES), "dwconv": ("dwconv.dwconv", layers.CONV_NAMES),
-    "fc2": ("fc2", layers.LINEAR_NAMES)})
-_BLOCK_NAMES = layers.TorchNames(children={
+_MLP_NAMES = TorchNames(children={
+    "fc1": ("fc1", LINEAR_NAMES), "dwconv": ("dwconv.dwconv", CONV_NAMES),
+    "fc2": ("fc2", LINEAR_NAMES)})
+_BLOCK_NAMES = TorchNames(children={
     "norm1": ("norm1", LN_NAMES), "attn": ("attn", _ATTN_NAMES),
     "norm2": ("norm2", LN_NAMES), "mlp": ("mlp", _MLP_NAMES)})
-_PATCH_EMBED_NAMES = layers.TorchNames(children={
-    "proj": ("proj", layers.CONV_NAMES), "norm": ("norm", LN_NAMES)})
+_PATCH_EMBED_NAMES = TorchNames(children={
+    "proj": ("proj", CONV_NAMES), "norm": ("norm", LN_NAMES)})
 _BLOCK_RE = re.compile(r"^block(\d+)_(\d+)$")
 
 
-def torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
+def torch_names(params: Mapping[str, Any]) -> TorchNames:
   """Official SegFormer naming (``mit_b*.pth``) of a :class:`MixVisionTransformer`.
 
   Args:
     params: The encoder's ``params`` (only the top-level names are read).
   """
-  children: dict[str, tuple[str, layers.TorchNames]] = {}
+  children: dict[str, tuple[str, TorchNames]] = {}
   for name in params:
     match = _BLOCK_RE.match(name)
     if match:
@@ -521,7 +524,7 @@ def torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
       children[name] = (name, _PATCH_EMBED_NAMES)
     elif name.startswith("norm"):
       children[name] = (name, LN_NAMES)
-  return layers.TorchNames(children=children)
+  return TorchNames(children=children)
 
 
 _STACKED_RE = re.compile(r"^block(\d+)$")
@@ -788,12 +791,12 @@ def load(variables: Mapping[str, PyTree],
   scanned = is_scanned(variables["params"])
   if scanned:
     variables = {**variables, "params": unstack_blocks(variables["params"])}
-  state = layers.read_state_dict(path_or_state_dict)
+  state = read_state_dict(path_or_state_dict)
   official, origin, outside, style = to_official_state_dict(state, prefix)
   names = torch_names(variables["params"])
   what = f"MiT state dict ({style} naming)"
   try:
-    new_variables, ignored = layers.load_state_dict(
+    new_variables, ignored = load_state_dict(
         variables, official, names, ignore=lambda key: key.startswith("head."), what=what)
   except (KeyError, ValueError) as e:
     raise type(e)(_with_origin(str(e.args[0]) if e.args else str(e), origin)) from e
@@ -829,7 +832,7 @@ def to_torch_state_dict(variables: Mapping[str, PyTree], style: str = "official"
   """
   if is_scanned(variables["params"]):
     variables = {**variables, "params": unstack_blocks(variables["params"])}
-  official = layers.to_state_dict(variables, torch_names(variables["params"]))
+  official = to_state_dict(variables, torch_names(variables["params"]))
   if style == "official":
     return official
   if style != "mmseg":

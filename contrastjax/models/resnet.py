@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from contrastjax.models import layers
+from contrastjax.models.nn import BatchNorm, Conv2d, max_pool
+from contrastjax.models.torch_import import (
+    BN_NAMES, CONV_NAMES, TorchNames, load_state_dict, read_state_dict, to_state_dict)
 
 Array = jax.Array
 Dtype = Any
@@ -54,9 +56,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     """Applies the block to ``[B, H, W, C]`` input."""
     out_features = self.planes * EXPANSION
-    conv = lambda f, k, s, p, name: layers.Conv2d(  # noqa: E731
+    conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
         f, k, s, p, kernel_init=KAIMING_FAN_OUT, dtype=self.dtype, name=name)
-    bn = lambda name: layers.BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
+    bn = lambda name: BatchNorm(dtype=self.dtype, name=name)  # noqa: E731
     y = nn.relu(bn("bn1")(conv(self.planes, 1, 1, 0, "conv1")(x), train))
     y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, 1, "conv2")(y), train))
     y = bn("bn3")(conv(out_features, 1, 1, 0, "conv3")(y), train)
@@ -98,11 +100,11 @@ class ResNet(nn.Module):
     if not 1 <= len(self.stage_sizes) <= 4:
       raise ValueError(f"stage_sizes must have 1 to 4 entries, got {self.stage_sizes}")
     x = x.astype(self.dtype)
-    x = layers.Conv2d(self.stem_width, 7, 2, 3, kernel_init=KAIMING_FAN_OUT,
-                      dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+    x = Conv2d(self.stem_width, 7, 2, 3, kernel_init=KAIMING_FAN_OUT,
+               dtype=self.dtype, name="conv1")(x)
+    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
     features = {"layer0": x}
-    x = layers.max_pool(x, 3, 2, 1)
+    x = max_pool(x, 3, 2, 1)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         stride = 2 if stage > 0 and block == 0 else 1
@@ -114,15 +116,15 @@ class ResNet(nn.Module):
 
 Model = ResNet
 
-_BOTTLENECK_NAMES = layers.TorchNames(children={
-    **{f"conv{i}": (f"conv{i}", layers.CONV_NAMES) for i in (1, 2, 3)},
-    **{f"bn{i}": (f"bn{i}", layers.BN_NAMES) for i in (1, 2, 3)},
-    "downsample_conv": ("downsample.0", layers.CONV_NAMES),
-    "downsample_bn": ("downsample.1", layers.BN_NAMES),
+_BOTTLENECK_NAMES = TorchNames(children={
+    **{f"conv{i}": (f"conv{i}", CONV_NAMES) for i in (1, 2, 3)},
+    **{f"bn{i}": (f"bn{i}", BN_NAMES) for i in (1, 2, 3)},
+    "downsample_conv": ("downsample.0", CONV_NAMES),
+    "downsample_bn": ("downsample.1", BN_NAMES),
 })
 
 
-def torch_names(child_names: Iterable[str], style: str = "torchvision") -> layers.TorchNames:
+def torch_names(child_names: Iterable[str], style: str = "torchvision") -> TorchNames:
   """PyTorch naming of a :class:`ResNet`'s variables.
 
   Args:
@@ -133,14 +135,14 @@ def torch_names(child_names: Iterable[str], style: str = "torchvision") -> layer
       ``layer1.1.<i>`` because ``layer1 = Sequential(maxpool, layer1)``, ``layer2.<i>``).
 
   Returns:
-    The :class:`~contrastjax.models.layers.TorchNames` of the encoder.
+    The :class:`~contrastjax.models.torch_import.TorchNames` of the encoder.
   """
   if style not in ("torchvision", "condseg"):
     raise ValueError(f"unknown ResNet naming style {style!r}")
   condseg = style == "condseg"
-  children: dict[str, tuple[str, layers.TorchNames]] = {
-      "conv1": ("layer0.0" if condseg else "conv1", layers.CONV_NAMES),
-      "bn1": ("layer0.1" if condseg else "bn1", layers.BN_NAMES),
+  children: dict[str, tuple[str, TorchNames]] = {
+      "conv1": ("layer0.0" if condseg else "conv1", CONV_NAMES),
+      "bn1": ("layer0.1" if condseg else "bn1", BN_NAMES),
   }
   for name in child_names:
     match = _BLOCK_RE.match(name)
@@ -148,7 +150,7 @@ def torch_names(child_names: Iterable[str], style: str = "torchvision") -> layer
       stage, block = match.groups()
       prefix = "layer1.1" if condseg and stage == "1" else f"layer{stage}"
       children[name] = (f"{prefix}.{block}", _BOTTLENECK_NAMES)
-  return layers.TorchNames(children=children)
+  return TorchNames(children=children)
 
 
 def _stages(params: Mapping[str, Any]) -> set[int]:
@@ -177,10 +179,10 @@ def load(variables: Mapping[str, PyTree],
     KeyError: Missing or unexpected key (named in the message).
     ValueError: Shape mismatch (key, expected and found shape in the message).
   """
-  state = layers.read_state_dict(path_or_state_dict)
+  state = read_state_dict(path_or_state_dict)
   params = variables["params"]
-  return layers.load_state_dict(variables, state, torch_names(params.keys(), "torchvision"),
-                                ignore=torchvision_ignored(params), what="torchvision ResNet")
+  return load_state_dict(variables, state, torch_names(params.keys(), "torchvision"),
+                         ignore=torchvision_ignored(params), what="torchvision ResNet")
 
 
 def torchvision_ignored(params: Mapping[str, Any]) -> Callable[[str], bool]:
@@ -196,4 +198,4 @@ def torchvision_ignored(params: Mapping[str, Any]) -> Callable[[str], bool]:
 
 def to_torch_state_dict(variables: Mapping[str, PyTree]) -> dict[str, np.ndarray]:
   """:class:`ResNet` variables as a torchvision-named state dict (NumPy, OIHW)."""
-  return layers.to_state_dict(variables, torch_names(variables["params"].keys()))
+  return to_state_dict(variables, torch_names(variables["params"].keys()))

@@ -67,7 +67,10 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
-from contrastjax.models import layers
+from contrastjax.models.nn import TORCH_DEFAULT_KERNEL_INIT, torch_default_bias_init
+from contrastjax.models.torch_import import (
+    CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
+    to_state_dict, torch_mapping)
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +156,7 @@ class PatchEmbed(nn.Module):
   The same sums as the strided convolution (trailing rows/columns that do not fill a
   patch are dropped, as PyTorch does), with a plain matmul gradient (XLA:CPU's
   strided-convolution kernel gradients are slow). The kernel is stored HWIO
-  ``[p, p, C, D]`` like :class:`layers.Conv2d`; PyTorch's default init.
+  ``[p, p, C, D]`` like :class:`~contrastjax.models.nn.Conv2d`; PyTorch's default init.
 
   Attributes:
     features: Embedding width ``D``.
@@ -172,9 +175,9 @@ class PatchEmbed(nn.Module):
     b, h, w, c = x.shape
     p = self.patch_size
     fan_in = p * p * c
-    kernel = self.param("kernel", layers.TORCH_DEFAULT_KERNEL_INIT,
+    kernel = self.param("kernel", TORCH_DEFAULT_KERNEL_INIT,
                         (p, p, c, self.features), jnp.float32)
-    bias = self.param("bias", layers.torch_default_bias_init(fan_in), (self.features,),
+    bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,),
                       jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     gh, gw = h // p, w // p
@@ -500,29 +503,29 @@ def vit(variant: str = "b16", **overrides: Any) -> VisionTransformer:
 
 
 # ----------------------------------------------------------------------------- torch names
-LN_NAMES = layers.TorchNames(leaves={("params", "scale"): ("weight", "none"),
-                                     ("params", "bias"): ("bias", "none")})
-_BLOCK_NAMES = layers.TorchNames(children={
+LN_NAMES = TorchNames(leaves={("params", "scale"): ("weight", "none"),
+                              ("params", "bias"): ("bias", "none")})
+_BLOCK_NAMES = TorchNames(children={
     "norm1": ("norm1", LN_NAMES),
-    "attn": ("attn", layers.TorchNames(children={"qkv": ("qkv", layers.LINEAR_NAMES),
-                                                 "proj": ("proj", layers.LINEAR_NAMES)})),
+    "attn": ("attn", TorchNames(children={"qkv": ("qkv", LINEAR_NAMES),
+                                          "proj": ("proj", LINEAR_NAMES)})),
     "norm2": ("norm2", LN_NAMES),
-    "mlp": ("mlp", layers.TorchNames(children={"fc1": ("fc1", layers.LINEAR_NAMES),
-                                               "fc2": ("fc2", layers.LINEAR_NAMES)}))})
+    "mlp": ("mlp", TorchNames(children={"fc1": ("fc1", LINEAR_NAMES),
+                                        "fc2": ("fc2", LINEAR_NAMES)}))})
 _BLOCK_RE = re.compile(r"^blocks_(\d+)$")
 
 
-def torch_names(params: Mapping[str, Any]) -> layers.TorchNames:
+def torch_names(params: Mapping[str, Any]) -> TorchNames:
   """timm naming of an unrolled :class:`VisionTransformer`'s ``params`` (only the
   top-level names are read): ``cls_token``, ``pos_embed``, ``patch_embed.proj``,
   ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``."""
-  children: dict[str, tuple[str, layers.TorchNames]] = {
-      "patch_embed": ("patch_embed.proj", layers.CONV_NAMES), "norm": ("norm", LN_NAMES)}
+  children: dict[str, tuple[str, TorchNames]] = {
+      "patch_embed": ("patch_embed.proj", CONV_NAMES), "norm": ("norm", LN_NAMES)}
   for name in params:
     match = _BLOCK_RE.match(name)
     if match:
       children[name] = (f"blocks.{match.group(1)}", _BLOCK_NAMES)
-  return layers.TorchNames(
+  return TorchNames(
       leaves={("params", "cls_token"): ("cls_token", "none"),
               ("params", "pos_embed"): ("pos_embed", "none")},
       children=children)
@@ -854,12 +857,12 @@ def load(variables: Mapping[str, PyTree],
   scanned = is_scanned(variables["params"])
   if scanned:
     variables = {**variables, "params": unstack_blocks(variables["params"])}
-  state = layers.read_state_dict(path_or_state_dict)
+  state = read_state_dict(path_or_state_dict)
   style, prefix = detect_style(state, prefix)
   what = f"ViT state dict ({style} naming, {source})"
   rule = _RULES[style]
   names = torch_names(variables["params"])
-  mapping = layers.torch_mapping(variables, names)
+  mapping = torch_mapping(variables, names)
   flat = {c: traverse_util.flatten_dict(_plain(variables[c])) for c in variables}
 
   rules = {}
@@ -911,7 +914,7 @@ def load(variables: Mapping[str, PyTree],
   if unexpected:
     raise ValueError(f"{what}: unexpected key {unexpected[0]!r} ({len(unexpected)} "
                      f"unexpected: {unexpected[:6]}); the model has no such variable")
-  new_variables, _ = layers.load_state_dict(variables, converted, names, what=what)
+  new_variables, _ = load_state_dict(variables, converted, names, what=what)
   if heads:
     groups = sorted({re.split(r"[./]", k[len(prefix):])[0] for k in heads})
     logger.warning("%s: ignored %d classifier-head keys (%s)", what, len(heads),
@@ -928,4 +931,4 @@ def to_torch_state_dict(variables: Mapping[str, PyTree]) -> dict[str, np.ndarray
   """Encoder variables as a timm state dict (NumPy, torch layout; either block layout)."""
   if is_scanned(variables["params"]):
     variables = {**variables, "params": unstack_blocks(variables["params"])}
-  return layers.to_state_dict(variables, torch_names(variables["params"]))
+  return to_state_dict(variables, torch_names(variables["params"]))
