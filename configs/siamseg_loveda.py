@@ -19,9 +19,9 @@ two-domain aerial data, tiny MiT; two commands of ~2-3 minutes each on a 2-core 
 ``pretrained=FILE``, ``init_from=DIR``, ``root=DIR``.
 
 Paper (Wang et al. 2024, arXiv:2410.13471, LoveDA Rural -> Urban, mIoU / mF1 on Val Urban with
-the 4-scale TTA): the tables could not be retrieved when this port was written (only the
-abstract was readable; see shared/specs/siamseg.md §5) -- fill them in from arXiv v3 §IV before
-using them as targets. Reference hardware: 4 GPUs, 40k iterations, no released checkpoints.
+the 4-scale TTA): the result tables could not be retrieved when this port was written (only
+the abstract was readable), so no target is quoted here (docs/methods/siamseg.md). Reference
+hardware: 4 GPUs, 40k iterations, no released checkpoints.
 """
 from contrastjax.configs import siamseg
 

@@ -17,8 +17,8 @@ Other variants (comma separated): ``dacs``, ``source_only``, ``slide``, ``tta``,
 ``demo``, ``pretrained=FILE``, ``init_from=DIR``, ``root=DIR``.
 
 Paper (Wang et al. 2024, arXiv:2410.13471, per-task mIoU / mF1 of P-IRRG->V-IRRG, P-RGB->V-IRRG,
-V-IRRG->P-IRRG, V-IRRG->P-RGB): the tables could not be retrieved when this port was written
-(shared/specs/siamseg.md §5) -- fill them in from arXiv v3 §IV before using them as targets.
+V-IRRG->P-IRRG, V-IRRG->P-RGB): the result tables could not be retrieved when this port was
+written, so no target is quoted here (docs/methods/siamseg.md).
 """
 from contrastjax.configs import siamseg
 

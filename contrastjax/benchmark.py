@@ -442,7 +442,7 @@ def load_reference(reference_dir: str):
 
 def reference_stage2_loss(torch, outputs, y, y_bg):
   """The reference stage-2 loss (``utils/run_engine.py`` l.115-131, ``utils/metrics.py``
-  ``DiceBCELoss``), written from the spec (``shared/specs/condseg.md`` §2.2).
+  ``DiceBCELoss``), written from the reference's loss (docs/methods/condseg.md, "Deviations").
 
   ``DiceBCE(p, t) = BCE(s, t) + 1 - (2 Σ s t + 1) / (Σ s + Σ t + 1)`` with
   ``s = sigmoid(p)`` (the reference applies it to the model's sigmoid outputs);

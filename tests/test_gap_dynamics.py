@@ -1,5 +1,6 @@
-"""contrastjax.gap: the modality-gap dynamics against the spec's numbers (spec Sec. 4)
-and independent NumPy/SciPy computations. float64 only inside this module."""
+"""contrastjax.gap: the modality-gap dynamics against independently computed numbers
+(docs/methods/modality_gap.md, "Numbers the tests check": an independent LSODA solve of
+the scalar model) and independent NumPy/SciPy computations. float64 only inside this module."""
 from __future__ import annotations
 
 import importlib.util
@@ -62,7 +63,7 @@ def _config(variant, **overrides):
 @pytest.fixture(scope="module")
 def fig2(x64):
   """Spec 4C reconstruction through the simulator: n=8, d=2, tau0=0.1, gamma0=0.3,
-  beta = e^nu, to 1e5, saved at the spec's times."""
+  beta = e^nu, to 1e5, saved at the reference times."""
   res = simulate.run(_config("fig2", num_save=2, t_min=0.1, snapshot_times=tuple(FIG2_TS),
                              rtol=1e-10, atol=1e-12, progress=False))
   t = np.asarray(res["t"])
@@ -73,10 +74,10 @@ def fig2(x64):
               beta=get("beta"), residual=get("lemma31_residual"))
 
 
-# ============================================================================ 4A / 4C
+# ============================================================================ feature flow (Fig. 2)
 def test_fig2_reconstruction_rises_then_falls(fig2):
   gap, tau = fig2["gap"], 1 / fig2["beta"]
-  # spec 4C table: Delta 1.798 / tau 0.145 at t = 0.4, Delta 0.022 / tau 0.012 at 1e5
+  # Fig. 2 reconstruction (docs/methods/modality_gap.md): Delta 1.798 / tau 0.145 at t = 0.4, Delta 0.022 / tau 0.012 at 1e5
   np.testing.assert_allclose(gap[[1, 5, 9]], [1.798, 0.077, 0.022], rtol=0.02)
   np.testing.assert_allclose(tau[[1, 9]], [0.145, 0.012], rtol=0.02)
   peak = int(np.argmax(gap))
@@ -127,13 +128,15 @@ def test_softplus_closes_gap_by_t100(x64):
   assert gap[0] > 1.5 and gap[-1] < 1e-3, gap
 
 
-# ============================================================================ 4B / 4E
-SPEC_T = [1e2, 1e4, 1e8]
-SPEC_GAMMA = [2.39e-2, 8.54e-3, 2.88e-3]
-SPEC_BETA = [8.59, 14.38, 24.75]
+# ============================================================================ scalar model
+# gamma and beta of the Sec. 3.1 scalar model (beta0 = 2, gamma0 = 0.5, beta = e^nu) at
+# these times, from a LSODA solve at rtol 1e-10 (docs/methods/modality_gap.md).
+REF_T = [1e2, 1e4, 1e8]
+REF_GAMMA = [2.39e-2, 8.54e-3, 2.88e-3]
+REF_BETA = [8.59, 14.38, 24.75]
 
 
-def test_scalar_model_matches_spec_and_lsoda(x64):
+def test_scalar_model_matches_reference_values_and_lsoda(x64):
   cfg = flows.FlowConfig()
   y0 = flows.scalar_state(cfg, beta0=2.0, gamma0=0.5)
   ts = np.array([1e1, 1e2, 1e3, 1e4, 1e6, 1e8, 1e10, 1e12])
@@ -141,13 +144,13 @@ def test_scalar_model_matches_spec_and_lsoda(x64):
                          rtol=1e-10, atol=1e-12)
   gamma, beta = np.asarray(traj.ys["gamma"]), np.exp(np.asarray(traj.ys["nu"]))
   sel = [1, 3, 5]
-  np.testing.assert_allclose(gamma[sel], SPEC_GAMMA, rtol=0.01)
-  np.testing.assert_allclose(beta[sel], SPEC_BETA, rtol=0.01)
+  np.testing.assert_allclose(gamma[sel], REF_GAMMA, rtol=0.01)
+  np.testing.assert_allclose(beta[sel], REF_BETA, rtol=0.01)
   ref = sp_integrate.solve_ivp(numpy_ref.scalar_rhs, (0, 1e12), [math.log(2), 0.5],
                                method="LSODA", rtol=1e-11, atol=1e-14, t_eval=ts)
   np.testing.assert_allclose(gamma, ref.y[1], rtol=1e-5)
   np.testing.assert_allclose(beta, np.exp(ref.y[0]), rtol=1e-5)
-  gl2 = gamma * np.log(ts) ** 2  # spec: creeps from 0.34 to 1.12
+  gl2 = gamma * np.log(ts) ** 2  # creeps from 0.34 to 1.12 (the 1/log^2 t rate)
   assert abs(gl2[0] - 0.34) < 0.02 and abs(gl2[-1] - 1.12) < 0.02
   res = measures.lemma31_residual(beta, gamma, beta0=2.0, gamma0=0.5)
   assert np.max(np.abs(res)) < 1e-6
@@ -196,7 +199,7 @@ def test_linear_closes_fast(x64):
     assert float(traj.ys["gamma"][-1]) < 1e-8, name
 
 
-# ============================================================================ 4D
+# ============================================================================ bounds (Thm 3.2, 3.3)
 @pytest.mark.parametrize("d", [3, 16])
 def test_thm33_initial_gamma_rate_vs_bessel(x64, d):
   n, beta0, gamma0 = 4000, 1 / 0.07, 0.5
@@ -250,7 +253,7 @@ def numpy_ref_g(Z, a):
   return -np.sum(Z * numpy_ref.loss_grad_matrix(a * Z))
 
 
-# ============================================================================ 4F
+# ============================================================================ Liang et al. toy
 def test_liang_toy_argmin_table(x64):
   table = liang_toy.argmin_table()
   for s in liang_toy.SCALES:

@@ -128,7 +128,7 @@ def test_integrate_solve_rkc2_saves_the_trajectory_as_diffrax():
 
 
 def test_integrate_solve_rkc2_gamma_exit_slots_and_failures():
-  """The raw flow at n=64, d=16 leaves [-1, 1] (spec Sec. 7): rkc2 stops there, fills the
+  """The raw flow at n=64, d=16 leaves [-1, 1] (docs/methods/modality_gap.md): rkc2 stops there, fills the
   save slots as diffrax does, and check_exit raises; a spent step budget raises."""
   field, y0 = _flow(64, 16, "gamma")
   ts = [0.1, 1.0, 10.0, 100.0, 1e3]

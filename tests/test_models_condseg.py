@@ -251,7 +251,7 @@ def _np_cbr(x, p, s):
 
 
 def _np_cdfa(params, stats, x, fg, bg, heads):
-  """CDFA written from its description (specs/condseg.md §1.4), loops over windows."""
+  """CDFA written from its description (docs/methods/condseg.md), loops over windows."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   s = jax.tree.map(lambda a: np.asarray(a, np.float64), stats)
   for i in range(2):

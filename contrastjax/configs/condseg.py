@@ -2,7 +2,7 @@
 
 Sources of the numbers: the reference code github.com/Mengqi-Lei/ConDSeg at e6a314b
 (``train.py``, ``train_stage1.py``, ``utils/run_engine*.py``), summarised with line
-references in ``shared/specs/condseg.md``.
+references in docs/methods/condseg.md.
 
 Variants (the ``:arg`` of ``--config=configs/condseg_<dataset>.py:ARG``, comma separated):
 

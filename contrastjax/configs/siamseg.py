@@ -1,7 +1,7 @@
 """The SiamSeg recipe (Wang et al. 2024, arXiv:2410.13471), shared by ``configs/siamseg_*.py``.
 
 Source of the numbers: the reference code github.com/woldier/SiamSeg (mmseg 0.21 fork), resolved
-from its mmcv config inheritance in ``shared/specs/siamseg.md`` §3 (``configs/SiamSeg/*.py``,
+from its mmcv config inheritance in docs/methods/siamseg.md ("Recipe") (``configs/SiamSeg/*.py``,
 ``configs/_base_/uda/dcas.py``, ``schedules/adamw.py``, ``poly_schedule_40k.py``,
 ``models/daformer_sepaspp_mitb5.py``).
 

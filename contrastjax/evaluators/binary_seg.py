@@ -2,7 +2,7 @@
 
 Reference: github.com/Mengqi-Lei/ConDSeg @ e6a314b, ``utils/utils.py``
 ``calculate_metrics`` (l.75-95), ``utils/metrics.py`` (l.165-184) and ``test.py``
-(l.52-102); ``specs/condseg.md`` §3.2.
+(l.52-102); docs/methods/condseg.md.
 
 Per image, with ``ŷ = pred > 0.5`` and ``y = gt > 0.5`` flattened and ``TP = Σ y·ŷ``:
 
@@ -146,7 +146,7 @@ class BinarySegEvaluator:
         receives the padded batch and outputs and must honour ``batch['valid']``.
       samples, display, save_dir, save_overlays, names: the picture options of
         :class:`contrastjax.evaluators.pictures.Pictures` (``display``: a model input
-        as uint8 RGB, from the dataset's spec).
+        as uint8 RGB, from the dataset's DataSpec).
     """
     self.predict_fn = predict_fn
     self.batches_fn = batches_fn

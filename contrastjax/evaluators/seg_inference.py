@@ -5,7 +5,7 @@ Every helper is a pure function of a ``logits_fn(images [B, h, w, 3]) -> logits 
 ``functools.partial(model.apply, variables)``; all shapes are static, so the helpers jit (the
 window and scale loops unroll at trace time). Images are NHWC, already normalised.
 
-Reference (SiamSeg ``mmseg/models/segmentors/encoder_decoder.py``, spec §4.4):
+Reference (SiamSeg ``mmseg/models/segmentors/encoder_decoder.py``; docs/methods/siamseg.md):
 
 * ``encode_decode``: logits bilinearly resized to the INPUT size (``align_corners=False``);
 * ``whole_inference``: that, then (``rescale``) bilinearly resized to the original size;

@@ -1,7 +1,7 @@
 """Semantic-segmentation metrics as mmseg 0.21 computes them (SiamSeg's ``--eval mIoU mFscore``).
 
 Reference: ``mmseg/core/evaluation/metrics.py`` (``intersect_and_union``,
-``total_area_to_metrics``) and ``mmseg/datasets/custom.py`` (``evaluate``), spec §4.4.
+``total_area_to_metrics``) and ``mmseg/datasets/custom.py`` (``evaluate``); docs/methods/siamseg.md.
 
 Per image, pixels whose ground truth is ``ignore_index`` (255) are dropped; then per class ``c``
 (histograms over ``0..C-1``; predictions outside that range count nowhere):

@@ -6,7 +6,7 @@ Side by side in one process, same ODE (log-time ``s = log(1 + t)``), same tolera
 
 * full feature flow, n=512, d=64, tau0=0.07, gamma0=0.3, beta=e^nu: diffrax Tsit5 vs
   SciPy ``solve_ivp`` RK45 and DOP853 with a hand-derived NumPy right-hand side (LSODA
-  cannot run: it allocates a dense 65538^2 Jacobian, 32 GiB; spec Sec. 7). At this size
+  cannot run: it allocates a dense 65538^2 Jacobian, 32 GiB; docs/methods/modality_gap.md). At this size
   the paper's raw gamma flow leaves [-1, 1] (the event time is reported), so both
   solvers use the ``gamma = sin(phi)`` lift;
 * scalar model (Sec. 3.1) to t=1e12: diffrax Tsit5 vs SciPy LSODA (in t and in log-time);

@@ -99,7 +99,7 @@ def thm33_bound(*, beta0: float, gamma0: float, d: int, n: int | None = None,
   ``4 beta0 gamma0 [(xi1 - 2 e^a eps) / (xi2 + (e^a - e^{-a}) eps) - 2 eps]``,
   ``eps = sqrt(log((4n+1)/delta) / (2n))``. ``n=None``: the limit
   ``4 beta0 gamma0 I_{rho+1}(a)/I_rho(a)``. The paper's step ``dDelta/dt >= 2 dgamma/dt``
-  is loose (spec Sec. 1.7); read the bound as one on ``2 dgamma/dt``.
+  is loose (docs/methods/modality_gap.md, paper errata); read the bound as one on ``2 dgamma/dt``.
   """
   if n is None:
     return 2.0 * thm33_dgamma_dt_limit(beta0=beta0, gamma0=gamma0, d=d)

@@ -17,7 +17,7 @@ of :mod:`contrastjax.gap.temperature`) or prescribed by a time schedule ``tau(t)
 ``log tau`` in ``log(1 + t)``, used by the schedule optimiser). Under a schedule ``nu``
 does not move.
 
-Lift of the gap (spec Sec. 7): ``lift="gamma"`` is the paper's flow on ``gamma`` itself;
+Lift of the gap (docs/methods/modality_gap.md): ``lift="gamma"`` is the paper's flow on ``gamma`` itself;
 it can leave ``[-1, 1]`` while pairs are mismatched (the integrator detects this).
 ``lift="sin_phi"`` writes ``gamma = sin(phi)`` and runs the gradient flow on ``phi``:
 ``dphi/dt = -cos(phi) dl/dgamma``, i.e. ``dgamma/dt = -cos(phi)^2 dl/dgamma`` -- the

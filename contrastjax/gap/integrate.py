@@ -9,7 +9,7 @@ schedule numbers in ``args``, the initial temperature and the initial features.
 Call with float64 enabled (``with jax.enable_x64(True):``): ``gamma`` reaches 1e-3 and
 ``beta`` 35, so ``exp(-beta)`` is ~1e-15.
 
-``gamma`` leaving ``[-1, 1]`` (spec Sec. 7; the paper assumes it never does) is detected
+``gamma`` leaving ``[-1, 1]`` (the paper assumes it never does; docs/methods/modality_gap.md) is detected
 by a diffrax event that stops the solve; :func:`check_exit` turns it into a
 :class:`GammaExitError` naming the time and the remedy (``lift="sin_phi"``).
 """
@@ -212,5 +212,5 @@ def check_exit(traj: Trajectory, *, what: str = "the full feature flow") -> None
         f"{what}: gamma left [-1, 1] at t = {float(traj.t_end):.4g} (|gamma| >= 1; the "
         "lifted features [sqrt(1-gamma^2) h, +-gamma] stop existing and 1-gamma^2 < 0 "
         "flips every similarity). This happens under the paper's raw gamma flow while "
-        "pairs are mismatched (spec Sec. 7). Use lift='sin_phi' (gamma = sin(phi), the "
+        "pairs are mismatched (docs/methods/modality_gap.md). Use lift='sin_phi' (gamma = sin(phi), the "
         "gamma equation slowed by cos(phi)^2) to keep the lift on the sphere.")

@@ -6,7 +6,7 @@ and ``1.53 pi`` (order: ``(a,0), (-a,0), (0,a), (0,-a), (b,b), (-b,b), (b,-b), (
 1.53 pi`` with ``b = a / sqrt(2)``). The symmetric CE at logit scale ``s`` is scanned over
 100 values of ``z`` in ``[-1, 1]``, with correct labels and with labels 3 and 8
 (0-based) swapped. With the swap and a low temperature the loss is minimised far from
-``z = 0``: mismatched pairs keep the modalities apart (spec Sec. 4F).
+``z = 0``: mismatched pairs keep the modalities apart (docs/methods/modality_gap.md).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ name        beta(nu)                where
 exp         exp(nu)                 CLIP/OpenCLIP ``logit_scale`` (paper baseline)
 softplus    log(1 + exp(nu))        TR, the paper's Table 2 entry
 exp_scaled  exp(nu / s)             TR "Scale2" (s = 2) and "Scale10" (s = 10)
-linear      nu                      the scalar-model contrast run of spec 4 B
+linear      nu                      the scalar-model contrast run (docs/methods/modality_gap.md)
 ========== ======================= ====================================================
 
 Schedules ``tau(t)`` (t in steps, epochs or flow time; the caller picks the unit):

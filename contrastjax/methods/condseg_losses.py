@@ -2,14 +2,14 @@
 
 Reference: github.com/Mengqi-Lei/ConDSeg @ e6a314b, ``utils/metrics.py`` (``DiceBCELoss``),
 ``utils/run_engine.py`` (stage-2 loss, ``complementary_loss``) and
-``utils/run_engine_stage1.py`` (``BinaryConsistencyLoss``); see ``specs/condseg.md`` §2.
+``utils/run_engine_stage1.py`` (``BinaryConsistencyLoss``); see docs/methods/condseg.md.
 
 Every loss takes an optional per-example ``weights`` vector ``[B]`` (typically the
 ``valid`` mask of a padded evaluation batch). With 0/1 weights the result equals the
 reference loss computed on the weighted-in examples only; padded examples contribute
 nothing, not even to the normalisers.
 
-Two semantics of ``DiceBCELoss`` are offered (``specs/condseg.md`` §2.2):
+Two semantics of ``DiceBCELoss`` are offered (docs/methods/condseg.md):
 
 * **paper** (``double_sigmoid=True``): the reference applies ``torch.sigmoid`` to the
   model's outputs, which already end in a sigmoid, so the loss sees

@@ -5,7 +5,7 @@ EAAI 2025, https://arxiv.org/abs/2407.10649) builds on ViT-PCM (Rossetti et al.,
 2022; https://github.com/deepplants/ViT-PCM at commit 1fea66f, ``model.py``). The model
 here is ViT-PCM's, plus an optional segmentation decoder for APC's single-stage
 training (ToCo's, https://github.com/rulixiang/ToCo at commit e13514d,
-``model/decoder/conv_head.py``); see ``specs/apc.md``. Pooling (GMP / top-K /
+``model/decoder/conv_head.py``); see docs/methods/apc.md. Pooling (GMP / top-K /
 adaptive-K), patch contrast and the losses belong to the method, not to this file::
 
   grid     = ViT(x)[:, 1:] as [B, h, w, D]              (h, w = H/16, W/16; 24x24 at 384)

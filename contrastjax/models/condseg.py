@@ -1,7 +1,7 @@
 """ConDSeg (Lei et al., AAAI 2025) with the ResNet-50 encoder, in Flax linen (NHWC).
 
 A port of the reference ``network/model.py`` and ``network/model_stage1.py``
-(github.com/Mengqi-Lei/ConDSeg); see ``specs/condseg.md`` for shapes and parameter
+(github.com/Mengqi-Lei/ConDSeg); see docs/methods/condseg.md for shapes and parameter
 counts. Module names follow the paper; the reference's names are given in each
 docstring, and :func:`load` / :func:`to_torch_state_dict` convert between the reference
 ``state_dict`` (937 keys for ConDSeg) and Flax variables.

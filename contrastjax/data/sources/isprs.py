@@ -1,6 +1,6 @@
 """ISPRS Potsdam / Vaihingen 512x512 crops in the layout SiamSeg's configs read.
 
-The layout (``configs/_base_/datasets/uda_*_512x512.py``, spec §4.2), written by
+The layout (``configs/_base_/datasets/uda_*_512x512.py``; docs/methods/siamseg.md), written by
 ``python -m contrastjax.data.tools.isprs_tiles``::
 
   <data>/Potsdam_IRRG_DA/            (or Potsdam_RGB_DA, Vaihingen_IRRG_DA)

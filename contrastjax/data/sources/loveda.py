@@ -11,7 +11,7 @@ The official zips ``Train.zip`` / ``Val.zip`` unpack to::
 
 Images are 1024x1024 RGB PNGs; masks are 8-bit single-channel PNGs with 0 = no-data and
 1..7 = background, building, road, water, barren, forest, agricultural. Reading applies mmseg's
-``reduce_zero_label=True`` (``mmseg/datasets/loveda.py``, spec §4.1): 0 -> 255 (ignored),
+``reduce_zero_label=True`` (``mmseg/datasets/loveda.py``; docs/methods/siamseg.md): 0 -> 255 (ignored),
 ``k -> k - 1``, and 255 stays 255. SiamSeg's task is Rural -> Urban (source ``Train/Rural``,
 target ``Train/Urban``, evaluation ``Val/Urban``); ``Test`` has no public masks.
 

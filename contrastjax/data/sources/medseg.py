@@ -54,7 +54,7 @@ _MAX_MIDTONE_FRACTION = 0.25
 
 @dataclasses.dataclass(frozen=True)
 class MedSegInfo:
-  """Facts about one dataset (ConDSeg README, spec §3-§4).
+  """Facts about one dataset (ConDSeg README; docs/methods/condseg.md).
 
   Attributes:
     name: Key in :data:`DATASETS`.

@@ -25,7 +25,7 @@ Usage::
 ``ann_dir/{train,val}``) plus the ``train.txt`` / ``val.txt`` split lists the SiamSeg configs
 expect and the stock converters do not write.
 
-What is reproduced from mmseg's ``tools/convert_datasets/{potsdam,vaihingen}.py`` (spec §4.2):
+What is reproduced from mmseg's ``tools/convert_datasets/{potsdam,vaihingen}.py`` (docs/methods/siamseg.md):
 
 * Splits: Potsdam train tiles 2_10..2_12, 3_10..3_12, 4_10..4_12, 5_10..5_12, 6_7..6_12,
   7_7..7_12 (24), val 2_13, 2_14, 3_13, 3_14, 4_13, 4_14, 4_15, 5_13, 5_14, 5_15, 6_13, 6_14,

@@ -12,7 +12,7 @@ An example is a dict ``{'image': uint8 [H, W, 3], 'mask': uint8 [H, W], ...}`` (
 
 Deviation with a switch: the reference passes ``background`` to albumentations as an unknown key,
 which albumentations 1.x returns unchanged, so the background target is NOT rotated/flipped while
-image and mask are (spec §2.4). ``augment_background=True`` (our default) recomputes
+image and mask are (docs/methods/condseg.md, "Deviations"). ``augment_background=True`` (our default) recomputes
 ``background = 255 - mask`` after the augmentation; ``augment_background=False`` reproduces the
 reference: background from the original, un-augmented mask.
 
@@ -351,7 +351,7 @@ def geometric_augment(name: str = 'stage2', *, augment_background: bool = True,
   Args:
     name: One of :data:`GEOMETRIC_PRESETS`.
     augment_background: True (default, the fix): ``background = 255 - mask`` after the
-      augmentation. False (reference behaviour, spec §2.4): background from the original mask,
+      augmentation. False (reference behaviour): background from the original mask,
       not rotated/flipped.
     dropout_hole_size: Side of the CoarseDropout holes in pixels of the original image (the
       reference's 32 suits its ~500-600 px frames; small synthetic images need smaller holes,

@@ -1,7 +1,7 @@
 """The mmseg 0.21 semantic-segmentation train pipeline on the host (numpy), as SiamSeg uses it.
 
 SiamSeg's train pipeline (``configs/_base_/datasets/uda_*_512x512.py``, identical for source and
-target; spec §4.3)::
+target; docs/methods/siamseg.md)::
 
   LoadImageFromFile -> LoadAnnotations(reduce_zero_label=True)
   -> Resize(img_scale, ratio_range)          # keep ratio; LoveDA (1024, 1024), (0.5, 1.5)
@@ -93,7 +93,7 @@ class SegAugConfig:
   max_crop_tries: int = 10
 
 
-#: The reference settings (spec §4.3).
+#: The reference settings (docs/methods/siamseg.md).
 LOVEDA_AUG = SegAugConfig(img_scale=(1024, 1024), ratio_range=(0.5, 1.5))
 ISPRS_AUG = SegAugConfig(img_scale=(512, 512), ratio_range=(1.0, 2.0))
 
