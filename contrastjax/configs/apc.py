@@ -111,11 +111,11 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
   c.evals = ml_collections.ConfigDict(evals)
 
   if a.demo:
-    _demo(c, variant)
+    _demo(c, variant, a.recipe)
   return c
 
 
-def _demo(c: ml_collections.ConfigDict, variant: str) -> None:
+def _demo(c: ml_collections.ConfigDict, variant: str, recipe: str) -> None:
   """Procedural scenes (5 shape/texture classes, shared colours, clutter), a 4-block ViT
   with 8 px patches trained from scratch."""
   info = data_builder.dataset_info("synthetic_scenes")
@@ -135,9 +135,10 @@ def _demo(c: ml_collections.ConfigDict, variant: str) -> None:
   c.batch_size = 32
   c.eval_batch_size = 64
   c.total_steps = 1200
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, weight_decay=0.01, schedule="warmup_cosine",
-      warmup_steps=100))
+  if recipe == "toco":  # the ViT-PCM recipes keep their (frozen-group) optimizers
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-3, weight_decay=0.01, schedule="warmup_cosine",
+        warmup_steps=100))
   c.log_every_steps = 25
   c.eval_every_steps = 300
   c.ckpt_every_steps = 300

@@ -1,0 +1,122 @@
+"""APC on the spine (the method is a reconstruction, docs/methods/apc.md): training batches
+hold image labels only, the step runs through the real trainer with its evaluations, the
+variants switch their components, and ViT-PCM's first phase freezes the backbone."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from contrastjax import parallel
+from contrastjax import train as train_lib
+from contrastjax.configs import apc as apc_configs
+from contrastjax.data import builder
+from contrastjax.methods import apc as apc_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(arg="demo", **data):
+  c = apc_configs.get_config("voc", arg)
+  c.model.backbone_overrides = dict(patch_size=8, depth=1, embed_dim=32, num_heads=2)
+  c.model.decoder_channels = 16
+  c.data.num_train, c.data.num_train_eval, c.data.num_val = 32, 16, 16
+  c.data.image_size = c.data.crop_size = c.data.eval_size = 32
+  c.model.img_size = 32
+  for k, v in data.items():
+    c.data[k] = v
+  c.batch_size = c.eval_batch_size = 8
+  c.total_steps, c.eval_every_steps, c.ckpt_every_steps, c.log_every_steps = 4, 4, 4, 2
+  c.apc.seg_warmup_steps = 2
+  c.progress_bar = False
+  c.plot_curves = False
+  return c
+
+
+def test_training_batches_hold_no_pixel_labels():
+  c = _tiny()
+  inputs = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
+  batch = next(iter(inputs.train))
+  assert sorted(batch) == ["image", "labels"]
+  assert batch["labels"].shape == (8, 6) and (batch["labels"][:, 0] == 1).all()
+  ev = next(iter(inputs.eval_batches("val")))
+  assert {"image", "label", "labels", "valid"} <= set(ev)
+  sup = builder.build(_tiny("demo,supervised"), local_batch_size=8, local_eval_batch_size=8)
+  assert "label" in next(iter(sup.train))  # only the supervised upper bound sees masks
+
+
+@pytest.mark.slow
+def test_apc_step_through_the_trainer(tmp_path):
+  result = train_lib.train_and_evaluate(_tiny(), str(tmp_path))
+  assert result["step"] == 4
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train = [r for r in rows if "train/loss" in r]
+  for key in ("train/loss_cls", "train/loss_reg", "train/loss_seg", "train/loss_pcl"):
+    assert all(np.isfinite(r[key]) for r in train), key
+  assert 0.0 <= result["val/mIoU"] <= 1.0 and 0.0 <= result["pseudo/mIoU"] <= 1.0
+  assert os.listdir(tmp_path / "samples")
+
+
+def test_variants_switch_components_and_predict_outputs():
+  c = _tiny("demo,gmp")
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  inputs = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
+  batch = next(iter(inputs.train))
+  ev = next(iter(inputs.eval_batches("val")))
+  m = apc_lib.APCMethod(c)
+  assert m.options.pooling == "gmp" and not m.options.uses_decoder
+  with jax.set_mesh(mesh):
+    params, _, _ = m.init(jax.random.PRNGKey(0), batch)
+    assert "seg_decoder" not in params
+    loss, (_, metrics) = m.loss_fn(params, {}, {}, batch, jax.random.PRNGKey(1), 0)
+    assert set(metrics) == {"loss_cls", "loss_reg"} and np.isfinite(loss)
+    out = m.predict(params, {}, {}, ev)
+  assert out["pred"].shape == out["pseudo"].shape == ev["label"].shape
+  # the pseudo-labels only name classes of the image (or background)
+  for r in range(len(ev["labels"])):
+    present = set(np.flatnonzero(ev["labels"][r]))
+    assert set(np.unique(np.asarray(out["pseudo"][r]))) <= present
+  full = apc_lib.APCMethod(_tiny("demo"))
+  assert full.options.uses_decoder and full.options.uses_pcl
+
+
+def test_vitpcm_first_phase_freezes_the_backbone():
+  c = _tiny("demo,recipe=vitpcm")
+  c.total_steps = 2
+  src = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
+  batch = next(iter(src.train))
+  m = apc_lib.APCMethod(c)
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  from contrastjax import spine  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(mesh):
+    gb = parallel.host_to_global(batch, mesh)
+    run = spine.build_run(c, m, mesh, jax.random.PRNGKey(0), gb, total_steps=2)
+    state0 = jax.device_get(jax.jit(run.create, out_shardings=run.state_sharding)(
+        jax.random.PRNGKey(0), gb))
+    state = jax.device_put(state0, run.state_sharding)
+    for _ in range(2):
+      state, metrics = run.compiled.train_step(state, gb)
+  state = jax.device_get(state)
+  for a, b in zip(jax.tree.leaves(state0.params["backbone"]),
+                  jax.tree.leaves(state.params["backbone"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(state0.params["patch_classifier"]["classifier"]["kernel"],
+                            state.params["patch_classifier"]["classifier"]["kernel"])
+
+
+def test_config_variants_and_errors():
+  for v in ("gmp", "topk", "akp", "akp_pcl", "apc", "supervised"):
+    c = apc_configs.get_config("voc", v)
+    assert c.apc.variant == v
+  assert apc_configs.get_config("voc", "gmp").apc.pooling == "gmp"
+  assert apc_configs.get_config("voc", "rule=argmax_share").apc.akp_rule == "argmax_share"
+  with pytest.raises(ValueError, match=r"exclude each other"):
+    apc_configs.get_config("voc", "gmp,apc")
+  with pytest.raises(ValueError, match=r"recipe='nope'"):
+    apc_configs.get_config("voc", "recipe=nope")
+  c = apc_configs.get_config("voc")
+  c.apc.akp_rule = "h4"
+  with pytest.raises(ValueError, match=r"config\.apc\.akp_rule='h4'"):
+    apc_lib.APCMethod(c)
