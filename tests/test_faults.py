@@ -373,3 +373,29 @@ def test_stderr_filter_drops_only_closed_loop_tracebacks():
     f.write(chunk)
   f.write("back is a word\n")
   assert sink.getvalue() == "progress 10%\rline\n" + other + "Traceback is a word\n"
+
+
+def test_checkpoint_written_by_fc6e996_restores_and_continues_bitwise(tmp_path):
+  """A toy run's checkpoint 3 (and best 6) written by the code before the architecture
+  pass (fc6e996, 8 simulated devices, tests/fixtures/fc6e996_toy): today's trainer resumes
+  from it and reaches exactly the parameters and BatchNorm statistics fc6e996 wrote at step 6;
+  the old best checkpoint restores too."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from contrastjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  fixture = os.path.join(REPO, "tests", "fixtures", "fc6e996_toy")
+  workdir = tmp_path / "run"
+  shutil.copytree(fixture, workdir, ignore=shutil.ignore_patterns("*.npz"))
+  best = ckpt_lib.load_variables(str(workdir), "best")
+  assert best["step"] == 6
+  cfg = _toy.toy_config(total_steps=6, ckpt_every_steps=3, eval_every_steps=3,
+                        keep_checkpoints=10)
+  train_lib.train_and_evaluate(cfg, str(workdir))
+  got = ckpt_lib.load_variables(str(workdir), 6)
+  expected = np.load(os.path.join(fixture, "step6_expected.npz"))
+  flat = {"params/" + "/".join(k): v
+          for k, v in traverse_util.flatten_dict(got["params"]).items()}
+  flat.update({"model_state/" + "/".join(k): v
+               for k, v in traverse_util.flatten_dict(got["model_state"]).items()})
+  assert sorted(flat) == sorted(expected.files)
+  for k in expected.files:
+    np.testing.assert_array_equal(flat[k], expected[k], err_msg=k)
