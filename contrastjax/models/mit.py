@@ -47,6 +47,11 @@ from contrastjax.models.nn import Conv2d
 from contrastjax.models.torch_import import (
     CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict)
+from contrastjax.models.transformer import dense as _dense
+from contrastjax.models.transformer import drop_path as _drop_path
+from contrastjax.models.transformer import index_leaf as _index_leaf
+from contrastjax.models.transformer import layer_norm as _layer_norm
+from contrastjax.models.transformer import stack_leaves as _stack_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +59,6 @@ Array = jax.Array
 Dtype = Any
 PyTree = Any
 
-#: Linear init of the reference (``trunc_normal_(std=.02)``, truncated at +-2 absolute,
-#: i.e. +-100 std: a plain normal), bias zero.
-LINEAR_INIT = nn.initializers.normal(0.02)
 #: Conv init of the reference: ``normal(0, sqrt(2 / fan_out))`` with
 #: ``fan_out = k * k * out_channels / groups``, bias zero.
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -72,17 +74,6 @@ CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
     "b4": dict(embed_dims=_WIDE, depths=(3, 8, 27, 3)),
     "b5": dict(embed_dims=_WIDE, depths=(3, 6, 40, 3)),
 }
-
-
-def _dense(features: int, use_bias: bool, dtype: Dtype, precision: Any,
-           name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, precision=precision,
-                  kernel_init=LINEAR_INIT, bias_init=nn.initializers.zeros, name=name)
-
-
-def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
-  # Two-pass variance like torch (flax's fast E[x^2] - E[x]^2 loses digits).
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
 class DepthwiseConv2d(nn.Module):
@@ -347,19 +338,6 @@ class Block(nn.Module):
     return x + drop(y)
 
 
-def _drop_path(module: nn.Module, y: Array, rate: Array, deterministic: bool) -> Array:
-  """Per-sample stochastic depth with a traced rate: ``nn.Dropout(rate,
-  broadcast_dims=(1, 2, 3))`` written out (same mask shape, scaling and ``'dropout'``
-  rng stream), since ``nn.Dropout`` needs its rate as a Python number."""
-  if deterministic:
-    return y
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(module.make_rng("dropout"), keep,
-                              (y.shape[0],) + (1,) * (y.ndim - 1))
-  mask = jnp.broadcast_to(mask, y.shape)
-  return lax.select(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
-
-
 class _ScannedBlock(Block):
   """:class:`Block` as the body of ``nn.scan`` over a stage's blocks: carry ``x``,
   scanned input the block's stochastic-depth rate."""
@@ -528,20 +506,6 @@ def torch_names(params: Mapping[str, Any]) -> TorchNames:
 
 
 _STACKED_RE = re.compile(r"^block(\d+)$")
-
-
-def _index_leaf(leaf: Any, j: int) -> Any:
-  if isinstance(leaf, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-  return leaf[j]
-
-
-def _stack_leaves(*leaves: Any) -> Any:
-  if isinstance(leaves[0], jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
-  if all(isinstance(leaf, np.ndarray) for leaf in leaves):
-    return np.stack(leaves)
-  return jnp.stack(leaves)
 
 
 def is_scanned(params: Mapping[str, Any]) -> bool:

@@ -65,12 +65,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jax import lax
 
 from contrastjax.models.nn import TORCH_DEFAULT_KERNEL_INIT, torch_default_bias_init
 from contrastjax.models.torch_import import (
     CONV_NAMES, LINEAR_NAMES, TorchNames, load_state_dict, read_state_dict,
     to_state_dict, torch_mapping)
+from contrastjax.models.transformer import dense as _dense
+from contrastjax.models.transformer import drop_path as _drop_path
+from contrastjax.models.transformer import index_leaf as _index_leaf
+from contrastjax.models.transformer import layer_norm as _layer_norm
+from contrastjax.models.transformer import stack_leaves as _stack_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +84,6 @@ PyTree = Any
 
 #: timm's Linear init (``trunc_normal_(std=.02)``, truncated at +-2 absolute, i.e. +-100
 #: std: a plain normal), bias zero.
-LINEAR_INIT = nn.initializers.normal(0.02)
 #: timm's position-embedding init (``trunc_normal_(std=.02)``, as above).
 POS_EMBED_INIT = nn.initializers.normal(0.02)
 #: timm's class-token init (``normal_(std=1e-6)``).
@@ -104,17 +107,6 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
   if len(size) != 2:
     raise ValueError(f"expected an int or (height, width), got {size}")
   return size
-
-
-def _dense(features: int, use_bias: bool, dtype: Dtype, precision: Any,
-           name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, precision=precision,
-                  kernel_init=LINEAR_INIT, bias_init=nn.initializers.zeros, name=name)
-
-
-def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
-  # Two-pass variance like torch (flax's fast E[x^2] - E[x]^2 loses digits).
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
 def resample_pos_embed(pos_embed: Array, new_grid: Sequence[int], old_grid: Sequence[int],
@@ -263,19 +255,6 @@ class Mlp(nn.Module):
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = _dense(d, True, self.dtype, self.precision, "fc2")(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-
-
-def _drop_path(module: nn.Module, y: Array, rate: Array, deterministic: bool) -> Array:
-  """Per-sample stochastic depth with a traced rate (from a scan over blocks):
-  ``nn.Dropout(rate, broadcast_dims=(1, 2))`` written out (same mask shape, scaling and
-  ``'dropout'`` rng stream), since ``nn.Dropout`` needs its rate as a Python number."""
-  if deterministic:
-    return y
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(module.make_rng("dropout"), keep,
-                              (y.shape[0],) + (1,) * (y.ndim - 1))
-  mask = jnp.broadcast_to(mask, y.shape)
-  return lax.select(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
 
 
 class Block(nn.Module):
@@ -534,20 +513,6 @@ def torch_names(params: Mapping[str, Any]) -> TorchNames:
 def is_scanned(params: Mapping[str, Any]) -> bool:
   """Whether ``params`` use the ``scan_blocks`` layout (a ``blocks`` entry)."""
   return "blocks" in params
-
-
-def _index_leaf(leaf: Any, j: int) -> Any:
-  if isinstance(leaf, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-  return leaf[j]
-
-
-def _stack_leaves(*leaves: Any) -> Any:
-  if isinstance(leaves[0], jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
-  if all(isinstance(leaf, np.ndarray) for leaf in leaves):
-    return np.stack(leaves)
-  return jnp.stack(leaves)
 
 
 def unstack_blocks(params: Mapping[str, PyTree]) -> dict[str, PyTree]:
