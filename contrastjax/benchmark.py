@@ -58,6 +58,7 @@ import numpy as np
 from contrastjax import parallel
 from contrastjax import spine
 from contrastjax import methods as methods_lib
+from contrastjax.data import builder as data_builder
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
@@ -164,59 +165,11 @@ class PeakMemory:
             "peak_is_phase_only": self.reset}
 
 
-def synthetic_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A training batch shaped like the ConDSeg pipeline's: ``image`` in [0, 1)
-  ``[B, S, S, 3]``, a soft elliptical ``mask`` and ``background = 1 - mask``
-  ``[B, S, S, 1]``, ``index`` int32 ``[B]``."""
-  rng = np.random.default_rng(seed)
-  image = rng.random((batch_size, image_size, image_size, 3), dtype=np.float32)
-  yy, xx = np.meshgrid(np.linspace(-1, 1, image_size), np.linspace(-1, 1, image_size),
-                       indexing="ij")
-  masks = []
-  for _ in range(batch_size):
-    cy, cx = rng.uniform(-0.4, 0.4, 2)
-    ry, rx = rng.uniform(0.2, 0.5, 2)
-    r = ((yy - cy) / ry)**2 + ((xx - cx) / rx)**2
-    masks.append(np.clip((1.2 - r) / 0.4, 0.0, 1.0))
-  mask = np.stack(masks)[..., None].astype(np.float32)
-  return {"image": image, "mask": mask, "background": 1.0 - mask,
-          "index": np.arange(batch_size, dtype=np.int32)}
-
-
-def synthetic_pair_batch(batch_size: int, image_size: int, num_classes: int,
-                         seed: int = 0) -> dict[str, Any]:
-  """A SiamSeg training batch (``contrastjax.data.tasks.uda`` layout, nested):
-  normalised ``image`` ``[B, S, S, 3]`` for both domains, a source ``label`` ``[B, S, S]``
-  of random class blobs (0..C-1, some 255 ignored pixels) and the ``index`` entries."""
-  rng = np.random.default_rng(seed)
-
-  def images():
-    return rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32)
-
-  coarse = rng.integers(0, num_classes, (batch_size, 8, 8))
-  rep = -(-image_size // 8)
-  label = np.repeat(np.repeat(coarse, rep, axis=1), rep, axis=2)[:, :image_size, :image_size]
-  label = np.where(rng.random(label.shape) < 0.02, 255, label).astype(np.int32)
-  index = np.arange(batch_size, dtype=np.int32)
-  return {"source": {"image": images(), "label": label, "index": index},
-          "target": {"image": images(), "index": index}, "index": index}
-
-
 def synthetic_batch_for(config: ml_collections.ConfigDict, seed: int = 0
                         ) -> tuple[Any, int]:
-  """``(batch, image size)`` shaped like the training pipeline of ``config.method``."""
-  data = config.get("data", {})
-  method = config.method
-  if method in ("condseg", "condseg_stage1"):
-    size = int(data.image_size)
-    return synthetic_batch(int(config.batch_size), size, seed), size
-  if method == "siamseg":
-    crop = data.get("image_size", None) or data.get("crop_size", None) or 512
-    size = int(crop if np.ndim(crop) == 0 else crop[0])
-    return synthetic_pair_batch(int(config.batch_size), size,
-                                int(config.siamseg.num_classes), seed), size
-  raise ValueError(f"contrastjax.benchmark has no synthetic batch for config.method="
-                   f"{method!r}; supported: condseg, condseg_stage1, siamseg")
+  """``(batch, image size)`` shaped like the training pipeline of ``config.data``
+  (``data.builder.synthetic_batch``: each dataset maker provides one)."""
+  return data_builder.synthetic_batch(config, seed)
 
 
 def _host_values(tree: Any, seed: int) -> Any:
@@ -309,7 +262,7 @@ def run_jax(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray],
 
   Args:
     config: The training config (method, model, optimizer, batch size, mesh).
-    batch_np: One host batch (:func:`synthetic_batch`), reused every step.
+    batch_np: One host batch (:func:`synthetic_batch_for`), reused every step.
     steps: Timed steps.
     warmup: Untimed steps before them (the first call is timed separately).
     init: ``'spine'`` (jit the trainer's initialiser) or ``'host'``

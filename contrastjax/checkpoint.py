@@ -38,6 +38,8 @@ from contrastjax import workdir as workdir_lib
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+#: Prefix of a step folder being deleted (see ``Checkpointer._delete``).
+_TRASH = ".deleting-"
 
 
 def _abs(path: str) -> str:
@@ -87,17 +89,26 @@ class Checkpointer:
                 f"holds no {CHECKPOINTS}/ or {BEST}/ folder")
         raise workdir_lib.WorkdirNotFoundError(
             f"workdir {self.workdir} {what}: expected the --workdir of a training run")
+    # Old checkpoints are deleted here, not by orbax (max_to_keep=None): orbax deletes a
+    # superseded step in a background thread, and a kill -9 in the middle leaves a
+    # half-deleted folder it keeps listing (and fails to read). :meth:`_prune` renames a
+    # step folder to a hidden name first (atomic), then removes it.
+    self._keep = int(keep)
     self._latest = ocp.CheckpointManager(
         os.path.join(self.workdir, CHECKPOINTS),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=create,
-            enable_async_checkpointing=async_save))
+            max_to_keep=None, create=create, enable_async_checkpointing=async_save))
     self._best = ocp.CheckpointManager(
         os.path.join(self.workdir, BEST),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=create, enable_async_checkpointing=async_save))
+            max_to_keep=None, create=create, enable_async_checkpointing=async_save))
     # The last save submitted to each manager (step, folder), for error messages.
     self._submitted: dict[int, tuple[int, str]] = {}
+    if create and jax.process_index() == 0:
+      for mngr in (self._latest, self._best):  # leftovers of a kill during a deletion
+        root = epath.Path(str(mngr.directory))
+        for leftover in root.glob(f"{_TRASH}*") if root.exists() else ():
+          leftover.rmtree(missing_ok=True)
 
   # ------------------------------------------------------------------ queries
   def latest_step(self) -> int | None:
@@ -143,8 +154,29 @@ class Checkpointer:
     if step in self._best.all_steps():
       self.wait_best()
       logging.info("replacing %s/%d, written before this run resumed", BEST, step)
-      self._best.delete(step)
+      self._delete(self._best, step)
     return self._save(self._best, step, items, True)
+
+  def _delete(self, mngr, step: int) -> None:
+    """Removes a step folder: renamed to a hidden name first (atomic on a local disk),
+    so that no kill leaves a half-deleted checkpoint orbax would list."""
+    if jax.process_index() == 0:
+      root = epath.Path(str(mngr.directory))
+      src, trash = root / str(step), root / f"{_TRASH}{step}"
+      if trash.exists():
+        trash.rmtree()
+      if src.exists():
+        src.rename(trash)
+        trash.rmtree()
+    mngr.reload()
+
+  def _prune(self, mngr, keep: int) -> None:
+    """Deletes all but the newest ``keep`` committed steps (none while saving)."""
+    if mngr.is_saving_in_progress():
+      return
+    steps = sorted(mngr.all_steps())
+    for step in steps[:max(len(steps) - keep, 0)]:
+      self._delete(mngr, step)
 
   def wait_best(self) -> None:
     self._wait(self._best)
@@ -164,9 +196,12 @@ class Checkpointer:
 
   def check(self) -> None:
     """Raises :class:`CheckpointSaveError` if an asynchronous save has failed (cheap:
-    the trainer calls it every step, so a failed save stops the run at once)."""
+    the trainer calls it every step, so a failed save stops the run at once); prunes
+    the checkpoints a finished save superseded."""
     self._raise_if_failed(self._latest)
     self._raise_if_failed(self._best)
+    self._prune(self._latest, self._keep)
+    self._prune(self._best, 1)
 
   def _intact_hint(self) -> str:
     steps = [s for s in self._latest.all_steps()
@@ -179,6 +214,8 @@ class Checkpointer:
   def wait(self) -> None:
     self._wait(self._latest)
     self._wait(self._best)
+    self._prune(self._latest, self._keep)
+    self._prune(self._best, 1)
 
   def close(self) -> None:
     self._latest.close()

@@ -18,7 +18,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 from ml_collections import config_flags
 
 from contrastjax import checkpoint as ckpt_lib
@@ -30,36 +29,6 @@ from contrastjax import methods as methods_lib
 from contrastjax import spine
 from contrastjax import train as train_lib
 from contrastjax.data import builder as data_builder
-from contrastjax.data.transforms import medseg as data_transforms
-from contrastjax.evaluators import binary_seg
-
-
-class _OriginalResolution:
-  """``on_batch`` callback: metrics with the prediction resized (bilinear) to each
-  image's original size and scored against the original, un-resized mask."""
-
-  def __init__(self, source, threshold: float, output_key: str = "prob"):
-    self.source, self.threshold, self.output_key = source, threshold, output_key
-    self.sums = {k: 0.0 for k in binary_seg.METRIC_NAMES}
-    self.count = 0.0
-
-  def __call__(self, batch, outputs) -> None:
-    valid = np.asarray(batch["valid"]).astype(bool)
-    prob = np.asarray(outputs[self.output_key])[..., 0]
-    for r in np.flatnonzero(valid):
-      raw = self.source[int(batch["index"][r])]
-      gt = np.asarray(raw["mask"], np.float32) / 255.0
-      p = data_transforms.resize_bilinear(prob[r][..., None], gt.shape[:2])[..., 0]
-      scores = binary_seg.binary_metrics(p[None], gt[None], self.threshold)
-      for k in self.sums:
-        self.sums[k] += float(scores[k][0])
-      self.count += 1
-
-  def results(self, prefix: str) -> dict[str, float]:
-    sums = parallel.process_sum(dict(self.sums, count=self.count))
-    n = max(float(sums["count"]), 1.0)
-    return {f"{prefix}/orig_res/{name}": float(sums[k]) / n
-            for k, name in binary_seg.METRIC_NAMES.items()}
 
 
 def _eval_config(evals_cfg: dict, split: str) -> dict:
@@ -68,7 +37,9 @@ def _eval_config(evals_cfg: dict, split: str) -> dict:
   for ecfg in evals_cfg.values():
     if ecfg.get("split") == split:
       return dict(ecfg)
-  first = dict(next(iter(evals_cfg.values()), {"type": "binary_seg"}))
+  if not evals_cfg:
+    raise cli.ConfigError("config.evals is empty: nothing says how to evaluate")
+  first = dict(next(iter(evals_cfg.values())))
   first["split"] = split
   return first
 
@@ -132,26 +103,22 @@ def _evaluate_with(ckpt, config, workdir: str, mesh, *, checkpoint: str, splits,
     source = inputs.spec.sources[split]
     predict_np, loss_np = spine.make_eval_fns(run.compiled, mesh, lambda: state,
                                               with_loss=bool(ecfg.get("with_loss", True)))
-    orig = None
+    extra = dict(source=source)
     if original_resolution:
-      if ecfg.get("type") != "binary_seg":
+      if not evaluators_lib.accepts(ecfg, "original_resolution"):
         raise cli.ConfigError(
-            "--original_resolution is only for binary_seg evaluators; semseg evaluation "
-            "data are already at their original size")
-      orig = _OriginalResolution(source, float(ecfg.get("threshold", 0.5)),
-                                 ecfg.get("output_key", "prob"))
-    save = dict(save_dir=os.path.join(out_dir, split), save_overlays=save_predictions,
-                names=getattr(source, "names", None)) if save_predictions else {}
+            f"--original_resolution: the {ecfg.get('type')!r} evaluation of split {split!r} "
+            "has no original-resolution scoring (its data are at their original size)")
+      extra["original_resolution"] = True
+    if save_predictions:
+      extra.update(save_dir=os.path.join(out_dir, split), save_overlays=save_predictions,
+                   names=getattr(source, "names", None))
     ev = evaluators_lib.build(
         ecfg, predict_fn=predict_np, batches_fn=lambda s=split: inputs.eval_batches(s),
         loss_fn=loss_np, prefix=split, reduce_fn=parallel.process_sum, samples=0,
-        **save, **context)
-    if orig is not None:
-      ev.on_batch = orig
+        **extra, **context)
     for k, v in ev.run():
       results[k] = float(v)
-    if orig is not None:
-      results.update(orig.results(split))
 
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)

@@ -64,13 +64,14 @@ def test_cli_smoke_demo_model(tmp_path):
 
 
 def test_synthetic_batch_contract():
-  batch = benchmark.synthetic_batch(3, 16, seed=1)
+  from contrastjax.data.tasks import binary_seg  # pylint: disable=g-import-not-at-top
+  synthetic_batch = binary_seg.synthetic_batch_arrays
+  batch = synthetic_batch(3, 16, seed=1)
   assert batch["image"].shape == (3, 16, 16, 3) and batch["image"].dtype == np.float32
   assert batch["mask"].shape == (3, 16, 16, 1)
   np.testing.assert_array_equal(batch["background"], 1.0 - batch["mask"])
   assert 0 < batch["mask"].mean() < 1 and batch["mask"].min() >= 0
-  np.testing.assert_array_equal(benchmark.synthetic_batch(3, 16, seed=1)["mask"],
-                                batch["mask"])
+  np.testing.assert_array_equal(synthetic_batch(3, 16, seed=1)["mask"], batch["mask"])
 
 
 @pytest.mark.parametrize("path", ["configs/condseg_kvasir.py", "configs/siamseg_loveda.py"])
@@ -88,9 +89,9 @@ def test_synthetic_batch_matches_the_training_pipeline(path):
   assert shapes(fake) == shapes(real)
 
 
-def test_synthetic_batch_for_unknown_method_is_named():
+def test_synthetic_batch_for_a_dataset_without_one_is_named():
   config = _load_config("configs/clip_gap_coco.py", "demo")
-  with pytest.raises(ValueError, match="clip"):
+  with pytest.raises(ValueError, match="config.data.name='synthetic_pairs'.*no synthetic"):
     benchmark.synthetic_batch_for(config)
 
 
@@ -317,7 +318,8 @@ def test_run_reference_times_a_checkout_and_names_a_missing_device(tmp_path):
   (tmp_path / "network").mkdir()
   (tmp_path / "network" / "resnet.py").write_text(_FAKE_RESNET)
   (tmp_path / "network" / "model.py").write_text(_FAKE_MODEL)
-  batch = benchmark.synthetic_batch(2, 16)
+  from contrastjax.data.tasks import binary_seg  # pylint: disable=g-import-not-at-top
+  batch = binary_seg.synthetic_batch_arrays(2, 16)
   out = benchmark.run_reference(str(tmp_path), batch, steps=2, warmup=1, threads=1)
   assert out["device"] == "cpu" and out["steps"] == 2 and out["params"] == 4 * 3 * 9 + 4
   assert len(out["losses"]) == 3 and all(np.isfinite(out["losses"]))

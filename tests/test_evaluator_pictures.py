@@ -93,3 +93,33 @@ def test_pipeline_batches_is_declared_by_the_evaluator_class():
   assert not evaluators.pipeline_batches({"type": "retrieval"})
   with pytest.raises(ValueError, match="evaluator type 'nope' is not known"):
     evaluators.pipeline_batches({"type": "nope"})
+
+
+def test_binary_original_resolution_scores_against_the_source_masks():
+  """Predictions at 4x4 scored against the 8x8 masks of the source: the bilinear upsampling
+  (cv2 convention) of the prediction, thresholded, against the original mask."""
+  from contrastjax.data.transforms import medseg as T  # pylint: disable=g-import-not-at-top
+  from contrastjax.evaluators import binary_seg  # pylint: disable=g-import-not-at-top
+  big = np.zeros((8, 8), np.uint8)
+  big[1:5, 2:7] = 255
+  source = [{"mask": big}, {"mask": np.zeros((8, 8), np.uint8)}]
+  prob = np.zeros((2, 4, 4, 1), np.float32)
+  prob[0, 0:2, 1:3] = 0.9
+  batch = {"valid": np.array([True, True]), "index": np.array([0, 1]),
+           "mask": (prob > 0.5).astype(np.float32), "scores": prob}
+  cfg = ml_collections.ConfigDict(dict(type="binary_seg", output_key="scores"))
+  ev = evaluators.build(cfg, predict_fn=lambda b: {"scores": b["scores"]},
+                        batches_fn=lambda: iter([batch]), prefix="test",
+                        original_resolution=True, source=source)
+  out = dict(ev.run())
+  ious = []
+  for r in range(2):
+    up = T.resize_bilinear(prob[r], (8, 8))[..., 0]
+    m = binary_seg.binary_metrics(up[None], (source[r]["mask"] / 255.0)[None])
+    ious.append(float(m["jaccard"][0]))
+  np.testing.assert_allclose(out["test/orig_res/mIoU"], np.mean(ious), rtol=1e-12)
+  assert out["test/mIoU"] == 1.0 and out["test/orig_res/mIoU"] < 1.0
+  with pytest.raises(ValueError, match="needs the evaluation split's source"):
+    evaluators.build(cfg, predict_fn=None, batches_fn=None, original_resolution=True)
+  assert evaluators.accepts({"type": "binary_seg"}, "original_resolution")
+  assert not evaluators.accepts({"type": "semseg"}, "original_resolution")

@@ -399,3 +399,28 @@ def test_checkpoint_written_by_fc6e996_restores_and_continues_bitwise(tmp_path):
   assert sorted(flat) == sorted(expected.files)
   for k in expected.files:
     np.testing.assert_array_equal(flat[k], expected[k], err_msg=k)
+
+
+def test_a_kill_during_a_checkpoint_deletion_leaves_nothing_half_deleted(tmp_path, monkeypatch):
+  """Superseded checkpoints are renamed to a hidden folder before they are removed: a kill
+  in the middle of the removal (simulated: rmtree dies) leaves no half-deleted step that
+  orbax would list and fail to read; the next run removes the leftover."""
+  from contrastjax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  cfg = _toy.toy_config(total_steps=6, ckpt_every_steps=3, keep_checkpoints=1)
+  train_lib.train_and_evaluate(cfg, str(tmp_path))
+  assert _steps(tmp_path / "checkpoints") == [6]       # pruned to keep=1
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=1, async_save=False)
+
+  def killed(self, *a, **k):
+    raise KeyboardInterrupt("killed while deleting")
+
+  monkeypatch.setattr(type(epath.Path(str(tmp_path))), "rmtree", killed)
+  with pytest.raises(KeyboardInterrupt):
+    ck._delete(ck._latest, 6)  # pylint: disable=protected-access
+  monkeypatch.undo()
+  assert ck.all_steps() == []                           # not listed, not half-readable
+  ck.close()
+  assert (tmp_path / "checkpoints" / ".deleting-6").exists()
+  ckpt_lib.Checkpointer(str(tmp_path), keep=1, async_save=False).close()
+  assert not (tmp_path / "checkpoints" / ".deleting-6").exists()

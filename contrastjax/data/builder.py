@@ -122,6 +122,23 @@ def dataset_info(name: str) -> DatasetInfo:
   return info
 
 
+def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> tuple[Any, int]:
+  """``(batch, image size)``: a global training batch of ``config.batch_size`` shaped like
+  the pipeline of ``config.data`` (keys, shapes, dtypes), made without reading data: the
+  ``SYNTHETIC`` dict of the maker's module provides it (benchmarks at paper size).
+
+  Raises:
+    ConfigError: the dataset's maker provides none.
+  """
+  maker = get_maker(config.data.name)
+  module = sys.modules.get(getattr(maker, "__module__", None) or "")
+  fn = getattr(module, "SYNTHETIC", {}).get(getattr(maker, "__name__", None))
+  if fn is None:
+    raise ConfigError(f"config.data.name={config.data.name!r}: its maker provides no "
+                      "synthetic batch (a SYNTHETIC entry in its module)")
+  return fn(config.data, int(config.batch_size), seed)
+
+
 def make_spec(config: ml_collections.ConfigDict, workdir: str | None = None) -> DataSpec:
   """Calls the maker; a maker with a ``workdir`` parameter also gets the run's workdir
   (e.g. to save/reload a tokenizer built from the training data)."""

@@ -70,6 +70,12 @@ def build(ecfg, *, predict_fn: Callable, batches_fn: Callable, loss_fn=None,
              **kwargs)
 
 
+def accepts(ecfg, option: str) -> bool:
+  """Whether the evaluator type of ``ecfg`` has the constructor option ``option``."""
+  cls = get_class(ecfg.get("type", None))
+  return option in inspect.signature(cls.__init__).parameters
+
+
 def pipeline_batches(ecfg) -> bool:
   """True when the evaluator hands the pipeline's batches to ``predict_fn`` unchanged
   (class attribute ``pipeline_batches``): its step can be compiled ahead."""

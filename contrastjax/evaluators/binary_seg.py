@@ -126,7 +126,8 @@ class BinarySegEvaluator:
                                   None] | None = None,
                samples: int = 0, display: Callable[[np.ndarray], np.ndarray] | None = None,
                save_dir: str | None = None, save_overlays: int = 0,
-               names: Sequence[str] | None = None):
+               names: Sequence[str] | None = None, original_resolution: bool = False,
+               source: Any = None):
     """Builds the evaluator.
 
     Args:
@@ -147,6 +148,10 @@ class BinarySegEvaluator:
       samples, display, save_dir, save_overlays, names: the picture options of
         :class:`contrastjax.evaluators.pictures.Pictures` (``display``: a model input
         as uint8 RGB, from the dataset's DataSpec).
+      original_resolution: also score each prediction resized (bilinear, as cv2) to its
+        image's original size against the original, un-resized mask of ``source``
+        (``source[batch['index'][r]]['mask']``, 0/255): ``<prefix>/orig_res/<metric>``.
+      source: the evaluation split's random-access source (for ``original_resolution``).
     """
     self.predict_fn = predict_fn
     self.batches_fn = batches_fn
@@ -159,6 +164,9 @@ class BinarySegEvaluator:
     self._pictures = pictures_lib.Pictures(
         _BinaryRenderer(threshold), samples=samples, display=display, save_dir=save_dir,
         save_overlays=save_overlays, names=names)
+    if original_resolution and source is None:
+      raise ValueError("original_resolution needs the evaluation split's source")
+    self.original_resolution, self.source = bool(original_resolution), source
 
   def pictures(self) -> dict[str, np.ndarray]:
     """The sample overlays of the last ``run()`` (process 0; {} elsewhere)."""
@@ -166,6 +174,7 @@ class BinarySegEvaluator:
 
   def _local_sums(self) -> dict[str, float]:
     sums = {key: 0.0 for key in METRIC_NAMES}
+    sums.update({f"orig_{key}": 0.0 for key in METRIC_NAMES})
     sums.update(num_images=0.0, loss_sum=0.0, loss_batches=0.0)
     self._pictures.reset()
     for i, batch in enumerate(self.batches_fn()):
@@ -190,6 +199,8 @@ class BinarySegEvaluator:
         for key in METRIC_NAMES:
           sums[key] += float(np.sum(scores[key]))
         sums["num_images"] += float(valid.sum())
+        if self.original_resolution:
+          self._add_original_resolution(sums, batch, prob, valid)
         if self.loss_fn is not None:
           sums["loss_sum"] += loss
           sums["loss_batches"] += 1.0
@@ -197,6 +208,15 @@ class BinarySegEvaluator:
       if self.on_batch is not None:
         self.on_batch(batch, outputs)
     return sums
+
+  def _add_original_resolution(self, sums, batch, prob, valid) -> None:
+    from contrastjax.data.transforms import medseg as transforms  # pylint: disable=g-import-not-at-top
+    for r in np.flatnonzero(valid):
+      gt = np.asarray(self.source[int(batch["index"][r])]["mask"], np.float32) / 255.0
+      p = transforms.resize_bilinear(prob[r][..., :1], gt.shape[:2])[..., 0]
+      scores = binary_metrics(p[None], gt[None], self.threshold)
+      for key in METRIC_NAMES:
+        sums[f"orig_{key}"] += float(scores[key][0])
 
   def run(self) -> Iterator[tuple[str, float]]:
     """Evaluates the whole dataset; yields ``(name, value)`` pairs.
@@ -211,6 +231,9 @@ class BinarySegEvaluator:
                        "check the split file and the data directory")
     for key, name in METRIC_NAMES.items():
       yield f"{self.prefix}/{name}", float(sums[key]) / n
+    if self.original_resolution:
+      for key, name in METRIC_NAMES.items():
+        yield f"{self.prefix}/orig_res/{name}", float(sums[f"orig_{key}"]) / n
     if self.loss_fn is not None:
       yield f"{self.prefix}/loss", float(sums["loss_sum"]) / max(
           float(sums["loss_batches"]), 1.0)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from contrastjax.data.builder import DatasetInfo, DataSpec
 from contrastjax.data.errors import DatasetError
 from contrastjax.data.sources.medseg import MedSegSource
@@ -103,3 +105,32 @@ def synthetic_polyps(dcfg, seed: int) -> DataSpec:
   train, evals = _transforms(dcfg)
   return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals,
                   info=INFO["synthetic_polyps"], display=_display(dcfg))
+
+
+def synthetic_batch_arrays(batch_size: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A training batch shaped like the ConDSeg pipeline's: ``image`` in [0, 1)
+  ``[B, S, S, 3]``, a soft elliptical ``mask`` and ``background = 1 - mask``
+  ``[B, S, S, 1]``, ``index`` int32 ``[B]``."""
+  rng = np.random.default_rng(seed)
+  image = rng.random((batch_size, image_size, image_size, 3), dtype=np.float32)
+  yy, xx = np.meshgrid(np.linspace(-1, 1, image_size), np.linspace(-1, 1, image_size),
+                       indexing="ij")
+  masks = []
+  for _ in range(batch_size):
+    cy, cx = rng.uniform(-0.4, 0.4, 2)
+    ry, rx = rng.uniform(0.2, 0.5, 2)
+    r = ((yy - cy) / ry)**2 + ((xx - cx) / rx)**2
+    masks.append(np.clip((1.2 - r) / 0.4, 0.0, 1.0))
+  mask = np.stack(masks)[..., None].astype(np.float32)
+  return {"image": image, "mask": mask, "background": 1.0 - mask,
+          "index": np.arange(batch_size, dtype=np.int32)}
+
+
+def synthetic_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict[str, np.ndarray], int]:
+  """A training batch of ``config.data`` without reading data (benchmarks)."""
+  size = int(dcfg.image_size)
+  return synthetic_batch_arrays(batch_size, size, seed), size
+
+
+#: Maker name -> synthetic training batch (see ``data.builder.synthetic_batch``).
+SYNTHETIC = {"medseg": synthetic_batch, "synthetic_polyps": synthetic_batch}

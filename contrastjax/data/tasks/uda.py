@@ -238,3 +238,35 @@ def synthetic_aerial(dcfg, seed: int) -> DataSpec:
   default = ST.SegAugConfig(img_scale=(size, size), ratio_range=(1.0, 2.0),
                             crop_size=(size, size))
   return _spec(train, evals, dcfg, default, INFO['synthetic_aerial'])
+
+
+def synthetic_pair_batch(batch_size: int, image_size: int, num_classes: int,
+                         seed: int = 0) -> dict[str, Any]:
+  """A SiamSeg training batch (``contrastjax.data.tasks.uda`` layout, nested):
+  normalised ``image`` ``[B, S, S, 3]`` for both domains, a source ``label`` ``[B, S, S]``
+  of random class blobs (0..C-1, some 255 ignored pixels) and the ``index`` entries."""
+  rng = np.random.default_rng(seed)
+
+  def images():
+    return rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32)
+
+  coarse = rng.integers(0, num_classes, (batch_size, 8, 8))
+  rep = -(-image_size // 8)
+  label = np.repeat(np.repeat(coarse, rep, axis=1), rep, axis=2)[:, :image_size, :image_size]
+  label = np.where(rng.random(label.shape) < 0.02, 255, label).astype(np.int32)
+  index = np.arange(batch_size, dtype=np.int32)
+  return {"source": {"image": images(), "label": label, "index": index},
+          "target": {"image": images(), "index": index}, "index": index}
+
+
+def synthetic_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict[str, Any], int]:
+  """A training batch of ``config.data`` without reading data (benchmarks)."""
+  crop = dcfg.get("image_size", None) or dcfg.get("crop_size", None) or 512
+  size = int(crop if np.ndim(crop) == 0 else crop[0])
+  num_classes = INFO[dcfg.name].num_classes
+  return synthetic_pair_batch(batch_size, size, num_classes, seed), size
+
+
+#: Maker name -> synthetic training batch (see ``data.builder.synthetic_batch``).
+SYNTHETIC = {"loveda": synthetic_batch, "isprs": synthetic_batch,
+             "synthetic_aerial": synthetic_batch}
