@@ -419,8 +419,11 @@ def test_a_kill_during_a_checkpoint_deletion_leaves_nothing_half_deleted(tmp_pat
   with pytest.raises(KeyboardInterrupt):
     ck._delete(ck._latest, 6)  # pylint: disable=protected-access
   monkeypatch.undo()
-  assert ck.all_steps() == []                           # not listed, not half-readable
   ck.close()
+  # what the next run (or evaluate) sees: no step 6 at all, not a half-readable one
+  reader = ckpt_lib.Checkpointer(str(tmp_path), keep=1, async_save=False, create=False)
+  assert reader.all_steps() == [] and reader.best_step() is not None
+  reader.close()
   assert (tmp_path / "checkpoints" / ".deleting-6").exists()
   ckpt_lib.Checkpointer(str(tmp_path), keep=1, async_save=False).close()
   assert not (tmp_path / "checkpoints" / ".deleting-6").exists()
