@@ -87,6 +87,22 @@ def test_semseg_pictures_use_the_dataset_palette_and_context():
   assert "val/IoU/y" in dict(ev2.run())
 
 
+def test_semseg_save_dir_names_masks_by_example_not_by_class(tmp_path):
+  """``names`` (example names) and ``class_names`` are separate options."""
+  label = np.zeros((3, 2, 2), np.uint8)
+  batch = {"image": np.zeros((3, 2, 2, 3), np.uint8), "label": label,
+           "valid": np.array([True, True, True]), "index": np.array([0, 1, 2]),
+           "pred": np.zeros((3, 2, 2), np.int32)}
+  ev = evaluators.build(ml_collections.ConfigDict(dict(type="semseg", num_classes=2)),
+                        predict_fn=lambda b: {"pred": b["pred"]},
+                        batches_fn=lambda: iter([batch]), prefix="val",
+                        class_names=["bg", "fg"], save_dir=str(tmp_path), save_overlays=1,
+                        names=["a", "b", "c"])
+  assert "val/IoU/bg" in dict(ev.run())
+  assert sorted(os.listdir(tmp_path / "masks")) == ["a.png", "b.png", "c.png"]
+  assert sorted(os.listdir(tmp_path / "overlays")) == ["a.png"]
+
+
 def test_pipeline_batches_is_declared_by_the_evaluator_class():
   assert evaluators.pipeline_batches({"type": "binary_seg"})
   assert evaluators.pipeline_batches({"type": "semseg"})

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from contrastjax.methods import siamseg_losses
 from contrastjax.models import daformer, mit, torch_import
 
 # SiamSeg sizes: MiT-B5 (81,443,008, see test_models_mit.py), the head with LoveDA's 7
@@ -236,7 +237,7 @@ def test_simsiam_parity_with_torch_reference():
     (p1, z1), upd = model.apply(v, a, train=True, mutable=["batch_stats"])
     (p2, z2), upd = model.apply({"params": params, **upd}, b, train=True,
                                 mutable=["batch_stats"])
-    return daformer.simsiam_loss(p1, p2, z1, z2), (p1, z1, upd["batch_stats"])
+    return siamseg_losses.simsiam_loss(p1, p2, z1, z2), (p1, z1, upd["batch_stats"])
 
   (loss, (p1, z1, stats)), grads = jax.jit(jax.value_and_grad(
       loss_fn, argnums=(0, 2), has_aux=True))(variables["params"], variables["batch_stats"],
@@ -292,7 +293,7 @@ def test_siamseg_net_wiring_and_checkpoint_import(tmp_path, caplog):
     (p1, p2, z1, z2), upd = net.apply({"params": params, "batch_stats": stats}, a, b,
                                       train=True, method=daformer.SiamSegNet.simsiam,
                                       mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
-    return daformer.simsiam_loss(p1, p2, z1, z2), (z1, upd["batch_stats"])
+    return siamseg_losses.simsiam_loss(p1, p2, z1, z2), (z1, upd["batch_stats"])
 
   (value, (z1, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
       variables["params"], variables["batch_stats"], x, x[::-1])

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from contrastjax import spine
+from contrastjax.augment import views
 from contrastjax.configs import siamseg as siamseg_cfg
-from contrastjax.methods import siamseg as S
+from contrastjax.methods import dacs, siamseg_losses
 
 
 # ----------------------------------------------------------------------------- ClassMix
@@ -23,7 +24,7 @@ def test_class_mix_masks_choose_half_of_present_classes_per_image():
   labels[0] = 2                                                # one class -> ceil(1/2) = 1
   labels[1, :8] = 255                                          # ignored pixels never chosen
   labels[2] = np.where(labels[2] == 3, 6, labels[2])           # classes 0, 1, 2, 6
-  masks = np.asarray(S.class_mix_masks(jax.random.PRNGKey(1), jnp.asarray(labels), 7))
+  masks = np.asarray(dacs.class_mix_masks(jax.random.PRNGKey(1), jnp.asarray(labels), 7))
   for i in range(labels.shape[0]):
     present = sorted(set(np.unique(labels[i])) - {255})
     chosen = sorted(set(np.unique(labels[i][masks[i] > 0])))
@@ -36,39 +37,39 @@ def test_class_mix_masks_choose_half_of_present_classes_per_image():
 def test_class_mix_choice_is_uniform_and_batch_scope():
   present = jnp.asarray([True, False, True, True, True, False])   # n = 4 -> choose 2
   keys = jax.random.split(jax.random.PRNGKey(0), 4000)
-  chosen = np.asarray(jax.vmap(S.choose_half, in_axes=(0, None))(keys, present))
+  chosen = np.asarray(jax.vmap(dacs.choose_half, in_axes=(0, None))(keys, present))
   assert (chosen.sum(1) == 2).all() and not chosen[:, [1, 5]].any()
   np.testing.assert_allclose(chosen[:, [0, 2, 3, 4]].mean(0), 0.5, atol=0.04)
   # 'batch' (paper runs): classes come from the whole batch's label set.
   labels = jnp.stack([jnp.zeros((8, 8), jnp.int32), jnp.full((8, 8), 3, jnp.int32)])
-  m = np.asarray(S.class_mix_masks(jax.random.PRNGKey(2), labels, 4, scope="batch"))
+  m = np.asarray(dacs.class_mix_masks(jax.random.PRNGKey(2), labels, 4, scope="batch"))
   # Each image has one class, the batch two: one of {0, 3} chosen per image.
   assert set(np.unique(m)) <= {0.0, 1.0}
   with pytest.raises(ValueError, match="scope"):
-    S.class_mix_masks(jax.random.PRNGKey(2), labels, 4, scope="pixel")
+    dacs.class_mix_masks(jax.random.PRNGKey(2), labels, 4, scope="pixel")
 
 
 def test_class_mix_mixes_images_labels_and_weights():
   m = jnp.asarray([[[1.0, 0.0], [0.0, 1.0]]])
   src, tgt = jnp.ones((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3))
-  np.testing.assert_array_equal(S.class_mix(m, src, tgt)[..., 0], m)
-  w = S.class_mix(m, jnp.ones_like(m), jnp.full_like(m, 0.3))
+  np.testing.assert_array_equal(dacs.class_mix(m, src, tgt)[..., 0], m)
+  w = dacs.class_mix(m, jnp.ones_like(m), jnp.full_like(m, 0.3))
   np.testing.assert_allclose(w, [[[1.0, 0.3], [0.3, 1.0]]])
 
 
 # ----------------------------------------------------------------------------- EMA
 def test_ema_alpha_ramp_and_update():
   for it, want in ((0, 0.0), (1, 0.5), (9, 0.9), (999, 0.999), (5000, 0.999)):
-    np.testing.assert_allclose(float(S.ema_alpha(it, 0.999)), min(1 - 1 / (it + 1), 0.999),
+    np.testing.assert_allclose(float(dacs.ema_alpha(it, 0.999)), min(1 - 1 / (it + 1), 0.999),
                                rtol=1e-6)
     assert math.isclose(min(1 - 1 / (it + 1), 0.999), want, rel_tol=1e-6, abs_tol=1e-9)
   t = {"a": jnp.asarray([1.0, 2.0]), "b": {"c": jnp.asarray(3.0)}}
   s = {"a": jnp.asarray([5.0, 6.0]), "b": {"c": jnp.asarray(-1.0)}}
-  out = S.ema_update(t, s, 3, 0.999)          # alpha = 0.75
+  out = dacs.ema_update(t, s, 3, 0.999)          # alpha = 0.75
   np.testing.assert_allclose(out["a"], [0.75 * 1 + 0.25 * 5, 0.75 * 2 + 0.25 * 6])
   np.testing.assert_allclose(out["b"]["c"], 0.75 * 3 - 0.25)
-  np.testing.assert_allclose(S.ema_update(t, s, 0, 0.999)["a"], s["a"])  # iter 0: a copy
-  teacher = S.EMATeacher(0.99, 0.968)
+  np.testing.assert_allclose(dacs.ema_update(t, s, 0, 0.999)["a"], s["a"])  # iter 0: a copy
+  teacher = dacs.EMATeacher(0.99, 0.968)
   np.testing.assert_allclose(teacher.update(t, s, 1000)["a"], 0.99 * t["a"] + 0.01 * s["a"],
                              rtol=1e-6)
 
@@ -77,13 +78,13 @@ def test_ema_alpha_ramp_and_update():
 def test_pseudo_label_weight_is_the_confident_fraction_of_the_batch():
   rng = np.random.default_rng(0)
   logits = rng.normal(0, 4, (3, 5, 7, 4)).astype(np.float32)
-  label, weight = S.pseudo_label_weight(jnp.asarray(logits), 0.968)
+  label, weight = dacs.pseudo_label_weight(jnp.asarray(logits), 0.968)
   e = np.exp(logits - logits.max(-1, keepdims=True))
   p = e / e.sum(-1, keepdims=True)
   np.testing.assert_array_equal(label, p.argmax(-1))
   np.testing.assert_allclose(float(weight), float((p.max(-1) >= 0.968).mean()), rtol=1e-6)
   assert 0 < float(weight) < 1
-  _, w1 = S.pseudo_label_weight(jnp.asarray(logits), None)
+  _, w1 = dacs.pseudo_label_weight(jnp.asarray(logits), None)
   assert float(w1) == 1.0
 
 
@@ -92,27 +93,27 @@ def test_per_group_statistics_pseudo_weight_and_class_set():
   set, as the whole-batch functions applied to each group."""
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.normal(0, 4, (4, 5, 7, 3)).astype(np.float32))
-  _, w = S.pseudo_label_weight(logits, 0.9, group_size=2)
-  want = [float(S.pseudo_label_weight(logits[2 * g:2 * g + 2], 0.9)[1]) for g in range(2)]
+  _, w = dacs.pseudo_label_weight(logits, 0.9, group_size=2)
+  want = [float(dacs.pseudo_label_weight(logits[2 * g:2 * g + 2], 0.9)[1]) for g in range(2)]
   np.testing.assert_allclose(w, np.repeat(want, 2), rtol=1e-6)
   assert want[0] != want[1]
-  _, w_all = S.pseudo_label_weight(logits, 0.9, group_size=4)
-  np.testing.assert_allclose(w_all, float(S.pseudo_label_weight(logits, 0.9)[1]), rtol=1e-6)
+  _, w_all = dacs.pseudo_label_weight(logits, 0.9, group_size=4)
+  np.testing.assert_allclose(w_all, float(dacs.pseudo_label_weight(logits, 0.9)[1]), rtol=1e-6)
   with pytest.raises(ValueError, match="stat_group_size=3 must divide"):
-    S.pseudo_label_weight(logits, 0.9, group_size=3)
+    dacs.pseudo_label_weight(logits, 0.9, group_size=3)
   labels = jnp.asarray(rng.integers(0, 2, (4, 6, 6)) + 2 * (np.arange(4) >= 2)[:, None, None],
                        jnp.int32)                # images 0-1: classes {0, 1}; 2-3: {2, 3}
   key = jax.random.PRNGKey(5)
-  m_group = S.class_mix_masks(key, labels, 4, scope="batch", group_size=2)
+  m_group = dacs.class_mix_masks(key, labels, 4, scope="batch", group_size=2)
   for g in range(2):   # a group's masks only pick classes present in that group
     sl = slice(2 * g, 2 * g + 2)
     picked = set(np.unique(np.asarray(labels[sl])[np.asarray(m_group[sl]) > 0]).tolist())
     assert picked <= {2 * g, 2 * g + 1}
   # group of 1 = per-image scope; group of the batch = whole-batch scope (same key)
-  np.testing.assert_array_equal(S.class_mix_masks(key, labels, 4, "batch", group_size=1),
-                                S.class_mix_masks(key, labels, 4, "image"))
-  np.testing.assert_array_equal(S.class_mix_masks(key, labels, 4, "batch", group_size=4),
-                                S.class_mix_masks(key, labels, 4, "batch"))
+  np.testing.assert_array_equal(dacs.class_mix_masks(key, labels, 4, "batch", group_size=1),
+                                dacs.class_mix_masks(key, labels, 4, "image"))
+  np.testing.assert_array_equal(dacs.class_mix_masks(key, labels, 4, "batch", group_size=4),
+                                dacs.class_mix_masks(key, labels, 4, "batch"))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -129,15 +130,15 @@ def test_seg_cross_entropy_matches_mmseg_reduction_via_torch():
       t_logits, torch.from_numpy(labels), weight=torch.tensor(cw, dtype=torch.float32),
       reduction="none", ignore_index=255)
   want = (per * torch.from_numpy(pw)).mean().item()        # mean over ALL pixels
-  got = S.seg_cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), cw,
+  got = siamseg_losses.seg_cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), cw,
                             jnp.asarray(pw))
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   want_nonign = (per * torch.from_numpy(pw)).sum().item() / float((labels != 255).sum())
-  got_nonign = S.seg_cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), cw,
+  got_nonign = siamseg_losses.seg_cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), cw,
                                    jnp.asarray(pw), avg_non_ignore=True)
   np.testing.assert_allclose(float(got_nonign), want_nonign, rtol=1e-5)
   with pytest.raises(ValueError, match="class_weight"):
-    S.seg_cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), [1.0, 2.0])
+    siamseg_losses.seg_cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), [1.0, 2.0])
 
 
 def test_simsiam_loss_symmetric_negative_cosine_with_stop_gradient():
@@ -147,9 +148,9 @@ def test_simsiam_loss_symmetric_negative_cosine_with_stop_gradient():
   cos = torch.nn.CosineSimilarity(dim=1)
   t = [torch.from_numpy(a) for a in (p1, p2, z1, z2)]
   want = -(cos(t[0], t[3]).mean() + cos(t[1], t[2]).mean()).item() * 0.5
-  got = S.simsiam_loss(*(jnp.asarray(a) for a in (p1, p2, z1, z2)))
+  got = siamseg_losses.simsiam_loss(*(jnp.asarray(a) for a in (p1, p2, z1, z2)))
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  gz = jax.grad(lambda z: S.simsiam_loss(jnp.asarray(p1), jnp.asarray(p2), z, z))(
+  gz = jax.grad(lambda z: siamseg_losses.simsiam_loss(jnp.asarray(p1), jnp.asarray(p2), z, z))(
       jnp.asarray(z1))
   assert float(jnp.abs(gz).max()) == 0.0
 
@@ -223,27 +224,27 @@ def test_mmcv_poly_schedule_values():
 # ----------------------------------------------------------------------------- augmentations
 def test_strong_transform_and_views():
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
-  assert S.blur_kernel_size(512) == 51 and S.blur_kernel_size(64) == 7
+  assert views.blur_kernel_size(512) == 51 and views.blur_kernel_size(64) == 7
   # Flags off: unchanged (no clamping).
-  same = S.color_jitter(jax.random.PRNGKey(1), x, 0.2, jnp.asarray(False))
+  same = views.color_jitter(jax.random.PRNGKey(1), x, 0.2, jnp.asarray(False))
   np.testing.assert_array_equal(same, x)
-  same = S.gaussian_blur(jax.random.PRNGKey(1), x, jnp.asarray(False))
+  same = views.gaussian_blur(jax.random.PRNGKey(1), x, jnp.asarray(False))
   np.testing.assert_array_equal(same, x)
   # Jitter works on [0, 1] and re-normalises: the output de-normalises into [0, 1].
-  j = S.color_jitter(jax.random.PRNGKey(1), x, 0.2, jnp.asarray(True))
-  d = np.asarray(S.denormalize(j))
+  j = views.color_jitter(jax.random.PRNGKey(1), x, 0.2, jnp.asarray(True))
+  d = np.asarray(views.denormalize(j))
   assert d.min() >= -1e-5 and d.max() <= 1 + 1e-5
   # Per-image draws: two identical images get different jitter.
   same_imgs = jnp.repeat(x[:1], 2, axis=0)
-  j2 = np.asarray(S.color_jitter(jax.random.PRNGKey(3), same_imgs, 0.25, jnp.asarray(True)))
+  j2 = np.asarray(views.color_jitter(jax.random.PRNGKey(3), same_imgs, 0.25, jnp.asarray(True)))
   assert np.abs(j2[0] - j2[1]).max() > 1e-3
-  q, k = S.siamseg_views(jax.random.PRNGKey(4), x)
+  q, k = views.siamseg_views(jax.random.PRNGKey(4), x)
   assert q.shape == x.shape and k.shape == x.shape
   assert np.abs(np.asarray(q) - np.asarray(k)).max() > 1e-3
   # Full-size crop without jitter/blur/flip/grayscale is the identity.
-  ident = S.simsiam_view(jax.random.PRNGKey(5), x, crop_scale=(1.0, 1.0), color_jitter_p=0.0,
+  ident = views.simsiam_view(jax.random.PRNGKey(5), x, crop_scale=(1.0, 1.0), color_jitter_p=0.0,
                          grayscale_p=0.0, blur_p=0.0, flip_p=0.0)
   # Aspect ratio still varies (3/4..4/3): only check the shape and finiteness here.
   assert ident.shape == x.shape and np.isfinite(np.asarray(ident)).all()
-  y = S.strong_transform(jax.random.PRNGKey(6), x)
+  y = views.strong_transform(jax.random.PRNGKey(6), x)
   assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()

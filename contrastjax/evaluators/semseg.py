@@ -178,11 +178,11 @@ class SemSegEvaluator:
     """
     self.predict_fn, self.batches_fn = predict_fn, batches_fn
     self.num_classes = int(num_classes)
-    names = list(class_names) if class_names is not None else [
+    classes = list(class_names) if class_names is not None else [
         f'class_{c}' for c in range(self.num_classes)]
-    if len(names) != self.num_classes:
-      raise ValueError(f'{len(names)} class_names for num_classes={self.num_classes}')
-    self.class_names = names
+    if len(classes) != self.num_classes:
+      raise ValueError(f'{len(classes)} class_names for num_classes={self.num_classes}')
+    self.class_names = classes
     self.prefix, self.ignore_index, self.f1_nan = prefix, int(ignore_index), f1_nan
     if f1_nan not in F1_NAN_RULES:
       raise ValueError(f'f1_nan={f1_nan!r}; expected one of {F1_NAN_RULES}')

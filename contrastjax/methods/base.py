@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +91,79 @@ def value_and_grad_except(loss, params: PyTree, frozen: PyTree | None):
   return out, grads
 
 
+#: One term of a loss that is a sum of terms with separate forward passes:
+#: ``term(params, model_state, after) -> (value, new_model_state, metrics)``. ``after`` is a
+#: float32 scalar zero that the term must add to every input it reads (images, also those of
+#: passes it does not differentiate, e.g. a teacher's): :func:`value_and_grad_by_term` makes
+#: it depend on the previous term's gradient, so that the term's passes run after it.
+LossTerm = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, PyTree, Metrics]]
+
+
+def zero_after(tree: PyTree) -> jax.Array:
+  """A float32 zero that XLA can compute only once every leaf of ``tree`` exists.
+
+  Added to the next pass's inputs it orders that pass after ``tree`` (e.g. the previous
+  gradient), so the previous pass's activations are dead before the next pass's are made.
+  (An ``optimization_barrier`` does not survive to XLA's scheduler on every backend:
+  XLA:CPU removes it before scheduling.) NaN or Inf in ``tree`` make it NaN: a step with
+  such a gradient diverged anyway and the spine rejects it.
+  """
+  total = sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(tree))
+  return jax.lax.stop_gradient(total * 0.0)
+
+
+def loss_of_terms(terms: Sequence[LossTerm], params: PyTree, model_state: PyTree
+                  ) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
+  """``(loss, (model_state, metrics))`` of a loss that is the sum of ``terms``.
+
+  The terms run in order, each on the model state the previous one returned
+  (``after = 0``); the loss is ``((0 + v_1) + v_2) + ...``, the metrics the union of the
+  terms' (a later term's key wins). Differentiating it takes one gradient of the sum
+  (all passes' activations live at once); :func:`value_and_grad_by_term` gives the same
+  numbers term by term.
+  """
+  state, loss, metrics = model_state, 0.0, {}
+  for term in terms:
+    value, state, m = term(params, state, jnp.zeros((), jnp.float32))
+    loss = loss + value
+    metrics.update(m)
+  return loss, (state, metrics)
+
+
+def value_and_grad_by_term(terms: Sequence[LossTerm], params: PyTree, model_state: PyTree
+                           ) -> tuple[tuple[jax.Array, tuple[PyTree, Metrics]], PyTree]:
+  """``jax.value_and_grad`` of :func:`loss_of_terms` taken term by term.
+
+  One ``value_and_grad`` per term, the gradients summed in term order
+  (``(g_1 + g_2) + ...``); each term's ``after`` is :func:`zero_after` of the gradient
+  summed so far (0 for the first), so XLA runs a term's forward pass only once the
+  previous term's backward pass is done and holds one term's activations at a time
+  (each loss back-propagated before the next forward pass, as PyTorch training loops
+  that call ``backward()`` per loss do). The value, model state and metrics are those
+  of :func:`loss_of_terms`; the gradient equals its gradient up to float summation
+  order.
+
+  Returns:
+    ``((loss, (model_state, metrics)), grads)``, as
+    ``jax.value_and_grad(..., has_aux=True)`` of :func:`loss_of_terms`.
+  """
+  state, loss, metrics, grads = model_state, 0.0, {}, None
+  after = jnp.zeros((), jnp.float32)
+  for term in terms:
+    if grads is not None:
+      after = zero_after(grads)
+
+    def f(p, state=state, term=term, after=after):
+      value, new_state, m = term(p, state, after)
+      return value, (new_state, m)
+
+    (value, (state, m)), g = jax.value_and_grad(f, has_aux=True)(params)
+    grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    loss = loss + value
+    metrics.update(m)
+  return (loss, (state, metrics)), grads
+
+
 class Method(abc.ABC):
   """Base class of a method on the spine.
 
@@ -154,7 +227,8 @@ class Method(abc.ABC):
 
     The spine's train step calls this. Default: one ``jax.value_and_grad`` of the whole
     loss. A method whose loss is a sum of terms with separate forward passes may override it
-    to differentiate term by term (the same gradient, a lower peak of live activations).
+    to differentiate term by term (the same gradient, a lower peak of live activations;
+    :func:`value_and_grad_by_term`).
 
     ``frozen``: None, or a pytree of bools like ``params`` (the optimizer's frozen
     groups): those parameters are not differentiated (no backward pass is built for

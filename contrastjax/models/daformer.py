@@ -3,7 +3,7 @@
 SiamSeg (Wang et al., 2024) segments with MiT-B5 and the DAFormer head with separable
 ASPP context fusion (``configs/_base_/models/daformer_sepaspp_mitb5.py`` of
 github.com/woldier/SiamSeg), and adds a SimSiam branch that shares the student
-backbone (``mmseg/models/uda/simsiam.py``); see ``specs/siamseg.md`` section 2.
+backbone (``mmseg/models/uda/simsiam.py``); see ``docs/methods/siamseg.md``.
 
 :class:`DAFormerHead` (reference ``DAFormerHead``)::
 
@@ -294,28 +294,6 @@ class SimSiam(nn.Module):
     return p, z
 
 
-def cosine_similarity(a: Array, b: Array, eps: float = 1e-8) -> Array:
-  """``torch.nn.CosineSimilarity(dim=-1, eps)`` as in the reference's torch 1.10.2.
-
-  ``a.b / sqrt(max(|a|^2 |b|^2, eps^2))``, ATen's formula in torch 1.1-1.11 (squared
-  norms, so, like it, 0 once ``|a|^2 |b|^2`` overflows float32). Mathematically that
-  is the documented ``a.b / max(|a| |b|, eps)``; torch >= 1.12 clamps each norm instead,
-  ``(a / max(|a|, eps)) . (b / max(|b|, eps))``, which differs when ``|a| |b| < eps``.
-  """
-  a = a.astype(jnp.float32)
-  b = b.astype(jnp.float32)
-  dot = jnp.sum(a * b, axis=-1)
-  norms = jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1)
-  return dot * jax.lax.rsqrt(jnp.maximum(norms, eps * eps))
-
-
-def simsiam_loss(p1: Array, p2: Array, z1: Array, z2: Array) -> Array:
-  """Symmetric negative cosine with stop-gradient on ``z``:
-  ``-(cos(p1, sg(z2)).mean() + cos(p2, sg(z1)).mean()) / 2``."""
-  z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
-  return -0.5 * (jnp.mean(cosine_similarity(p1, z2)) + jnp.mean(cosine_similarity(p2, z1)))
-
-
 # ----------------------------------------------------------------------------- torch names
 _BN = BN_NAMES
 _CONV_MODULE_NAMES = TorchNames(children={"conv": ("conv", CONV_NAMES),
@@ -438,7 +416,7 @@ class SiamSegNet(nn.Module):
 
     Returns:
       ``(p1, p2, z1, z2)`` with ``z`` stop-gradient'ed (the reference's ``detach``);
-      the loss is :func:`simsiam_loss`.
+      the loss is :func:`contrastjax.methods.siamseg_losses.simsiam_loss`.
     """
     n = x1.shape[0]
     stage4 = self.backbone(jnp.concatenate([x1, x2]), train=train,
