@@ -753,7 +753,6 @@ def test_equivariance_loss_matches_loops_and_stops_teacher_gradient():
 
 
 def test_equivariance_loss_is_the_target_entropy_when_the_student_agrees():
-  rng = np.random.default_rng(29)
   teacher = _patch_probs(30, (4, 8, 8, 3), scale=2.0)
   labels = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 0], [1, 1, 1]], np.float32)
   f1 = _all_flag_combos()[[1, 3, 5, 6]]

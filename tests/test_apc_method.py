@@ -3,7 +3,6 @@ hold image labels only, the step runs through the real trainer with its evaluati
 variants switch their components, and ViT-PCM's first phase freezes the backbone."""
 import json
 import os
-import sys
 
 import jax
 import numpy as np
