@@ -10,6 +10,8 @@ Building blocks:
   ``upsample``, gather-based adjoint) and half-pixel (``resize_bilinear_half_pixel``).
 * ``torch_import``: PyTorch ``state_dict`` naming (``TorchNames``) and its I/O
   (``read_state_dict``, ``load_state_dict``, ``to_state_dict``).
+* ``transformer``: what the transformer encoders share (Dense/LayerNorm factories,
+  traced-rate stochastic depth, stacked-layout leaf helpers).
 
 Models:
 
