@@ -96,7 +96,7 @@ def _evaluate_with(ckpt, config, workdir: str, mesh, *, checkpoint: str, splits,
 
   out_dir = output_dir or os.path.join(ckpt.workdir, "eval", f"{checkpoint}_{step}")
   results: dict[str, float] = {"step": float(step)}
-  context = train_lib.data_context(config, inputs.spec)
+  context = train_lib.data_context(inputs.spec)
 
   for split in splits:
     ecfg = _eval_config(evals_cfg, split)

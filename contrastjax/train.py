@@ -53,7 +53,7 @@ _PROCESS_START = time.time()
 DivergenceError = errors.DivergenceError  # raised by the loop (re-exported for callers)
 
 
-def data_context(config: ml_collections.ConfigDict, spec) -> dict[str, Any]:
+def data_context(spec) -> dict[str, Any]:
   """What evaluators may take from the dataset (see ``evaluators.build``): class names,
   palette and ignore index of ``spec.info``, and how to draw a model input."""
   info = getattr(spec, "info", None)
@@ -238,7 +238,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
   # ===================================================================== evaluators
   state_box = [state]  # evaluators always see the current state
   evaluators, every = {}, {}
-  context = data_context(config, inputs.spec)
+  context = data_context(inputs.spec)
   for name, ecfg in (config.get("evals") or {}).items():
     predict_fn, loss_fn = spine.make_eval_fns(compiled, mesh, lambda: state_box[0],
                                               with_loss=ecfg.get("with_loss", True))
