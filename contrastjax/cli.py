@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging as std_logging
 import re
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from absl import app
@@ -203,8 +204,20 @@ def quiet_library_logs() -> None:
 class _QuietLibraries:
   noisy = ("/orbax/", "/grain/", "/tensorstore/")
 
+  def _noisy(self, record) -> bool:
+    if any(n in record.pathname for n in self.noisy):
+      return True
+    # asyncio's "Future exception was never retrieved" for a failed orbax/tensorstore
+    # write (one per array after a full disk) is logged from asyncio's own file; its
+    # traceback says where it came from.
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.name == "asyncio" and exc is not None:
+      frames = traceback.extract_tb(exc.__traceback__)
+      return any(n in f.filename for f in frames for n in self.noisy)
+    return False
+
   def filter(self, record) -> bool:
-    if not any(n in record.pathname for n in self.noisy):
+    if not self._noisy(record):
       return True
     if record.levelno >= std_logging.ERROR:
       return flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1

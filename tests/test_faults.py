@@ -375,6 +375,33 @@ def test_stderr_filter_drops_only_closed_loop_tracebacks():
   assert sink.getvalue() == "progress 10%\rline\n" + other + "Traceback is a word\n"
 
 
+def test_log_filter_drops_asyncio_never_retrieved_from_orbax_writes():
+  """asyncio logs "exception was never retrieved" (with the traceback) for each failed
+  orbax write after a full disk; those are dropped, other asyncio errors are kept."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from contrastjax import cli  # pylint: disable=g-import-not-at-top
+
+  def raised_in(filename):
+    code = compile("def f():\n  raise ValueError('RESOURCE_EXHAUSTED')\n", filename, "exec")
+    ns = {}
+    exec(code, ns)  # pylint: disable=exec-used
+    try:
+      ns["f"]()
+    except ValueError as e:
+      return (ValueError, e, e.__traceback__)
+
+  def record(exc_info, name="asyncio"):
+    return logging.LogRecord(name, logging.ERROR, "/usr/lib/python3.11/asyncio/base_events.py",
+                             1771, "_GatheringFuture exception was never retrieved", (),
+                             exc_info)
+
+  quiet = cli._QuietLibraries()  # pylint: disable=protected-access
+  assert not quiet.filter(record(raised_in("/venv/orbax/checkpoint/serialization.py")))
+  assert quiet.filter(record(raised_in("/home/user/my_code.py")))
+  assert quiet.filter(record(None))
+  assert quiet.filter(record(raised_in("/venv/orbax/x.py"), name="my_logger"))
+
+
 def test_checkpoint_written_by_fc6e996_restores_and_continues_bitwise(tmp_path):
   """A toy run's checkpoint 3 (and best 6) written by the code before the architecture
   pass (fc6e996, 8 simulated devices, tests/fixtures/fc6e996_toy): today's trainer resumes
