@@ -119,3 +119,64 @@ def test_config_variants_and_errors():
   c.apc.akp_rule = "h4"
   with pytest.raises(ValueError, match=r"config\.apc\.akp_rule='h4'"):
     apc_lib.APCMethod(c)
+
+
+def _assert_trees_close(a, b, what, rtol=2e-5, atol=1e-6):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
+                               err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.slow
+def test_apc_step_8_devices_equals_1_device():
+  """The full one-stage step (classification, merged pseudo-labels, decoder, patch
+  contrast) on a batch sharded over 8 simulated devices equals the 1-device step: the
+  batch-wide terms (balanced CE, PCL pairs) are computed over the global batch."""
+  import _toy  # pylint: disable=g-import-not-at-top
+  c = _tiny()
+  c.apc.seg_warmup_steps = 0
+  inputs = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
+  batch = next(iter(inputs.train))
+  m1 = apc_lib.APCMethod(c)
+  s1, r1 = _toy.run_steps(m1, c, parallel.make_mesh(devices=jax.devices()[:1]), batch)
+  s8, r8 = _toy.run_steps(apc_lib.APCMethod(c), c, parallel.make_mesh(), batch)
+  for k in ("loss", "loss_cls", "loss_seg", "loss_pcl"):
+    np.testing.assert_allclose(r1[k], r8[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    assert np.isfinite(r1[k]) and r1[k] != 0, k
+  _assert_trees_close(s1.params, s8.params, "params")
+  assert {"backbone", "patch_classifier", "seg_decoder"} <= set(s1.params)
+
+
+def test_akp_warmup_pools_with_gmp_then_akp():
+  """Before ``akp_warmup_steps`` AKP pools as GMP (K = 1); from then on with its K rule.
+  On near-uniform patch scores (an untrained classifier) H1 takes every patch: mean
+  pooling, far below the max."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from contrastjax.methods import apc_losses  # pylint: disable=g-import-not-at-top
+  c = _tiny()
+  c.apc.akp_warmup_steps = 10
+  method = apc_lib.APCMethod(c)
+  probs = jax.nn.softmax(0.05 * jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6)), -1)
+  gmp = np.asarray(probs).reshape(2, 16, 6).max(1)
+  np.testing.assert_allclose(method._pool(probs, jnp.asarray(9)), gmp, rtol=1e-6)
+  akp = method._pool(probs, jnp.asarray(10))
+  np.testing.assert_allclose(akp, apc_losses.akp_pool(probs, rule="ratio_to_max", tau=0.5),
+                             rtol=1e-6)
+  np.testing.assert_allclose(akp, np.asarray(probs).reshape(2, 16, 6).mean(1), rtol=1e-5)
+  assert (np.asarray(akp) < gmp - 1e-3).all()
+  np.testing.assert_allclose(method._pool(probs), akp, rtol=1e-6)  # evaluation: AKP
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # two full demo runs, ~8 + 6 min on 2 cores: run by hand (session 8)
+def test_demo_apc_beats_gmp(tmp_path):
+  """The demo: full APC (AKP after a GMP warm-up, patch contrast, the decoder on the online
+  pseudo-labels) segments the validation scenes better than ViT-PCM's GMP stage alone,
+  which is trained identically up to the AKP / decoder / PCL start (step 600)."""
+  results = {}
+  for variant in ("demo", "demo,gmp"):
+    c = apc_configs.get_config("voc", variant)
+    c.progress_bar = False
+    results[variant] = train_lib.train_and_evaluate(c, str(tmp_path / variant))
+  apc, gmp = results["demo"]["val/mIoU"], results["demo,gmp"]["val/mIoU"]
+  assert apc > gmp + 0.02, (apc, gmp)

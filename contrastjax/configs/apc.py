@@ -120,28 +120,33 @@ def _demo(c: ml_collections.ConfigDict, variant: str, recipe: str) -> None:
   with 8 px patches trained from scratch."""
   info = data_builder.dataset_info("synthetic_scenes")
   c.data = ml_collections.ConfigDict(dict(
-      name="synthetic_scenes", image_size=64, num_train=2048, num_train_eval=128, num_val=128,
+      name="synthetic_scenes", image_size=64, num_train=16384, num_train_eval=128, num_val=128,
       data_seed=1234, crop_size=64, eval_size=64, train_resize="resize",
-      train_masks=variant == "supervised", worker_count=0))
+      train_masks=variant == "supervised", worker_count=0,
+      scene=dict(size_range=(0.30, 0.50), distractors=(0, 2), patches=(0, 2),
+                 overlap_prob=0.35)))
   c.model = ml_collections.ConfigDict(dict(
       variant="ti16", img_size=64, backbone_dropout_rate=0.0, bilstm=False,
       dropout_rate=0.1, decoder="largefov", decoder_input="vit", decoder_channels=64,
       largefov_dilation=2, remat=False, scan_blocks=False, dtype="float32",
-      backbone_overrides=dict(patch_size=8, depth=4)))
+      backbone_overrides=dict(patch_size=8, depth=4, embed_dim=96, num_heads=3)))
   c.apc.num_classes = info.num_classes - 1
   c.apc.normalization = "imagenet"
-  c.apc.seg_warmup_steps = 300
+  c.apc.seg_warmup_steps = 1000
+  c.apc.pcl_warmup_steps = 1000
+  c.apc.l2_weight = 0.0
+  c.apc.akp_warmup_steps = 600
   c.apc.seg_weight = 0.5
   c.batch_size = 32
   c.eval_batch_size = 64
-  c.total_steps = 1200
+  c.total_steps = 2400
   if recipe == "toco":  # the ViT-PCM recipes keep their (frozen-group) optimizers
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, weight_decay=0.01, schedule="warmup_cosine",
         warmup_steps=100))
   c.log_every_steps = 25
-  c.eval_every_steps = 300
-  c.ckpt_every_steps = 300
+  c.eval_every_steps = 600
+  c.ckpt_every_steps = 600
   c.evals = ml_collections.ConfigDict(dict(
       val=dict(type="semseg", split="val", num_classes=info.num_classes, with_loss=True),
       pseudo=dict(type="semseg", split="train_eval", output_key="pseudo",

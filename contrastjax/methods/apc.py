@@ -77,6 +77,11 @@ class APCOptions:
   akp_tau: float = 0.5                  # H1/H2 ratio threshold [recon]
   akp_rho: float = 0.1                  # H3 share [recon]
   akp_k_max: int = 0                    # 0: no cap
+  # AKP starts as GMP (K = 1) for this many steps [recon]. From an uninformative start
+  # every patch scores alike, so the H1/H2 rules pick K = all patches (mean pooling),
+  # which asks every patch to be background and each present class at once: on the
+  # demo the classifier stays at the label prior. 0: AKP from the first step.
+  akp_warmup_steps: int = 0
   l2_weight: float = L.VITPCM_L2_WEIGHT  # [vitpcm] classifier L2(0.01)
   # segmentation branch [recon, toco]
   seg_weight: float = 0.1               # [toco] w_seg 0.1
@@ -102,7 +107,8 @@ class APCOptions:
   def check(self, where: str) -> None:
     if self.num_classes <= 0:
       raise ConfigError(f"{where}.num_classes must be set (> 0, foreground classes)")
-    for name in ("topk", "par_iters", "seg_warmup_steps", "pcl_warmup_steps", "akp_k_max"):
+    for name in ("topk", "par_iters", "seg_warmup_steps", "pcl_warmup_steps", "akp_k_max",
+                 "akp_warmup_steps"):
       if getattr(self, name) < 0:
         raise ConfigError(f"{where}.{name}={getattr(self, name)}: expected >= 0")
     if not 0.0 <= self.pseudo_threshold < 1.0 or not 0.0 <= self.pcl_threshold < 1.0:
@@ -175,10 +181,14 @@ class APCMethod(Method):
     rngs = {"dropout": rng} if train else {}
     return self.net.apply({"params": params}, x, train=train, rngs=rngs)
 
-  def _pool(self, probs):
+  def _pool(self, probs, step=None):
+    """Pooled image scores; ``step`` (training) selects GMP during the AKP warm-up."""
     o = self.options
-    return L.pool_patch_scores(probs, mode=o.pooling, k=o.topk, rule=o.akp_rule,
-                               tau=o.akp_tau, rho=o.akp_rho, k_max=o.akp_k_max or None)
+    pooled = L.pool_patch_scores(probs, mode=o.pooling, k=o.topk, rule=o.akp_rule,
+                                 tau=o.akp_tau, rho=o.akp_rho, k_max=o.akp_k_max or None)
+    if o.pooling == "akp" and o.akp_warmup_steps and step is not None:
+      pooled = jnp.where(step < o.akp_warmup_steps, L.gmp_pool(probs), pooled)
+    return pooled
 
   def _pseudo_labels(self, probs, labels, images):
     """Online pseudo-labels ``[B, H, W]`` (255 = ignored), without gradient."""
@@ -209,7 +219,7 @@ class APCMethod(Method):
     images = batch["image"].astype(jnp.float32)
     labels = batch["labels"].astype(jnp.float32)
     probs, aux = self._apply(params, normalize(images, o.normalization), train=True, rng=rng)
-    scores = self._pool(probs)
+    scores = self._pool(probs, step)
     loss_cls = L.keras_binary_crossentropy(scores, labels)
     loss_reg = L.l2_kernel_penalty(apc_model.classifier_kernel(params), o.l2_weight)
     loss = loss_cls + loss_reg

@@ -166,6 +166,9 @@ def synthetic_scenes(dcfg, seed: int) -> DataSpec:
   data_seed = int(dcfg.get("data_seed", seed))
   n = int(dcfg.get("num_train", 2048))
   kw = dict(image_size=size, max_objects=int(dcfg.get("max_objects", 3)))
+  scene = dcfg.get("scene", None)  # further SyntheticScenes arguments (difficulty)
+  kw.update({k: tuple(v) if isinstance(v, (list, tuple)) else v
+             for k, v in (scene.to_dict() if hasattr(scene, "to_dict") else scene or {}).items()})
   sources = {
       "train": scenes_lib.SyntheticScenes(n, seed=data_seed,
                                           with_masks=bool(dcfg.get("train_masks", False)),
