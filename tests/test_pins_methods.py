@@ -383,14 +383,15 @@ def test_clip_kill9_resume_is_bitwise(tmp_path):
 
 @pytest.mark.slow
 def test_apc_kill9_resume_is_bitwise(tmp_path):
-  """APC (one stage: dropout draws from the step key, the segmentation loss switched on
-  by the step counter between the kill and the end)."""
+  """APC (one stage: dropout draws from the step key; GMP turns into AKP before the kill,
+  the segmentation loss and patch contrast switch on after it, by the step counter)."""
   overrides = {"data.num_train": 32, "data.num_train_eval": 8, "data.num_val": 8,
                "data.image_size": 32, "data.crop_size": 32, "data.eval_size": 32,
                "model.img_size": 32, "batch_size": 8, "eval_batch_size": 8,
                "ckpt_every_steps": 2, "eval_every_steps": 4, "log_every_steps": 1,
-               "progress_bar": False, "optimizer.warmup_steps": 2,
-               "apc.seg_warmup_steps": 5}
+               "optimizer.warmup_steps": 2,
+               "apc.akp_warmup_steps": 3, "apc.seg_warmup_steps": 5,
+               "apc.pcl_warmup_steps": 5}
   ref, killed = _kill_and_resume(tmp_path, "apc_voc.py:demo", overrides, total=8,
                                  kill_after=4)
   _assert_same_run(ref, killed, 8)
