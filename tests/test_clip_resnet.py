@@ -9,6 +9,7 @@ import pytest
 from contrastjax.models import clip as clip_model
 from contrastjax.models import clip_resnet as cr
 from contrastjax.models import torch_import
+from _variables import random_variables
 
 TINY = dict(layers=(1, 1, 1, 1), width=16, image_size=64, embed_dim=32)  # heads 8
 RN50_VISUAL_PARAMS = 38_316_896  # open_clip.create_model('RN50').visual, counted below
@@ -26,23 +27,6 @@ def _shapes(model, size):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
 
 
-def _random_variables(shapes, seed):
-  """Concrete variables for ``eval_shape`` structs (NumPy draws; no XLA init)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if "kernel" in name:
-      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    elif "scale" in name or "var" in name:
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif "positional" in name:
-      value = rng.normal(size=leaf.shape) / np.sqrt(leaf.shape[-1])
-    else:
-      value = rng.normal(size=leaf.shape) * 0.1
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -96,7 +80,7 @@ def test_clip_tower_option():
 def test_load_roundtrip_prefix_and_errors(tmp_path):
   model = cr.ModifiedResNet(**TINY)
   shapes = _shapes(model, 64)
-  other = _random_variables(shapes, 1)
+  other = random_variables(shapes, 1)
   state = cr.to_torch_state_dict(other, prefix="visual.")
   assert "visual.layer1.0.downsample.1.num_batches_tracked" in state
   # A whole CLIP checkpoint: text-tower keys are ignored and reported.
@@ -116,7 +100,7 @@ def test_load_roundtrip_prefix_and_errors(tmp_path):
   del missing["visual.attnpool.k_proj.bias"]
   with pytest.raises(KeyError, match=r"attnpool\.k_proj\.bias"):
     cr.load(shapes, missing)
-  bigger = cr.to_torch_state_dict(_random_variables(
+  bigger = cr.to_torch_state_dict(random_variables(
       _shapes(cr.ModifiedResNet(**{**TINY, "image_size": 96}), 96), 2), prefix="visual.")
   with pytest.raises(ValueError, match=r"attnpool\.positional_embedding.*\(5, 512\).*\(10, 512\)"):
     cr.load(shapes, bigger)

@@ -19,6 +19,7 @@ import pytest
 from contrastjax.models import condseg
 from contrastjax.models import resnet
 from contrastjax.models import torch_import
+from _variables import random_variables
 
 SMALL = dict(stage_sizes=(1, 1, 1), stem_width=8, base_width=4, dim=16, decouple_mid=16,
              num_heads=4, aux_widths=(8, 8, 8, 8, 8))
@@ -36,25 +37,6 @@ def count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def random_variables(shapes, seed):
-  """Concrete variables for ``jax.eval_shape`` structs, drawn with NumPy.
-
-  (A real ``init`` costs tens of seconds of XLA compilation on a small CPU.) Kernels get
-  std ``1/sqrt(fan_in)``; BN scales, biases and running statistics non-trivial values.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if "kernel" in name:
-      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    elif "scale" in name or "var" in name:
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:  # bias, mean
-      value = rng.normal(size=leaf.shape) * 0.1
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _shapes(model, x):

@@ -15,6 +15,7 @@ import pytest
 
 from contrastjax.methods import siamseg_losses
 from contrastjax.models import daformer, mit, torch_import
+from _variables import random_variables
 
 # SiamSeg sizes: MiT-B5 (81,443,008, see test_models_mit.py), the head with LoveDA's 7
 # classes and the SimSiam branch (512 -> 512 -> 2048, predictor 2048 -> 2048 -> 2048).
@@ -265,21 +266,6 @@ def test_simsiam_parity_with_torch_reference():
 
 
 # ----------------------------------------------------------------------------- network
-def random_variables(shapes, seed):
-  """Concrete variables for ``eval_shape`` structs (no XLA init compile)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if "kernel" in name:
-      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    elif "scale" in name or "var" in name:
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      value = rng.normal(size=leaf.shape) * 0.1
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def test_siamseg_net_wiring_and_checkpoint_import(tmp_path, caplog):

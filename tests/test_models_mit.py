@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from contrastjax.models import mit
+from _variables import random_variables
 
 # A small encoder with every feature of the real ones (sr 8/4/2/1, several heads).
 TINY = dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1))
@@ -43,22 +44,6 @@ def shapes_of(model, size=64):
       jax.random.key(0))
 
 
-def random_variables(shapes, seed):
-  """Concrete variables for ``eval_shape`` structs (no XLA init compile)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if "kernel" in name:
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.normal(size=leaf.shape) / np.sqrt(fan_in)
-    elif "scale" in name:
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      value = rng.normal(size=leaf.shape) * 0.1
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def images(shape, seed=0):

@@ -7,34 +7,11 @@ import numpy as np
 import pytest
 
 from contrastjax.models import resnet
+from _variables import random_variables
 
 SMALL = dict(stage_sizes=(1, 2, 1), stem_width=8, base_width=4)
 
 
-def random_variables(shapes, seed):
-  """Concrete variables for ``jax.eval_shape`` structs, drawn with NumPy.
-
-  (A jitted or eager ``init`` costs tens of seconds of XLA compilation on a small CPU;
-  this costs nothing.) Kernels get std ``1/sqrt(fan_in)``; BN scales, biases and running
-  statistics get non-trivial values.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    shape = leaf.shape
-    if "kernel" in name:
-      fan_in = int(np.prod(shape[:-1]))
-      value = rng.normal(size=shape) / np.sqrt(fan_in)
-    elif "scale" in name:
-      value = rng.uniform(0.5, 1.5, shape)
-    elif "var" in name:
-      value = rng.uniform(0.5, 1.5, shape)
-    else:  # bias, mean
-      value = rng.normal(size=shape) * 0.1
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _small_variables(seed=0):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from contrastjax.models import vit
+from _variables import random_variables
 
 # A small encoder for the option tests (compiling gradients is slow on a small CPU).
 SMALL = dict(patch_size=8, embed_dim=32, depth=3, num_heads=2, img_size=32)
@@ -32,22 +33,6 @@ def shapes_of(model, size=None):
       lambda k: model.init(k, jnp.zeros((1, h, w, 3)), train=False), jax.random.key(0))
 
 
-def random_variables(shapes, seed):
-  """Concrete variables for ``eval_shape`` structs (no XLA init compile)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if "kernel" in name:
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.normal(size=leaf.shape) / np.sqrt(fan_in)
-    elif "scale" in name:
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      value = rng.normal(size=leaf.shape) * 0.1
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def images(shape, seed=0):
