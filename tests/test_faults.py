@@ -424,12 +424,14 @@ def test_checkpoint_written_by_fc6e996_restores_and_continues(tmp_path):
   flat.update({"model_state/" + "/".join(k): v
                for k, v in traverse_util.flatten_dict(got["model_state"]).items()})
   assert sorted(flat) == sorted(expected.files)
-  # Equal up to float32 rounding (rtol 1e-6): on a loaded 2-core machine the 8 simulated
-  # devices' all-reduce once summed the BatchNorm bias gradients in another order (3.7e-9
-  # on 0.06, a CI dry run). A wrong restore (optimizer moments, step count, rng, batch
-  # statistics) moves every parameter by orders of magnitude more.
+  # Equal up to float32 rounding carried through 3 Adam steps (rtol 1e-4): on a loaded
+  # 2-core machine XLA:CPU's threaded reductions (the 8 simulated devices' all-reduce, the
+  # convolution gradients) sometimes sum in another order: 3.7e-9 on a BatchNorm bias of
+  # 0.06 and 3e-8 on a kernel entry of 0.025 in session 8's dry runs, bitwise otherwise.
+  # A wrong restore (optimizer moments, step count, rng, batch statistics) moves the
+  # parameters by about the learning rate per step, orders of magnitude more.
   for k in expected.files:
-    np.testing.assert_allclose(flat[k], expected[k], rtol=1e-6, atol=1e-9, err_msg=k)
+    np.testing.assert_allclose(flat[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_a_kill_during_a_checkpoint_deletion_leaves_nothing_half_deleted(tmp_path, monkeypatch):
