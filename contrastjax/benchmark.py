@@ -17,6 +17,10 @@ per step, the peak resident memory of the phase (``VmHWM``, reset per phase wher
 kernel allows it; ``ru_maxrss`` otherwise) and XLA's own memory analysis of the compiled
 step (temporaries, arguments, outputs).
 
+With ``--torch`` the method's PyTorch counterpart in ``benchmarks/<method>_torch.py``
+(APC so far: timm's ViT, torch's LSTM, the same heads and losses; its first-step loss
+equals ours, ``tests/test_apc_torch.py``) is timed on the same batch in the same process.
+
 With ``--reference_dir`` (a checkout of github.com/Mengqi-Lei/ConDSeg) the reference
 ``network/model.py`` ConDSeg is imported from that checkout (``resnet50`` with
 ``pretrained=False``: nothing is downloaded) and its stage-2 train step is timed on the
@@ -36,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import json
 import os
 import platform as py_platform
@@ -70,6 +75,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps run before timing.")
 _REFERENCE_DIR = flags.DEFINE_string(
     "reference_dir", "", "Checkout of github.com/Mengqi-Lei/ConDSeg: also time its "
     "PyTorch train step on the same batch.")
+_TORCH = flags.DEFINE_bool(
+    "torch", False, "Also time the method's PyTorch counterpart in "
+    "benchmarks/<method>_torch.py on the same batch (APC).")
 _REFERENCE_STEPS = flags.DEFINE_integer(
     "reference_steps", None, "Timed PyTorch steps (default: --steps).")
 _XLA_FLAGS = flags.DEFINE_string(
@@ -474,6 +482,37 @@ def run_reference(reference_dir: str, batch_np: dict[str, np.ndarray], steps: in
   return out
 
 
+#: Methods with a PyTorch counterpart under ``benchmarks/`` (not shipped in the package).
+COUNTERPARTS = {"apc": "apc_torch.py"}
+
+
+def counterpart_module(method: str, directory: str | None = None):
+  """Imports ``benchmarks/<method>_torch.py`` from the repository (or ``directory``)."""
+  if method not in COUNTERPARTS:
+    raise ValueError(f"no PyTorch counterpart for method {method!r} under benchmarks/ "
+                     f"(have: {sorted(COUNTERPARTS)}); ConDSeg is timed against its "
+                     f"reference code with --reference_dir")
+  directory = directory or os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+  path = os.path.join(directory, COUNTERPARTS[method])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: the PyTorch counterpart of {method!r} is not there "
+                            f"(it lives in the repository checkout, not the installed package)")
+  spec = importlib.util.spec_from_file_location(f"{method}_torch_counterpart", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_counterpart(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray], *,
+                    steps: int, warmup: int, threads: int, device: str = "cpu"
+                    ) -> dict[str, Any]:
+  """Times the method's PyTorch counterpart (:func:`counterpart_module`) on ``batch_np``."""
+  module = counterpart_module(config.method)
+  return module.run_torch(config, batch_np, steps=steps, warmup=warmup, threads=threads,
+                          device=device)
+
+
 # ----------------------------------------------------------------------------- report
 def machine_info() -> dict[str, Any]:
   """CPU model, usable cores, RAM, library versions, load averages."""
@@ -543,7 +582,7 @@ def format_report(result: dict[str, Any]) -> str:
     t = result["torch"]
     where = (t.get("device_name") or t.get("device", "cpu"))
     lines += [
-        f"PyTorch reference ({where}, {t['torch_threads']} threads): first step "
+        f"PyTorch {'counterpart ' + t['counterpart'] if 'counterpart' in t else 'reference'} ({where}, {t['torch_threads']} threads): first step "
         f"{_fmt_s(t['first_step_s'])}",
         f"  step: mean {_fmt_s(t['step_s_mean'])}, median {_fmt_s(t['step_s_median'])}, "
         f"min {_fmt_s(t['step_s_min'])} over {t['steps']} steps; "
@@ -563,7 +602,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
         reference_dir: str = "", reference_steps: int | None = None, threads: int = 0,
-        reference_device: str = "cpu",
+        reference_device: str = "cpu", torch: bool = False,
         data_seed: int = 0, init: str = "spine",
         xla_opt_level: int | None = None) -> dict[str, Any]:
   """Runs the benchmark and returns the results as a JSON-able dict.
@@ -581,7 +620,16 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       "method": config.method, "batch_size": int(config.batch_size),
       "image_size": image_size, "model": config.model.to_dict(),
       "load_before": [round(x, 2) for x in os.getloadavg()]}
+  if torch and reference_dir:
+    raise ValueError("--torch and --reference_dir each time a PyTorch side: give one")
+  if torch:
+    counterpart_module(config.method)  # fail before the JAX side runs
   result["jax"] = run_jax(config, batch_np, steps, warmup, init, xla_opt_level)
+  if torch:
+    result["torch"] = run_counterpart(config, batch_np, steps=reference_steps or steps,
+                                      warmup=warmup, threads=threads, device=reference_device)
+    result["ratio_jax_over_torch"] = (result["jax"]["step_s_median"] /
+                                      result["torch"]["step_s_median"])
   if reference_dir:
     if config.method != "condseg":
       raise ValueError(f"--reference_dir times the reference stage-2 ConDSeg; the config's "
@@ -614,6 +662,7 @@ def main(argv):
   result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
                reference_dir=_REFERENCE_DIR.value, reference_steps=_REFERENCE_STEPS.value,
                threads=_THREADS.value, reference_device=_REFERENCE_DEVICE.value,
+               torch=_TORCH.value,
                data_seed=_DATA_SEED.value, init=_INIT.value,
                xla_opt_level=_XLA_OPT_LEVEL.value)
   print(format_report(result), flush=True)

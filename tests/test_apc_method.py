@@ -111,6 +111,8 @@ def test_config_variants_and_errors():
     assert c.apc.variant == v
   assert apc_configs.get_config("voc", "gmp").apc.pooling == "gmp"
   assert apc_configs.get_config("voc", "rule=argmax_share").apc.akp_rule == "argmax_share"
+  assert apc_configs.get_config("voc", "msf").apc.inference == "msf"
+  assert apc_configs.get_config("voc").apc.inference == "single"
   with pytest.raises(ValueError, match=r"exclude each other"):
     apc_configs.get_config("voc", "gmp,apc")
   with pytest.raises(ValueError, match=r"recipe='nope'"):
@@ -118,6 +120,38 @@ def test_config_variants_and_errors():
   c = apc_configs.get_config("voc")
   c.apc.akp_rule = "h4"
   with pytest.raises(ValueError, match=r"config\.apc\.akp_rule='h4'"):
+    apc_lib.APCMethod(c)
+
+
+def test_msf_inference_is_toco_multiscale_flip_of_the_decoder():
+  import jax.numpy as jnp
+  from contrastjax.models import resample
+  c = _tiny("demo")
+  c.apc.inference, c.apc.msf_scales = "msf", (1.0, 1.5)
+  m = apc_lib.APCMethod(c)
+  inputs = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
+  ev = next(iter(inputs.eval_batches("val")))
+  with jax.set_mesh(parallel.make_mesh(devices=jax.devices()[:1])):
+    params, _, _ = m.init(jax.random.PRNGKey(0), next(iter(inputs.train)))
+    got = np.asarray(m.predict(params, {}, {}, ev)["pred"])
+
+  x = apc_lib.normalize(jnp.asarray(ev["image"], jnp.float32), "imagenet")
+  def seg(img):  # the decoder's logits at the image size, flipped back when asked
+    out = m.net.apply({"params": params}, img, train=False)[1]["seg_logits"]
+    return np.asarray(resample.resize_bilinear_half_pixel(out, (32, 32)))
+  s1 = seg(x) + seg(x[:, :, ::-1])[:, :, ::-1]
+  x48 = resample.resize_bilinear_half_pixel(x, (48, 48))
+  s2 = seg(x48) + seg(x48[:, :, ::-1])[:, :, ::-1]
+  want = np.maximum(s1, s2).argmax(-1)
+  assert (got == want).mean() > 0.999
+  assert not (want == s1.argmax(-1)).all()  # the second scale changed some pixels
+
+  gmp = _tiny("demo,gmp")
+  gmp.apc.inference = "msf"
+  with pytest.raises(ValueError, match=r"config\.apc\.inference='msf' tests the decoder"):
+    apc_lib.APCMethod(gmp)
+  c.apc.msf_scales = (1.0, 0.0)
+  with pytest.raises(ValueError, match=r"msf_scales=\(1\.0, 0\.0\)"):
     apc_lib.APCMethod(c)
 
 

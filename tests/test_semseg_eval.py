@@ -193,6 +193,35 @@ def test_multiscale_flip_tta_matches_manual_average():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_toco_msf_is_max_over_scales_of_flip_sums():
+  """ToCo's ``infer_seg_voc.py``: per scale the output plus its flipped-back flip, at the
+  label size; the element-wise max over scales (here against numpy resizing)."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  cols = np.arange(64, dtype=np.float32).reshape(1, 1, 64, 1)
+
+  def model(img):  # column-dependent (not flip-equivariant), half resolution
+    return (img @ _W + 0.05 * cols[:, :, :img.shape[2]])[:, ::2, ::2]
+
+  got = np.asarray(SI.toco_msf_inference(model, jnp.asarray(x), scales=(1.0, 1.5, 1.25)))
+  outs = []
+  for size in ((8, 8), (12, 12), (10, 10)):
+    xs = _np_resize(x, size) if size != (8, 8) else x
+    a = _np_resize(np.asarray(model(xs)), (8, 8))
+    b = _np_resize(np.asarray(model(xs[:, :, ::-1])), (8, 8))[:, :, ::-1]
+    outs.append(a + b)
+  want = np.max(outs, axis=0)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.99
+  # the max, not the mean: differs from mmseg's average of softmax probabilities
+  assert not np.allclose(got, np.mean(outs, axis=0), atol=1e-3)
+  one = SI.toco_msf_inference(model, jnp.asarray(x), scales=(1.0,), flip=False)
+  np.testing.assert_allclose(one, _np_resize(np.asarray(model(x)), (8, 8)), rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match=r"scale 0.01 shrinks a 8x8 image"):
+    SI.toco_msf_inference(model, jnp.asarray(x), scales=(0.01,))
+
+
 def test_colour_overlays_png(tmp_path):
   from contrastjax.data.sources import loveda
   lab = np.array([[0, 1], [6, 255]])

@@ -20,6 +20,8 @@ Variants (the ``:arg``, comma separated):
                     backbone frozen: ViT-PCM's first phase; its second phase is a second
                     run with ``init_from=`` and ``recipe=vitpcm2``: last 5 blocks + norm at
                     1e-4, the rest frozen);
+* ``msf``           ToCo's multi-scale + flip test of the decoder (scales 1.0, 1.5, 1.25,
+                    the flipped pass added, the maximum over scales) instead of one pass;
 * ``root=DIR``, ``pretrained=FILE`` (ViT weights: the Google ``.npz`` ViT-B_16 at 384, timm
   or Hugging Face files), ``init_from=DIR``;
 * ``demo``          procedural scenes, a small ViT from scratch, ~10 min on a CPU (see
@@ -42,7 +44,7 @@ DATASETS = {"voc": dict(num_classes=20, crop=448, eval_size=512, root="VOCdevkit
 
 def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, demo=False, recipe="toco", rule="ratio_to_max", root="",
-                pretrained="", init_from="", **{v: False for v in VARIANTS})
+                pretrained="", init_from="", msf=False, **{v: False for v in VARIANTS})
   chosen = [v for v in VARIANTS if a[v]]
   if len(chosen) > 1:
     raise ConfigError(f"config arguments {chosen} exclude each other ({arg!r})")
@@ -75,7 +77,8 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
   pooling = {"gmp": "gmp", "topk": "topk"}.get(variant, "akp")
   c.apc = ml_collections.ConfigDict(options.defaults(
       APCOptions, variant=variant, num_classes=d["num_classes"], pooling=pooling,
-      akp_rule=a.rule, pretrained=a.pretrained, init_from=a.init_from))
+      akp_rule=a.rule, pretrained=a.pretrained, init_from=a.init_from,
+      inference="msf" if a.msf else "single"))
 
   # ------------------------------------------------------------------ optimisation
   c.batch_size = 4                          # [toco] 2 per GPU x 2 GPUs

@@ -182,6 +182,37 @@ def multiscale_inference(logits_fn: LogitsFn, images: jax.Array, *,
   return total / n
 
 
+#: ToCo's multi-scale test scales (``tools/infer_seg_voc.py``, ``--scales``).
+TOCO_MSF_SCALES = (1.0, 1.5, 1.25)
+
+
+def toco_msf_inference(score_fn: LogitsFn, images: jax.Array, *,
+                       scales: Sequence[float] = TOCO_MSF_SCALES,
+                       flip: bool = True) -> jax.Array:
+  """ToCo's multi-scale + flip test (``tools/infer_seg_voc.py: _validate``), ``[B, H, W, C]``.
+
+  Per scale ``s``: the image bilinearly resized to ``(int(H s), int(W s))``
+  (``align_corners=False``), run with its horizontal flip, each output bilinearly resized
+  to ``(H, W)`` and the flipped one flipped back, the two summed (``flip=False``: the
+  unflipped output alone); then the element-wise MAXIMUM over scales (not the mean of
+  softmax probabilities as mmseg's :func:`multiscale_inference`). ``argmax(-1)`` is the
+  prediction. Shapes are static; the scale loop unrolls at trace time.
+  """
+  h, w = images.shape[1:3]
+  best = None
+  for s in scales:
+    size = (int(h * s), int(w * s))
+    if min(size) < 1:
+      raise ValueError(f"scale {s} shrinks a {h}x{w} image to {size}; expected >= 1 pixel")
+    x = images if size == (h, w) else resize_bilinear_half_pixel(images, size)
+    out = resize_bilinear_half_pixel(score_fn(x).astype(jnp.float32), (h, w))
+    if flip:
+      out = out + resize_bilinear_half_pixel(
+          score_fn(x[:, :, ::-1]).astype(jnp.float32), (h, w))[:, :, ::-1]
+    best = out if best is None else jnp.maximum(best, out)
+  return best
+
+
 def predict_classes(probs_or_logits: jax.Array) -> jax.Array:
   """``argmax`` over the class axis, int32 ``[B, H, W]``."""
   return jnp.argmax(probs_or_logits, axis=-1).astype(jnp.int32)

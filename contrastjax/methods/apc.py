@@ -54,6 +54,7 @@ from contrastjax.models import apc as apc_model
 from contrastjax.models import resample
 
 VARIANTS = ("gmp", "topk", "akp", "akp_pcl", "apc", "supervised")
+INFERENCE_MODES = ("single", "msf")
 NORMALIZATIONS = ("vit_pcm", "imagenet")
 #: ImageNet mean/std on 0..1 (timm / ToCo inputs).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -99,6 +100,11 @@ class APCOptions:
   pcl_threshold: float = 0.5            # patches below this merged confidence: ignored
   # evaluation
   score_threshold: float = 0.5          # predicted image labels (no decoder)
+  # 'single': one pass; 'msf': ToCo's multi-scale + flip test of the decoder (scales
+  # (1.0, 1.5, 1.25), flipped pass added, maximum over scales) [toco]
+  inference: str = options.choice("single", INFERENCE_MODES)
+  msf_scales: tuple[float, ...] = seg_inference.TOCO_MSF_SCALES
+  msf_flip: bool = True
   # weights
   pretrained: str = ""                  # ViT weights (.npz Google / timm / HF)
   init_from: str = ""                   # a previous phase's workdir (e.g. frozen backbone)
@@ -113,6 +119,15 @@ class APCOptions:
         raise ConfigError(f"{where}.{name}={getattr(self, name)}: expected >= 0")
     if not 0.0 <= self.pseudo_threshold < 1.0 or not 0.0 <= self.pcl_threshold < 1.0:
       raise ConfigError(f"{where}.pseudo_threshold / pcl_threshold: expected in [0, 1)")
+    if self.inference == "msf":
+      if not self.uses_decoder:
+        raise ConfigError(
+            f"{where}.inference='msf' tests the decoder (ToCo's multi-scale + flip); the "
+            f"variant {self.variant!r} has none: expected 'single' or a variant in "
+            f"('apc', 'supervised')")
+      if not self.msf_scales or any(not float(s) > 0 for s in self.msf_scales):
+        raise ConfigError(f"{where}.msf_scales={tuple(self.msf_scales)}: expected one or "
+                          f"more positive scales")
 
   @property
   def uses_decoder(self) -> bool:
@@ -266,7 +281,12 @@ class APCMethod(Method):
     if "labels" in batch:
       out["pseudo"] = L.merged_pseudo_labels(probs, batch["labels"].astype(jnp.float32),
                                              out_size=size)
-    if o.uses_decoder:
+    if o.uses_decoder and o.inference == "msf":
+      decoder = lambda x: self._apply(params, x, train=False)[1]["seg_logits"]
+      seg = seg_inference.toco_msf_inference(decoder, normalize(images, o.normalization),
+                                             scales=o.msf_scales, flip=o.msf_flip)
+      out["pred"] = seg_inference.predict_classes(seg)
+    elif o.uses_decoder:
       seg = resample.resize_bilinear_half_pixel(aux["seg_logits"].astype(jnp.float32), size)
       out["pred"] = seg_inference.predict_classes(seg)
     else:

@@ -179,3 +179,33 @@ def synthetic_scenes(dcfg, seed: int) -> DataSpec:
                                         with_masks=True, **kw),
   }
   return _spec(sources, dcfg, INFO["synthetic_scenes"])
+
+
+def synthetic_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict[str, Any], int]:
+  """A training batch of ``config.data`` without reading data (benchmarks): images of
+  ``crop_size`` on the 0..255 scale, multi-hot ``labels`` with background set and one or
+  more foreground classes, and ``label`` masks (consistent with ``labels``) when the
+  config trains on masks (``train_masks``: the ``supervised`` variant)."""
+  size = int(dcfg.get("crop_size", None) or dcfg.get("image_size", 64))
+  num_classes = INFO[dcfg.name].num_classes
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(0, 255, (batch_size, size, size, 3)).astype(np.float32)
+  labels = np.zeros((batch_size, num_classes), np.float32)
+  labels[:, 0] = 1.0
+  label = np.zeros((batch_size, size, size), np.int32)
+  for i in range(batch_size):
+    present = rng.choice(np.arange(1, num_classes), size=int(rng.integers(1, 4)),
+                         replace=False)
+    labels[i, present] = 1.0
+    for j, c in enumerate(present):  # a band per present class
+      lo, hi = sorted(rng.integers(0, size, 2))
+      label[i, lo:hi + 1, j::len(present)] = c
+  batch = {"image": image, "labels": labels}
+  if dcfg.get("train_masks", False):
+    batch["label"] = label
+  return batch, size
+
+
+#: Maker name -> synthetic training batch (see ``data.builder.synthetic_batch``).
+SYNTHETIC = {"voc": synthetic_batch, "coco_wsss": synthetic_batch,
+             "synthetic_scenes": synthetic_batch}
