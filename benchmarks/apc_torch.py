@@ -234,15 +234,16 @@ def loss_fn(torch, net, o, batch, step: int):
   if o.uses_decoder:
     seg = F.interpolate(out["seg_logits"], size=size, mode="bilinear", align_corners=False)
     if o.variant == "supervised":
-      target, on = batch["label"].long(), 1.0
-    else:
+      parts["loss_seg"] = seg_loss(torch, seg, batch["label"].long())
+    elif step >= o.seg_warmup_steps:  # as ours: no pseudo-labels before the warm-up ends
       with torch.no_grad():
         merged = merge(torch, probs.detach(), labels).permute(0, 3, 1, 2)
         up = F.interpolate(merged, size=size, mode="bilinear", align_corners=True)
         target = confident(torch, up.permute(0, 2, 3, 1), o.pseudo_threshold)
-      on = float(step >= o.seg_warmup_steps)
-    parts["loss_seg"] = seg_loss(torch, seg, target)
-    loss = loss + on * o.seg_weight * parts["loss_seg"]
+      parts["loss_seg"] = seg_loss(torch, seg, target)
+    else:
+      parts["loss_seg"] = seg.sum() * 0.0
+    loss = loss + o.seg_weight * parts["loss_seg"]
   if o.uses_pcl:
     feats = out["features"] if o.pcl_features == "features" else out["grid"]
     b, h, w, d = feats.shape

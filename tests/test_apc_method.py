@@ -217,3 +217,38 @@ def test_demo_apc_beats_gmp(tmp_path):
     results[variant] = train_lib.train_and_evaluate(c, str(tmp_path / variant))
   apc, gmp = results["demo"]["val/mIoU"], results["demo,gmp"]["val/mIoU"]
   assert apc > gmp + 0.01, (apc, gmp)
+
+
+def test_seg_loss_waits_for_its_warmup_then_uses_the_pseudo_labels():
+  """Before ``seg_warmup_steps`` the segmentation term is 0 and no gradient reaches the
+  decoder (the pseudo-labels are not computed); from then on it is ToCo's balanced CE of
+  the decoder against the merged pseudo-labels, computed here by hand."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from contrastjax.methods import apc_losses  # pylint: disable=g-import-not-at-top
+  from contrastjax.models import resample  # pylint: disable=g-import-not-at-top
+  c = _tiny()
+  c.apc.update(seg_warmup_steps=3, pcl_weight=0.0, pseudo_threshold=0.3)
+  m = apc_lib.APCMethod(c)
+  inputs = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
+  batch = next(iter(inputs.train))
+  with jax.set_mesh(parallel.make_mesh(devices=jax.devices()[:1])):
+    params, _, _ = m.init(jax.random.PRNGKey(0), batch)
+    grad = jax.jit(jax.grad(lambda p, s: m.loss_fn(p, {}, {}, batch, jax.random.PRNGKey(1),
+                                                   s)[0]))
+    fn = jax.jit(lambda p, s: m.loss_fn(p, {}, {}, batch, jax.random.PRNGKey(1), s)[1][1])
+    before, after = fn(params, 2), fn(params, 3)
+    g_before, g_after = grad(params, 2), grad(params, 3)
+  assert float(before["loss_seg"]) == 0.0
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_before["seg_decoder"]))
+  assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(g_after["seg_decoder"]))
+  # by hand: the train-mode forward (dropout rng as the method's), merge, balanced CE
+  x = apc_lib.normalize(jnp.asarray(batch["image"], jnp.float32), "imagenet")
+  probs, aux = m.net.apply({"params": params}, x, train=True,
+                           rngs={"dropout": jax.random.PRNGKey(1)})
+  target = apc_losses.merged_pseudo_labels(probs, jnp.asarray(batch["labels"]),
+                                           out_size=(32, 32), threshold=0.3)
+  logits = resample.resize_bilinear_half_pixel(aux["seg_logits"], (32, 32))
+  want = apc_losses.seg_loss(logits, target)
+  np.testing.assert_allclose(float(after["loss_seg"]), float(want), rtol=1e-5)
+  assert float(want) > 0.1
+  np.testing.assert_allclose(float(before["loss_cls"]), float(after["loss_cls"]), rtol=1e-6)

@@ -22,6 +22,8 @@ Variants (the ``:arg``, comma separated):
                     1e-4, the rest frozen);
 * ``msf``           ToCo's multi-scale + flip test of the decoder (scales 1.0, 1.5, 1.25,
                     the flipped pass added, the maximum over scales) instead of one pass;
+* ``crf``           also evaluate val with the dense CRF on the decoder's probabilities
+                    (ToCo's parameters; ``pip install "contrastjax[crf]"``): ``val_crf/*``;
 * ``root=DIR``, ``pretrained=FILE`` (ViT weights: the Google ``.npz`` ViT-B_16 at 384, timm
   or Hugging Face files), ``init_from=DIR``;
 * ``demo``          procedural scenes, a small ViT from scratch, ~10 min on a CPU (see
@@ -44,7 +46,7 @@ DATASETS = {"voc": dict(num_classes=20, crop=448, eval_size=512, root="VOCdevkit
 
 def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, demo=False, recipe="toco", rule="ratio_to_max", root="",
-                pretrained="", init_from="", msf=False, **{v: False for v in VARIANTS})
+                pretrained="", init_from="", msf=False, crf=False, **{v: False for v in VARIANTS})
   chosen = [v for v in VARIANTS if a[v]]
   if len(chosen) > 1:
     raise ConfigError(f"config arguments {chosen} exclude each other ({arg!r})")
@@ -116,6 +118,12 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
 
   if a.demo:
     _demo(c, variant, a.recipe)
+  if a.crf:
+    if variant not in ("apc", "supervised"):
+      raise ConfigError(f"config argument crf refines the decoder's probabilities; the "
+                        f"variant {variant!r} has no decoder (expected apc or supervised)")
+    c.evals.val_crf = dict(c.evals.val.to_dict(), output_key="seg_prob", postprocess="crf",
+                           with_loss=False)
   return c
 
 

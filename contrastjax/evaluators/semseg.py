@@ -39,6 +39,7 @@ from contrastjax.evaluators import pictures as pictures_lib
 
 IGNORE_INDEX = 255
 F1_NAN_RULES = ('mmseg', 'dice')
+POSTPROCESS = ('none', 'crf')
 
 
 def intersect_and_union(pred: np.ndarray, label: np.ndarray, num_classes: int,
@@ -154,7 +155,8 @@ class SemSegEvaluator:
                palette: Sequence[Sequence[int]] | None = None, samples: int = 0,
                display: Callable[[np.ndarray], np.ndarray] | None = None,
                save_dir: str | None = None, save_overlays: int = 0,
-               names: Sequence[str] | None = None):
+               names: Sequence[str] | None = None, postprocess: str = 'none',
+               crf_params: Mapping[str, float] | None = None):
     """Builds the evaluator.
 
     Args:
@@ -175,7 +177,17 @@ class SemSegEvaluator:
       palette: Class colours of the pictures (default: fixed random colours).
       samples, display, save_dir, save_overlays, names: the picture options of
         :class:`contrastjax.evaluators.pictures.Pictures`.
+      postprocess: ``'none'`` or ``'crf'`` (the dense CRF on ``outputs[output_key]``,
+        probabilities ``[B, H, W, C]``, and the batch's ``image``).
+      crf_params: Overrides of :data:`contrastjax.evaluators.crf.TOCO_PARAMS`.
     """
+    if postprocess not in POSTPROCESS:
+      raise ValueError(f'postprocess={postprocess!r}; expected one of {POSTPROCESS}')
+    self.postprocess = postprocess
+    if postprocess == 'crf':
+      from contrastjax.evaluators import crf as crf_lib  # pylint: disable=import-outside-toplevel
+      self.crf_params = crf_lib.check_params(crf_params)
+      crf_lib._backend()  # pylint: disable=protected-access  (fail at build, not at step N)
     self.predict_fn, self.batches_fn = predict_fn, batches_fn
     self.num_classes = int(num_classes)
     classes = list(class_names) if class_names is not None else [
@@ -210,7 +222,10 @@ class SemSegEvaluator:
                        f"{self.label_key!r}")
       valid = np.asarray(batch['valid']).astype(bool).reshape(-1)
       outputs = self.predict_fn(batch)
-      pred = predictions_from_outputs(outputs, self.output_key)
+      if self.postprocess == 'crf':
+        pred = self._crf(batch, outputs, i)
+      else:
+        pred = predictions_from_outputs(outputs, self.output_key)
       label = np.asarray(batch[self.label_key])
       if label.ndim == 4 and label.shape[-1] == 1:
         label = label[..., 0]
@@ -229,6 +244,18 @@ class SemSegEvaluator:
       if self.on_batch is not None:
         self.on_batch(batch, outputs)
     return sums
+
+  def _crf(self, batch, outputs, i: int) -> np.ndarray:
+    from contrastjax.evaluators import crf as crf_lib  # pylint: disable=import-outside-toplevel
+    if self.output_key not in outputs or np.ndim(outputs[self.output_key]) != 4:
+      raise ValueError(f"postprocess='crf' needs probabilities [B, H, W, C] under the "
+                       f"output_key {self.output_key!r}; predict_fn returned "
+                       f"{ {k: np.shape(v) for k, v in outputs.items()} }")
+    if 'image' not in batch:
+      raise KeyError(f"postprocess='crf' needs the batch's 'image'; evaluation batch {i} has "
+                     f"{sorted(batch)}")
+    return crf_lib.crf_predictions(np.asarray(batch['image']),
+                                   np.asarray(outputs[self.output_key]), self.crf_params)
 
   def run(self) -> Iterator[tuple[str, float]]:
     """Evaluates the dataset; yields ``(name, value)`` pairs.

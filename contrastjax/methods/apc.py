@@ -171,6 +171,11 @@ class APCMethod(Method):
           (k, tuple(v) if isinstance(v, list) else v)
           for k, v in dict(kwargs["backbone_overrides"]).items())
     self.net = apc_model.APCNet(num_classes=o.num_classes, **kwargs)
+    # The decoder's probabilities go to the host only for an evaluation that refines them
+    # (a dense CRF): [B, H, W, C+1] floats per batch otherwise cost transfer for nothing.
+    evals = config.get("evals", None) or {}
+    self.seg_prob_output = o.uses_decoder and any(
+        dict(e).get("output_key") == "seg_prob" for e in dict(evals).values())
 
   # ------------------------------------------------------------------ set-up
   def init(self, rng, batch):
@@ -244,13 +249,17 @@ class APCMethod(Method):
       seg_logits = resample.resize_bilinear_half_pixel(aux["seg_logits"].astype(jnp.float32),
                                                  images.shape[1:3])
       if o.variant == "supervised":
-        target = batch["label"].astype(jnp.int32)
-        on = 1.0
+        loss_seg = L.seg_loss(seg_logits, batch["label"].astype(jnp.int32),
+                              nan_on_empty=o.seg_nan_on_empty)
       else:
-        target = self._pseudo_labels(probs, labels, images)
-        on = (step_f >= o.seg_warmup_steps).astype(jnp.float32)
-      loss_seg = L.seg_loss(seg_logits, target, nan_on_empty=o.seg_nan_on_empty)
-      loss = loss + on * o.seg_weight * loss_seg
+        # The pseudo-labels (PAR's ten passes among them) are only computed once the
+        # segmentation loss is on: before the warm-up ends the term is 0 (logged as 0).
+        def seg_term(logits):
+          target = self._pseudo_labels(probs, labels, images)
+          return L.seg_loss(logits, target, nan_on_empty=o.seg_nan_on_empty)
+        loss_seg = jax.lax.cond(step_f >= o.seg_warmup_steps, seg_term,
+                                lambda logits: jnp.zeros((), jnp.float32), seg_logits)
+      loss = loss + o.seg_weight * loss_seg
       metrics["loss_seg"] = loss_seg
     if o.uses_pcl:
       feats = aux["features"] if o.pcl_features == "features" else aux["vit_grid"]
@@ -267,7 +276,10 @@ class APCMethod(Method):
   # ------------------------------------------------------------------ evaluation
   def predict(self, params, model_state, extra, batch) -> dict[str, jax.Array]:
     """``pred`` (segmentation) and ``pseudo`` (merge with the true image labels) class
-    maps ``[B, H, W]``, and ``scores`` (pooled image scores ``[B, C+1]``)."""
+    maps ``[B, H, W]``, ``scores`` (pooled image scores ``[B, C+1]``) and, with a decoder,
+    ``seg_prob`` (its softmax probabilities ``[B, H, W, C+1]``, single-scale or ``msf``:
+    what the ``postprocess='crf'`` evaluation refines; only when an evaluation of the
+    config reads it)."""
     del model_state, extra
     return parallel.auto_axes(self._predict, P(parallel.DATA_AXIS))(params, batch)
 
@@ -285,10 +297,12 @@ class APCMethod(Method):
       decoder = lambda x: self._apply(params, x, train=False)[1]["seg_logits"]
       seg = seg_inference.toco_msf_inference(decoder, normalize(images, o.normalization),
                                              scales=o.msf_scales, flip=o.msf_flip)
-      out["pred"] = seg_inference.predict_classes(seg)
     elif o.uses_decoder:
       seg = resample.resize_bilinear_half_pixel(aux["seg_logits"].astype(jnp.float32), size)
+    if o.uses_decoder:
       out["pred"] = seg_inference.predict_classes(seg)
+      if self.seg_prob_output:
+        out["seg_prob"] = jax.nn.softmax(seg, axis=-1)  # the dense CRF's input [toco]
     else:
       present = (scores > o.score_threshold).astype(jnp.float32).at[:, 0].set(1.0)
       out["pred"] = L.merged_pseudo_labels(probs, present, out_size=size)
