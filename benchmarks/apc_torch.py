@@ -25,6 +25,7 @@ the first step's loss and its parts at a small size).
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -293,9 +294,16 @@ def run_torch(config, batch_np: dict[str, np.ndarray], *, steps: int, warmup: in
     torch.cuda.reset_peak_memory_stats(device)
   losses = []
 
+  # bfloat16 configs: autocast (the usual PyTorch mixed precision; weights stay float32
+  # as ours do).
+  low = str(config.model.get("dtype", "float32")) == "bfloat16"
+  autocast = (lambda: torch.autocast(device_type="cuda" if cuda else "cpu",
+                                     dtype=torch.bfloat16)) if low else contextlib.nullcontext
+
   def one():
     opt.zero_grad(set_to_none=True)
-    loss, _ = loss_fn(torch, net, o, batch, step)
+    with autocast():
+      loss, _ = loss_fn(torch, net, o, batch, step)
     loss.backward()
     opt.step()
     losses.append(float(loss.detach()))
@@ -309,6 +317,7 @@ def run_torch(config, batch_np: dict[str, np.ndarray], *, steps: int, warmup: in
   out = {"first_step_s": first, **B._summary(times, batch_np["image"].shape[0]),  # pylint: disable=protected-access
          **usage, "losses": losses, "times": times, "torch_threads": torch.get_num_threads(),
          "torch": torch.__version__, "device": device, "counterpart": "benchmarks/apc_torch.py",
+         "autocast_bfloat16": low,
          "params": sum(p.numel() for p in net.parameters())}
   out.update(memory.result())
   if cuda:

@@ -48,7 +48,8 @@ part() {  # part NAME SECONDS COMMAND...
 
 # Parts to run, in this order. The default (gap mit_b5 condseg, ~8 min on an H200) fits one
 # 10-minute call; the SiamSeg MiT-B5 steps compile for several minutes each, so run them in
-# a call of their own: PARTS="siamseg_bf16_remat siamseg_f32" SIAMSEG_LIMIT=280.
+# a call of their own: PARTS="siamseg_bf16_remat siamseg_f32" SIAMSEG_LIMIT=280. APC
+# (ViT-B/16 at 384 against timm + torch's LSTM): PARTS="apc apc_bf16" (needs timm).
 PARTS=${PARTS:-gap mit_b5 condseg}
 SIAMSEG_BATCH=${SIAMSEG_BATCH:-6}
 for p in $PARTS; do
@@ -75,6 +76,18 @@ for p in $PARTS; do
         --config=configs/siamseg_loveda.py --config.batch_size=$SIAMSEG_BATCH \
         --config.model.dtype=bfloat16 --config.model.remat=True --steps=5 --warmup=2 \
         --init=host --json_out="$OUT/siamseg_b5_bf16_remat.json" ;;
+    apc)  # APC one-stage step (ViT-B/16 + HV-BiLSTM + LargeFOV + losses), 384x384, vs
+          # its PyTorch counterpart (benchmarks/apc_torch.py: timm ViT + torch LSTM).
+      part apc ${APC_LIMIT:-150} $PY -m contrastjax.benchmark --config=configs/apc_voc.py \
+        --config.data.crop_size=384 --config.batch_size=${APC_BATCH:-16} --steps=10 \
+        --warmup=3 --init=host --torch --reference_device=cuda \
+        --json_out="$OUT/apc_f32.json" ;;
+    apc_bf16)  # the same in bfloat16 (torch: autocast) with remat on our side
+      part apc_bf16 ${APC_LIMIT:-150} $PY -m contrastjax.benchmark \
+        --config=configs/apc_voc.py --config.data.crop_size=384 \
+        --config.batch_size=${APC_BATCH:-16} --config.model.dtype=bfloat16 \
+        --config.model.remat=True --steps=10 --warmup=3 --init=host --torch \
+        --reference_device=cuda --json_out="$OUT/apc_bf16.json" ;;
     *) echo "unknown part $p" | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -69,9 +69,9 @@ def test_torch_counterpart_computes_the_same_loss(arg, apc):
   t_value.backward()
   assert set(t_parts) == set(parts)
   for k in parts:
-    np.testing.assert_allclose(float(t_parts[k]), float(parts[k]), rtol=2e-4, atol=2e-5,
+    np.testing.assert_allclose(float(t_parts[k].detach()), float(parts[k]), rtol=2e-4, atol=2e-5,
                                err_msg=k)
-  np.testing.assert_allclose(float(t_value), float(value), rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(float(t_value.detach()), float(value), rtol=2e-4, atol=2e-5)
   assert float(parts["loss_cls"]) > 0.1
   if "loss_seg" in parts:
     assert float(parts["loss_seg"]) > 0.1
