@@ -252,3 +252,36 @@ def test_seg_loss_waits_for_its_warmup_then_uses_the_pseudo_labels():
   np.testing.assert_allclose(float(after["loss_seg"]), float(want), rtol=1e-5)
   assert float(want) > 0.1
   np.testing.assert_allclose(float(before["loss_cls"]), float(after["loss_cls"]), rtol=1e-6)
+
+
+def test_par_pseudo_labels_at_reduced_resolution():
+  """``par=True``: the merged patch map refined by PAR on the image resized by
+  ``1/par_down_scale`` (ToCo's 2), resized back (half-pixel), renormalised, argmax with
+  the confidence split; ``par_down_scale=1`` runs PAR at full resolution."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from contrastjax.methods import apc_losses, apc_par  # pylint: disable=g-import-not-at-top
+  from contrastjax.models import resample  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(0, 255, (2, 32, 32, 3)), jnp.float32)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 4, 4, 6)) * 2, jnp.float32), -1)
+  labels = jnp.asarray([[1, 1, 0, 1, 0, 0], [1, 0, 1, 0, 0, 1]], jnp.float32)
+  merged = apc_losses.merge_class_labels(probs, labels)
+
+  def expected(scale, threshold):
+    small = resample.resize_bilinear_half_pixel(images / 255.0, (32 // scale, 32 // scale))
+    ref = resample.resize_bilinear_half_pixel(apc_par.par_refine(small, merged), (32, 32))
+    ref = ref / jnp.maximum(ref.sum(-1, keepdims=True), 1e-12)
+    return np.asarray(apc_losses.confident_labels(ref, threshold=threshold))
+
+  for scale, threshold in ((2, None), (1, 0.4)):
+    c = _tiny()
+    c.apc.update(par=True, par_down_scale=scale, pseudo_threshold=threshold or 0.0)
+    got = np.asarray(apc_lib.APCMethod(c)._pseudo_labels(probs, labels, images))
+    np.testing.assert_array_equal(got, expected(scale, threshold))
+    assert set(np.unique(got[0])) <= {0, 1, 3, 255} and set(np.unique(got[1])) <= {0, 2, 5, 255}
+  plain = apc_losses.merged_pseudo_labels(probs, labels, out_size=(32, 32))
+  assert (np.asarray(plain) != expected(2, None)).mean() > 0.01  # PAR moved pixels
+  c = _tiny()
+  c.apc.par_down_scale = 0
+  with pytest.raises(ValueError, match=r"config\.apc\.par_down_scale=0: expected >= 1"):
+    apc_lib.APCMethod(c)

@@ -90,6 +90,9 @@ class APCOptions:
   pseudo_threshold: float = 0.0         # confidence ignore (0: off) [recon]
   par: bool = False                     # ToCo's PAR on the merged map [toco]
   par_iters: int = apc_par.TOCO_NUM_ITER
+  # PAR runs on the image resized by 1/par_down_scale (half-pixel bilinear), its result
+  # resized back: ToCo's refine_cams_with_bkg_v2 uses 2 [toco]; 1 = full resolution
+  par_down_scale: int = 2
   seg_nan_on_empty: bool = False        # [toco] bug: NaN without foreground in the batch
   # patch contrast [recon, toco form]
   pcl_weight: float = 0.2               # [toco] w_ptc 0.2
@@ -113,6 +116,8 @@ class APCOptions:
   def check(self, where: str) -> None:
     if self.num_classes <= 0:
       raise ConfigError(f"{where}.num_classes must be set (> 0, foreground classes)")
+    if self.par_down_scale < 1:
+      raise ConfigError(f"{where}.par_down_scale={self.par_down_scale}: expected >= 1")
     for name in ("topk", "par_iters", "seg_warmup_steps", "pcl_warmup_steps", "akp_k_max",
                  "akp_warmup_steps"):
       if getattr(self, name) < 0:
@@ -219,7 +224,13 @@ class APCMethod(Method):
       return L.merged_pseudo_labels(probs, labels, out_size=size,
                                     threshold=o.pseudo_threshold or None)
     merged = L.merge_class_labels(probs, labels)
-    refined = apc_par.par_refine(images / 255.0, merged, num_iter=o.par_iters)
+    small = (size[0] // o.par_down_scale, size[1] // o.par_down_scale)
+    if min(small) < 1:
+      raise ValueError(f"config.apc.par_down_scale={o.par_down_scale} shrinks {size} images "
+                       f"to nothing")
+    refined = apc_par.par_refine(resample.resize_bilinear_half_pixel(images / 255.0, small),
+                                 merged, num_iter=o.par_iters)
+    refined = resample.resize_bilinear_half_pixel(refined, size)
     return L.confident_labels(refined / jnp.maximum(refined.sum(-1, keepdims=True), 1e-12),
                               threshold=o.pseudo_threshold or None)
 
