@@ -285,3 +285,70 @@ def test_par_pseudo_labels_at_reduced_resolution():
   c.apc.par_down_scale = 0
   with pytest.raises(ValueError, match=r"config\.apc\.par_down_scale=0: expected >= 1"):
     apc_lib.APCMethod(c)
+
+
+def test_equivariant_mosaic_loss_is_wired_as_vitpcm():
+  """``eq_weight > 0``: view 1 (flipped) is the classification input and, in inference
+  mode, the teacher; view 2 (cropped where drawn, halved, flipped) is tiled four to a
+  mosaic for the student; the loss is ``apc_losses.equivariance_loss`` of the two."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from contrastjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from contrastjax.methods import apc_losses  # pylint: disable=g-import-not-at-top
+  from contrastjax.models import resample  # pylint: disable=g-import-not-at-top
+  c = _tiny("demo,gmp")
+  c.apc.update(eq_weight=1.0, eq_crop_prob=0.5, eq_crop_fraction=0.5)
+  m = apc_lib.APCMethod(c)
+  inputs = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
+  batch = next(iter(inputs.train))
+  rng = jax.random.PRNGKey(1)
+  with jax.set_mesh(parallel.make_mesh(devices=jax.devices()[:1])):
+    params, _, _ = m.init(jax.random.PRNGKey(0), batch)
+    loss, (_, metrics) = m.loss_fn(params, {}, {}, batch, rng, 3)
+  assert set(metrics) == {"loss_cls", "loss_reg", "loss_eq"}
+  assert float(metrics["loss_eq"]) > 0.1
+  np.testing.assert_allclose(float(loss), float(metrics["loss_cls"] + metrics["loss_reg"]
+                                                + metrics["loss_eq"]), rtol=1e-6)
+
+  # The views, against numpy slicing and flips.
+  rng_main, k_views, k_student = jax.random.split(rng, 3)
+  images = jnp.asarray(batch["image"], jnp.float32)
+  v = m.eq_views(images, k_views)
+  x = np.asarray(images)
+
+  def flip(a, f):
+    a = a[:, ::-1] if f[0] else a
+    a = a[::-1] if f[1] else a
+    return a.transpose(1, 0, 2) if f[2] else a
+  f1, f2 = np.asarray(v["flips1"]), np.asarray(v["flips2"])
+  for i in range(8):
+    np.testing.assert_array_equal(np.asarray(v["view1"])[i], flip(x[i], f1[i]))
+  assert v["crop_size"] == 2 and 0 < np.asarray(v["crop_mask"]).sum() < 8
+  tiles = np.asarray(apc_losses.unmosaic_2x2(v["mosaic"]))
+  for i in range(8):
+    src = x[i]
+    if v["crop_mask"][i]:
+      r, q = np.asarray(v["crop_offsets"])[i] * 8
+      src = src[r:r + 16, q:q + 16]
+    half = np.asarray(resample.resize_bilinear_align_corners(jnp.asarray(src[None]),
+                                                             (16, 16)))[0]
+    np.testing.assert_allclose(tiles[i], flip(half, f2[i]), rtol=1e-6, atol=1e-4)
+
+  # The loss, recomputed from the views.
+  norm = lambda a: apc_lib.normalize(a, "imagenet")  # noqa: E731
+  teacher = m.net.apply({"params": params}, norm(v["view1"]), train=False)[0]
+  student = m.net.apply({"params": params}, norm(v["mosaic"]), train=True,
+                        rngs={"dropout": k_student})[0]
+  want = apc_losses.equivariance_loss(
+      teacher, student, jnp.asarray(batch["labels"]), teacher_flips=v["flips1"],
+      student_flips=v["flips2"], crop_size=2, crop_offsets=v["crop_offsets"],
+      crop_mask=v["crop_mask"])
+  np.testing.assert_allclose(float(metrics["loss_eq"]), float(want), rtol=1e-5)
+
+  bad = _tiny("demo,gmp")
+  bad.apc.eq_weight, bad.batch_size = 1.0, 6
+  with pytest.raises(ConfigError, match=r"config\.batch_size=6 must be a multiple of 4"):
+    apc_lib.APCMethod(bad)
+  bad = _tiny("demo,gmp")
+  bad.apc.eq_crop_fraction = 0.0
+  with pytest.raises(ConfigError, match=r"eq_crop_fraction"):
+    apc_lib.APCMethod(bad)

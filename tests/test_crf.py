@@ -39,6 +39,9 @@ def test_crf_snaps_a_misplaced_boundary_to_the_colour_edge():
   # With (almost) no pairwise weight the CRF keeps the unary argmax.
   weak = crf_lib.dense_crf(image, probs, pos_w=1e-6, bi_w=1e-6).argmax(-1)
   np.testing.assert_array_equal(weak, before)
+  # ViT-PCM's parameters snap it too.
+  vitpcm = crf_lib.dense_crf(image, probs, **crf_lib.VITPCM_PARAMS).argmax(-1)
+  assert (vitpcm != truth).mean() < 0.02
   # More iterations do not undo the snap; params are checked.
   assert (crf_lib.dense_crf(image, probs, iter_max=20).argmax(-1) == truth).mean() > 0.98
   with pytest.raises(ValueError, match=r"parameter 'sigma' is not known"):

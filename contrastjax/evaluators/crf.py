@@ -11,8 +11,10 @@ ToCo (``tools/infer_seg_voc.py: crf_proc``) and ViT-PCM use:
   the uint8 RGB image;
 * ``inference(iter_max)``; the prediction is the argmax of the returned marginals.
 
-ToCo's parameters (:data:`TOCO_PARAMS`): 10 iterations, Gaussian sxy 1 / weight 1,
-bilateral sxy 121 / srgb 5 / weight 4. It runs on the host, one image at a time.
+ToCo's parameters (:data:`TOCO_PARAMS`, the default): 10 iterations, Gaussian sxy 1 /
+weight 1, bilateral sxy 121 / srgb 5 / weight 4; ViT-PCM's (:data:`VITPCM_PARAMS`):
+Gaussian weight 3, bilateral sxy 67 / srgb 3 / weight 4. It runs on the host, one image
+at a time.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ import numpy as np
 #: bi_xy_std=121, bi_rgb_std=5, bi_w=4)``.
 TOCO_PARAMS = dict(iter_max=10, pos_w=1.0, pos_xy_std=1.0, bi_w=4.0, bi_xy_std=121.0,
                    bi_rgb_std=5.0)
+#: ViT-PCM ``configs/voc12.yaml`` ``CRF``: ITER_MAX 10, POS_W 3, POS_XY_STD 1, BI_W 4,
+#: BI_XY_STD 67, BI_RGB_STD 3 (pass as ``crf_params``).
+VITPCM_PARAMS = dict(iter_max=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi_xy_std=67.0,
+                     bi_rgb_std=3.0)
 INSTALL_HINT = ('the dense CRF needs pydensecrf2: pip install "contrastjax[crf]" '
                 '(or pip install pydensecrf2; it compiles C++)')
 

@@ -52,6 +52,7 @@ from contrastjax.methods import options
 from contrastjax.methods.base import Method, module_kwargs
 from contrastjax.models import apc as apc_model
 from contrastjax.models import resample
+from contrastjax.models import vit as vit_lib
 
 VARIANTS = ("gmp", "topk", "akp", "akp_pcl", "apc", "supervised")
 INFERENCE_MODES = ("single", "msf")
@@ -101,6 +102,18 @@ class APCOptions:
   pcl_temperature: float = 0.07         # supcon only
   pcl_features: str = options.choice("features", ("features", "vit"))  # BiLSTM out / ViT
   pcl_threshold: float = 0.5            # patches below this merged confidence: ignored
+  # ViT-PCM's equivariant mosaic loss (model.py compute_cce_loss; its loss is mce + cce +
+  # reg, weight 1) [vitpcm]; whether APC keeps it is unknown, so it is off by default
+  # [recon]. The two views are made in the step from the batch image: view 1 (the
+  # classification input and, in inference mode without gradient, the teacher) and
+  # view 2 (the student), each flipped left-right / up-down / transposed with
+  # eq_flip_prob; view 2 is also cropped with eq_crop_prob (a patch-aligned square of
+  # eq_crop_fraction of the side) and resized to half the side, and four of them are
+  # tiled into one mosaic of the input size [vitpcm: TRAIN 384, CROP 128, SCALE 192].
+  eq_weight: float = 0.0
+  eq_flip_prob: float = 0.5             # [vitpcm] PROB_FLIP_LR, PROB_FLIP_UD, PROB_ROT90
+  eq_crop_prob: float = 0.3             # [vitpcm] PROB_CROP
+  eq_crop_fraction: float = 1.0 / 3.0   # [vitpcm] CROP / TRAIN = 128 / 384
   # evaluation
   score_threshold: float = 0.5          # predicted image labels (no decoder)
   # 'single': one pass; 'msf': ToCo's multi-scale + flip test of the decoder (scales
@@ -116,6 +129,11 @@ class APCOptions:
   def check(self, where: str) -> None:
     if self.num_classes <= 0:
       raise ConfigError(f"{where}.num_classes must be set (> 0, foreground classes)")
+    if self.eq_weight < 0 or not 0.0 <= self.eq_flip_prob <= 1.0 or not (
+        0.0 <= self.eq_crop_prob <= 1.0) or not 0.0 < self.eq_crop_fraction <= 1.0:
+      raise ConfigError(f"{where}.eq_weight / eq_flip_prob / eq_crop_prob / "
+                        f"eq_crop_fraction: expected eq_weight >= 0, probabilities in "
+                        f"[0, 1] and a crop fraction in (0, 1]")
     if self.par_down_scale < 1:
       raise ConfigError(f"{where}.par_down_scale={self.par_down_scale}: expected >= 1")
     for name in ("topk", "par_iters", "seg_warmup_steps", "pcl_warmup_steps", "akp_k_max",
@@ -176,6 +194,17 @@ class APCMethod(Method):
           (k, tuple(v) if isinstance(v, list) else v)
           for k, v in dict(kwargs["backbone_overrides"]).items())
     self.net = apc_model.APCNet(num_classes=o.num_classes, **kwargs)
+    self.patch_size = int(dict(kwargs.get("backbone_overrides", ())).get(
+        "patch_size", vit_lib.vit(model_cfg.get("variant", "b16")).patch_size))
+    if o.eq_weight > 0:
+      size = int(config.data.get("crop_size", 0) or 0)
+      if config.get("batch_size", 4) % 4:
+        raise ConfigError(f"config.apc.eq_weight > 0 tiles four view-2 images per mosaic: "
+                          f"config.batch_size={config.batch_size} must be a multiple of 4")
+      if size and size % (2 * self.patch_size):
+        raise ConfigError(f"config.apc.eq_weight > 0 halves the {size}-pixel crops into "
+                          f"mosaic tiles: config.data.crop_size must be a multiple of "
+                          f"2 x patch size = {2 * self.patch_size}")
     # The decoder's probabilities go to the host only for an evaluation that refines them
     # (a dense CRF): [B, H, W, C+1] floats per batch otherwise cost transfer for nothing.
     evals = config.get("evals", None) or {}
@@ -245,10 +274,46 @@ class APCMethod(Method):
     del extra
     return parallel.auto_axes(self._loss, P())(params, model_state, batch, rng, step)
 
+  def eq_views(self, images, rng):
+    """ViT-PCM's two views of ``images`` ``[B, S, S, 3]`` for the equivariant loss.
+
+    Returns a dict: ``view1`` ``[B, S, S, 3]`` (flipped by ``flips1``), ``mosaic``
+    ``[B/4, S, S, 3]`` (view 2: cropped where ``crop_mask``, at patch offsets
+    ``crop_offsets`` and ``crop_size`` patches, resized to ``S/2`` with align-corners
+    bilinear as ViT-PCM's ``resize``, flipped by ``flips2``, tiled by
+    :func:`apc_losses.mosaic_2x2`), and those flags.
+    """
+    o = self.options
+    b, s, s2, _ = images.shape
+    p = self.patch_size
+    if s != s2 or s % (2 * p) or b % 4:
+      raise ValueError(f"the equivariant loss needs square images whose side is a multiple of "
+                       f"2 x patch = {2 * p} and a batch divisible by 4; got {images.shape}")
+    g = s // p
+    crop = max(1, min(g, int(round(o.eq_crop_fraction * g))))
+    k1, k2, k3, k4 = jax.random.split(rng, 4)
+    flips1 = (jax.random.uniform(k1, (b, 3)) < o.eq_flip_prob).astype(jnp.int32)
+    flips2 = (jax.random.uniform(k2, (b, 3)) < o.eq_flip_prob).astype(jnp.int32)
+    crop_mask = jax.random.uniform(k3, (b,)) < o.eq_crop_prob
+    offsets = jax.random.randint(k4, (b, 2), 0, g - crop + 1)
+    half = (s // 2, s // 2)
+    crops = jax.vmap(lambda x, off: jax.lax.dynamic_slice(
+        x, (off[0] * p, off[1] * p, 0), (crop * p, crop * p, 3)))(images, offsets)
+    view2 = jnp.where(crop_mask[:, None, None, None],
+                      resample.resize_bilinear_align_corners(crops, half),
+                      resample.resize_bilinear_align_corners(images, half))
+    return {"view1": L.apply_flips(images, flips1), "flips1": flips1,
+            "mosaic": L.mosaic_2x2(L.apply_flips(view2, flips2)), "flips2": flips2,
+            "crop_size": crop, "crop_offsets": offsets, "crop_mask": crop_mask}
+
   def _loss(self, params, model_state, batch, rng, step):
     o = self.options
     images = batch["image"].astype(jnp.float32)
     labels = batch["labels"].astype(jnp.float32)
+    if o.eq_weight > 0:
+      rng, k_views, k_student = jax.random.split(rng, 3)
+      views = self.eq_views(images, k_views)
+      images = views["view1"]  # the classification input is view 1 [vitpcm]
     probs, aux = self._apply(params, normalize(images, o.normalization), train=True, rng=rng)
     scores = self._pool(probs, step)
     loss_cls = L.keras_binary_crossentropy(scores, labels)
@@ -282,6 +347,18 @@ class APCMethod(Method):
       on = (step_f >= o.pcl_warmup_steps).astype(jnp.float32)
       loss = loss + on * o.pcl_weight * loss_pcl
       metrics["loss_pcl"] = loss_pcl
+    if o.eq_weight > 0:
+      # ViT-PCM: the teacher is view 1 in inference mode, without gradient; the student
+      # the view-2 mosaics in training mode.
+      teacher, _ = self._apply(params, normalize(images, o.normalization), train=False)
+      student, _ = self._apply(params, normalize(views["mosaic"], o.normalization),
+                               train=True, rng=k_student)
+      loss_eq = L.equivariance_loss(
+          jax.lax.stop_gradient(teacher), student, labels, teacher_flips=views["flips1"],
+          student_flips=views["flips2"], crop_size=views["crop_size"],
+          crop_offsets=views["crop_offsets"], crop_mask=views["crop_mask"])
+      loss = loss + o.eq_weight * loss_eq
+      metrics["loss_eq"] = loss_eq
     return loss, (model_state, metrics)
 
   # ------------------------------------------------------------------ evaluation
