@@ -154,6 +154,7 @@ def _demo(c: ml_collections.ConfigDict, variant: str, recipe: str) -> None:
   c.apc.l2_weight = 0.0
   c.apc.akp_warmup_steps = 600
   c.apc.pseudo_threshold = 0.4   # decoder targets: confident pixels only [recon]
+  c.apc.par = True               # ToCo's PAR on the pseudo-labels, at 1/2 resolution [toco]
   c.batch_size = 32
   c.eval_batch_size = 64
   c.total_steps = 2400
