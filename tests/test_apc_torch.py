@@ -44,7 +44,6 @@ def _config(arg, **apc):
 @pytest.mark.parametrize("arg,apc", [
     ("demo", {}),                                               # AKP (H1) + PCL + decoder
     ("demo,rule=consecutive_ratio", {"pcl_features": "vit"}),
-    ("demo,topk", {}),
     ("demo,supervised", {}),
 ])
 def test_torch_counterpart_computes_the_same_loss(arg, apc):
