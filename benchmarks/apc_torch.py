@@ -271,11 +271,15 @@ def optimizer(torch, net, config):
 
 
 def run_torch(config, batch_np: dict[str, np.ndarray], *, steps: int, warmup: int,
-              threads: int, device: str = "cpu", step: int | None = None) -> dict[str, Any]:
+              threads: int, device: str = "cpu", step: int | None = None,
+              bench=None) -> dict[str, Any]:
   """Times ``steps`` torch train steps on ``batch_np`` (after ``warmup``), as
   ``contrastjax.benchmark.run_reference`` does for ConDSeg. ``step`` is the training
-  step the losses see (default: past every warm-up, so every term is computed)."""
-  from contrastjax import benchmark as B  # pylint: disable=import-outside-toplevel
+  step the losses see (default: past every warm-up, so every term is computed);
+  ``bench`` the module with the timing helpers (default ``contrastjax.benchmark``)."""
+  if bench is None:
+    from contrastjax import benchmark as bench  # pylint: disable=import-outside-toplevel
+  B = bench  # noqa: N806
   torch = _torch()
   memory = B.PeakMemory()
   if device == "auto":

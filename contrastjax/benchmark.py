@@ -509,8 +509,10 @@ def run_counterpart(config: ml_collections.ConfigDict, batch_np: dict[str, np.nd
                     ) -> dict[str, Any]:
   """Times the method's PyTorch counterpart (:func:`counterpart_module`) on ``batch_np``."""
   module = counterpart_module(config.method)
+  # This module's own timing helpers: under ``python -m contrastjax.benchmark`` it is
+  # ``__main__``, and importing it again by name would define its flags twice.
   return module.run_torch(config, batch_np, steps=steps, warmup=warmup, threads=threads,
-                          device=device)
+                          device=device, bench=sys.modules[__name__])
 
 
 # ----------------------------------------------------------------------------- report
