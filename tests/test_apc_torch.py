@@ -82,14 +82,27 @@ def test_torch_counterpart_computes_the_same_loss(arg, apc):
       float(net.vit.patch_embed.proj.weight.grad.sum()), rtol=2e-3, atol=1e-5)
 
 
-def test_torch_counterpart_is_timed_by_the_benchmark():
+def test_torch_counterpart_is_timed_by_the_benchmark_cli(tmp_path):
+  """``python -m contrastjax.benchmark --torch`` times both sides on one batch."""
+  import json
+  import subprocess
+  import sys
   from contrastjax import benchmark
-  c = _config("demo")
-  batch, _ = benchmark.synthetic_batch_for(c)
-  out = benchmark.run_counterpart(c, batch, steps=2, warmup=1, threads=1)
-  assert out["steps"] == 2 and len(out["losses"]) == 3
-  assert all(np.isfinite(out["losses"]))
-  assert out["losses"][-1] < out["losses"][0]  # the optimizer steps the same batch
-  assert out["counterpart"] == "benchmarks/apc_torch.py"
+  out = tmp_path / "bench.json"
+  cmd = [sys.executable, "-m", "contrastjax.benchmark", "--config=configs/apc_voc.py:demo",
+         "--config.batch_size=4", "--steps=2", "--warmup=1", "--init=host",
+         "--xla_opt_level=0", "--torch", "--threads=1", f"--json_out={out}"]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "PyTorch counterpart benchmarks/apc_torch.py" in proc.stdout, proc.stdout
+  result = json.loads(out.read_text())
+  t = result["torch"]
+  assert t["counterpart"] == "benchmarks/apc_torch.py" and t["steps"] == 2
+  assert len(t["losses"]) == 3 and all(np.isfinite(t["losses"]))
+  assert t["losses"][-1] < t["losses"][0]  # the optimizer steps the same batch
+  assert result["ratio_jax_over_torch"] == pytest.approx(
+      result["jax"]["step_s_median"] / t["step_s_median"])
   with pytest.raises(ValueError, match=r"no PyTorch counterpart for method 'gap'"):
     benchmark.counterpart_module("gap")

@@ -74,7 +74,8 @@ def test_synthetic_batch_contract():
   np.testing.assert_array_equal(synthetic_batch(3, 16, seed=1)["mask"], batch["mask"])
 
 
-@pytest.mark.parametrize("path", ["configs/condseg_kvasir.py", "configs/siamseg_loveda.py"])
+@pytest.mark.parametrize("path", ["configs/condseg_kvasir.py", "configs/siamseg_loveda.py",
+                                  "configs/apc_voc.py"])
 def test_synthetic_batch_matches_the_training_pipeline(path):
   """The benchmark's batch has the keys, shapes and dtypes of the real demo pipeline's
   (nested source/target dicts for SiamSeg)."""
