@@ -202,21 +202,22 @@ def test_akp_warmup_pools_with_gmp_then_akp():
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # two full demo runs, ~18 min on 2 cores with 8 simulated devices
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 14 open: APC does not beat gmp on the demo yet (session 8, 8 simulated "
-    "devices: val mIoU 0.268 vs 0.271; 1 device via the CLI: 0.274 vs 0.255)"))
+@pytest.mark.heavy  # two full demo runs, ~25 min on 2 cores with 8 simulated devices
 def test_demo_apc_beats_gmp(tmp_path):
-  """The demo: full APC (AKP after a GMP warm-up, patch contrast, the decoder on the online
-  pseudo-labels) segments the validation scenes better than ViT-PCM's GMP stage alone,
-  which is trained identically up to the AKP / decoder / PCL start (step 600)."""
+  """The demo: full APC (AKP after a GMP warm-up, patch contrast, the decoder on the
+  PAR-refined online pseudo-labels) segments the validation scenes better than ViT-PCM's
+  GMP stage alone, which is trained identically up to the AKP / decoder / PCL start.
+
+  Measured on 1 device through the CLI (session 9): 0.351 against 0.255. The margin
+  asserted here (5 points) leaves room for the +-2-point spread between device counts
+  (session 8). Not yet run on 8 devices since PAR became the demo's default."""
   results = {}
   for variant in ("demo", "demo,gmp"):
     c = apc_configs.get_config("voc", variant)
     c.progress_bar = False
     results[variant] = train_lib.train_and_evaluate(c, str(tmp_path / variant))
   apc, gmp = results["demo"]["val/mIoU"], results["demo,gmp"]["val/mIoU"]
-  assert apc > gmp + 0.01, (apc, gmp)
+  assert apc > gmp + 0.05, (apc, gmp)
 
 
 def test_seg_loss_waits_for_its_warmup_then_uses_the_pseudo_labels():
