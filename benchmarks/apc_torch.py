@@ -58,6 +58,11 @@ def build(config, seed: int = 0):
   from timm.models import vision_transformer as timm_vit  # pylint: disable=import-outside-toplevel
   nn = torch.nn
   o = _options(config)
+  if o.par or o.eq_weight > 0:
+    raise ValueError(
+        f"config.apc.par={o.par}, eq_weight={o.eq_weight}: PAR is not in the PyTorch "
+        f"counterpart, nor the equivariant loss (the VOC recipe uses neither); time the "
+        f"step without them (--config.apc.par=False --config.apc.eq_weight=0)")
   m = config.model
   kw = _backbone_kwargs(config)
   torch.manual_seed(seed)

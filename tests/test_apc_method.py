@@ -228,7 +228,7 @@ def test_seg_loss_waits_for_its_warmup_then_uses_the_pseudo_labels():
   from contrastjax.methods import apc_losses  # pylint: disable=g-import-not-at-top
   from contrastjax.models import resample  # pylint: disable=g-import-not-at-top
   c = _tiny()
-  c.apc.update(seg_warmup_steps=3, pcl_weight=0.0, pseudo_threshold=0.3)
+  c.apc.update(seg_warmup_steps=3, pcl_weight=0.0, pseudo_threshold=0.3, par=False)
   m = apc_lib.APCMethod(c)
   inputs = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
   batch = next(iter(inputs.train))

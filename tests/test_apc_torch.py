@@ -36,8 +36,9 @@ def _config(arg, **apc):
   c.data.num_train, c.data.num_train_eval, c.data.num_val = 16, 8, 8
   c.data.image_size = c.data.crop_size = c.data.eval_size = 32
   c.batch_size = c.eval_batch_size = 4
-  c.apc.update(seg_warmup_steps=0, pcl_warmup_steps=0, akp_warmup_steps=0, l2_weight=0.01,
-               pseudo_threshold=0.3, pcl_threshold=0.3, **apc)
+  c.apc.update(**{**dict(seg_warmup_steps=0, pcl_warmup_steps=0, akp_warmup_steps=0,
+                         l2_weight=0.01, pseudo_threshold=0.3, pcl_threshold=0.3,
+                         par=False), **apc})
   return c
 
 
@@ -90,7 +91,7 @@ def test_torch_counterpart_is_timed_by_the_benchmark_cli(tmp_path):
   from contrastjax import benchmark
   out = tmp_path / "bench.json"
   cmd = [sys.executable, "-m", "contrastjax.benchmark", "--config=configs/apc_voc.py:demo",
-         "--config.batch_size=4", "--steps=2", "--warmup=1", "--init=host",
+         "--config.batch_size=4", "--config.apc.par=False", "--steps=2", "--warmup=1", "--init=host",
          "--xla_opt_level=0", "--torch", "--threads=1", f"--json_out={out}"]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
@@ -106,3 +107,6 @@ def test_torch_counterpart_is_timed_by_the_benchmark_cli(tmp_path):
       result["jax"]["step_s_median"] / t["step_s_median"])
   with pytest.raises(ValueError, match=r"no PyTorch counterpart for method 'gap'"):
     benchmark.counterpart_module("gap")
+  with pytest.raises(ValueError,
+                     match=r"config\.apc\.par=True, eq_weight=0\.0: PAR is not in the PyTorch"):
+    _counterpart().build(_config("demo", par=True))
