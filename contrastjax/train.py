@@ -222,6 +222,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
           f"delete the folder {os.path.join(workdir, ckpt_lib.CHECKPOINTS, str(restored_step))} "
           "to resume from the one before it")
     logging.info("resumed from %s at step %d", ckpt.workdir, restored_step)
+    best_step = loop_state.get("best_step")
+    if best_step is not None and ckpt.best_step() != best_step:
+      if best_step == restored_step:
+        # Killed after the rolling checkpoint of a new best committed and before the best
+        # one did (two asynchronous saves): the restored state is that best state.
+        logging.warning("best checkpoint %d was lost to an interruption; writing it again "
+                        "from checkpoint %d (the same state)", best_step, restored_step)
+        ckpt.save_best(restored_step, state, loop_state=loop_state)
+        ckpt.wait_best()
+      else:
+        logging.warning("the loop state names best step %s but %s holds %s; the next "
+                        "better evaluation writes a new best checkpoint", best_step,
+                        os.path.join(workdir, ckpt_lib.BEST), ckpt.best_step())
   else:
     t0 = time.time()
     state = spine.initialise_state(compiled_run.create, compiled_run.state_sharding, rng,

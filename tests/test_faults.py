@@ -96,6 +96,24 @@ def test_stale_best_checkpoint_of_the_same_step_is_replaced(tmp_path):
   _assert_same_variables(_variables(ref, "best"), _variables(fresh, "best"))
 
 
+def test_kill_after_rolling_before_best_checkpoint_rewrites_the_best(tmp_path):
+  """The other order of the two asynchronous saves of a new best step: the rolling
+  checkpoint committed, the best one did not (found by CI: ConDSeg's kill/resume test,
+  killed between the two). The rerun restores that step, whose state is the best
+  state, and writes the best checkpoint again: equal to the uninterrupted run's."""
+  cfg = _toy.toy_config(total_steps=12, ckpt_every_steps=4, eval_every_steps=4)
+  ref = tmp_path / "ref"
+  train_lib.train_and_evaluate(cfg, str(ref))
+  assert _steps(ref / "best") == [12]  # the toy's last evaluation is its best
+  killed = tmp_path / "killed"
+  shutil.copytree(ref, killed)
+  shutil.rmtree(killed / "best" / "12")  # killed after checkpoints/12 committed
+  train_lib.train_and_evaluate(cfg, str(killed))
+  assert _steps(killed / "best") == [12]
+  _assert_same_variables(_variables(ref, "best"), _variables(killed, "best"))
+  _assert_same_variables(_variables(ref, 12), _variables(killed, 12))
+
+
 # ----------------------------------------------------------------------------- bug 2
 @pytest.mark.parametrize("total", [9, 7])
 def test_update_that_makes_parameters_non_finite_is_never_saved(tmp_path, total):
