@@ -26,8 +26,6 @@ the first step's loss and its parts at a small size).
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -317,19 +315,8 @@ def run_torch(config, batch_np: dict[str, np.ndarray], *, steps: int, warmup: in
     opt.step()
     losses.append(float(loss.detach()))
 
-  t0 = time.perf_counter()
-  one()
-  first = time.perf_counter() - t0
-  B._progress(f"torch APC first step in {first:.2f} s")  # pylint: disable=protected-access
-  times, usage = B.time_steps(one, steps, max(warmup - 1, 0))
-  B._progress(f"torch APC: {steps} timed steps, median {statistics.median(times):.4f} s")  # pylint: disable=protected-access
-  out = {"first_step_s": first, **B._summary(times, batch_np["image"].shape[0]),  # pylint: disable=protected-access
-         **usage, "losses": losses, "times": times, "torch_threads": torch.get_num_threads(),
-         "torch": torch.__version__, "device": device, "counterpart": "benchmarks/apc_torch.py",
-         "autocast_bfloat16": low,
-         "params": sum(p.numel() for p in net.parameters())}
-  out.update(memory.result())
-  if cuda:
-    out["device_name"] = torch.cuda.get_device_name(device)
-    out["device_peak_bytes_in_use"] = int(torch.cuda.max_memory_allocated(device))
+  out = B.time_torch_steps(torch, one, net, steps=steps, warmup=warmup,
+                           batch_size=batch_np["image"].shape[0], device=device,
+                           memory=memory, label="torch APC")
+  out.update(losses=losses, counterpart="benchmarks/apc_torch.py", autocast_bfloat16=low)
   return out

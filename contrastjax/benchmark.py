@@ -465,18 +465,33 @@ def run_reference(reference_dir: str, batch_np: dict[str, np.ndarray], steps: in
     opt.step()
     losses.append(float(loss.detach()))  # waits for the device
 
+  out = time_torch_steps(torch, step, net, steps=steps, warmup=warmup,
+                         batch_size=batch_np["image"].shape[0], device=device, memory=memory,
+                         label="reference")
+  out["losses"] = losses
+  return out
+
+
+def time_torch_steps(torch, step: Callable[[], Any], net, *, steps: int, warmup: int,
+                     batch_size: int, device: str, memory: PeakMemory,
+                     label: str) -> dict[str, Any]:
+  """Times a PyTorch train ``step`` (which must wait for its device, e.g. by reading the
+  loss) as :func:`time_steps` does, after one separately timed first call; the result
+  has the keys of the JAX side's summary plus the torch version, threads, device, the
+  parameter count of ``net``, the phase's peak RSS (``memory``) and, on CUDA, the peak
+  device memory allocated."""
   t_first = time.perf_counter()
   step()
   first_step_s = time.perf_counter() - t_first
-  _progress(f"reference first step in {first_step_s:.2f} s")
+  _progress(f"{label} first step in {first_step_s:.2f} s")
   times, usage = time_steps(step, steps, max(warmup - 1, 0))
-  _progress(f"reference: {steps} timed steps, median {statistics.median(times):.4f} s")
-  out = {"first_step_s": first_step_s, **_summary(times, batch_np["image"].shape[0]), **usage,
-         "losses": losses, "times": times, "torch_threads": torch.get_num_threads(),
+  _progress(f"{label}: {steps} timed steps, median {statistics.median(times):.4f} s")
+  out = {"first_step_s": first_step_s, **_summary(times, batch_size), **usage,
+         "times": times, "torch_threads": torch.get_num_threads(),
          "torch": torch.__version__, "device": device,
          "params": sum(p.numel() for p in net.parameters())}
   out.update(memory.result())
-  if cuda:
+  if device.startswith("cuda"):
     out["device_name"] = torch.cuda.get_device_name(device)
     out["device_peak_bytes_in_use"] = int(torch.cuda.max_memory_allocated(device))
   return out

@@ -1,20 +1,15 @@
 """benchmarks/apc_ablation.py: reads each run's metrics, skips finished runs, and tabulates
 (the runs themselves are the trainer's CLI, tested elsewhere)."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _repo import load_module
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location(
-      "apc_ablation", os.path.join(REPO, "benchmarks", "apc_ablation.py"))
-  m = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(m)
-  return m
+  return load_module("benchmarks/apc_ablation.py")
 
 
 def _fake_run(workdir, vals, pseudo, wall_s):

@@ -1,7 +1,6 @@
 """The PyTorch counterpart of the APC step (``benchmarks/apc_torch.py``, timed side by side
 by ``python -m contrastjax.benchmark --torch``) computes the same loss as ours from the same
 weights: each loss term and the classifier's gradient on the first step, at a small size."""
-import importlib.util
 import os
 
 import jax
@@ -14,18 +13,14 @@ from contrastjax.configs import apc as apc_configs
 from contrastjax.data import builder
 from contrastjax.methods import apc as apc_lib
 
+from _repo import REPO, load_module
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _counterpart():
-  spec = importlib.util.spec_from_file_location(
-      "apc_torch", os.path.join(REPO, "benchmarks", "apc_torch.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module("benchmarks/apc_torch.py")
 
 
 def _config(arg, **apc):
