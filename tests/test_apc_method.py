@@ -288,6 +288,38 @@ def test_par_pseudo_labels_at_reduced_resolution():
     apc_lib.APCMethod(c)
 
 
+def test_pseudo_par_evaluation_scores_the_decoders_targets():
+  """With PAR the demo also scores ``pseudo_par``: the merge with the true image labels,
+  refined by PAR as in training, argmax without the confidence ignore (a composition of
+  the tested pieces); the output exists only when an evaluation reads it, and reading it
+  without PAR is a named config error."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from contrastjax.methods import apc_losses, apc_par  # pylint: disable=g-import-not-at-top
+  from contrastjax.models import resample  # pylint: disable=g-import-not-at-top
+  c = _tiny()
+  assert c.apc.par and c.evals.pseudo_par.output_key == "pseudo_par"
+  assert c.evals.pseudo_par.split == c.evals.pseudo.split
+  method = apc_lib.APCMethod(c)
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.uniform(0, 255, (2, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray([[1, 1, 0, 1, 0, 0], [1, 0, 1, 0, 0, 1]], jnp.float32)
+  params, _, _ = method.init(jax.random.key(0), {"image": images})
+  out = method._predict(params, {"image": images, "labels": labels})
+  probs, _ = method._apply(params, apc_lib.normalize(images, c.apc.normalization), train=False)
+  merged = apc_losses.merge_class_labels(probs, labels)
+  small = resample.resize_bilinear_half_pixel(images / 255.0, (16, 16))
+  ref = resample.resize_bilinear_half_pixel(apc_par.par_refine(small, merged), (32, 32))
+  np.testing.assert_array_equal(np.asarray(out["pseudo_par"]), np.argmax(np.asarray(ref), -1))
+  del c.evals["pseudo_par"]
+  assert "pseudo_par" not in apc_lib.APCMethod(c)._predict(params, {"image": images,
+                                                                     "labels": labels})
+  c.apc.par = False
+  c.evals.extra = dict(c.evals.pseudo.to_dict(), output_key="pseudo_par")
+  with pytest.raises(Exception, match=r"config\.evals\.extra\.output_key='pseudo_par'.*"
+                     r"config\.apc\.par is False"):
+    apc_lib.APCMethod(c)
+
+
 def test_equivariant_mosaic_loss_is_wired_as_vitpcm():
   """``eq_weight > 0``: view 1 (flipped) is the classification input and, in inference
   mode, the teacher; view 2 (cropped where drawn, halved, flipped) is tiled four to a

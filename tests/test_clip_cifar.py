@@ -229,11 +229,9 @@ def test_logreg_matches_newton_and_sklearn():
       want_p, want_w = _newton_logreg(x, y, 3, c)
       np.testing.assert_allclose(p, want_p, atol=1e-7)
       np.testing.assert_allclose(np.asarray(params["w"]), want_w, atol=1e-6)
-  try:
-    from sklearn.linear_model import LogisticRegression
-  except ImportError:
-    return
-  ref = LogisticRegression(C=3.0, tol=1e-10, max_iter=5000).fit(x, y)
+  # scikit-learn is in the test extra (it is not a dependency of the library)
+  linear_model = pytest.importorskip("sklearn.linear_model")
+  ref = linear_model.LogisticRegression(C=3.0, tol=1e-10, max_iter=5000).fit(x, y)
   np.testing.assert_allclose(ref.predict_proba(x), want_p, atol=1e-5)
 
 

@@ -118,6 +118,8 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
 
   if a.demo:
     _demo(c, variant, a.recipe)
+  if c.apc.par and "pseudo" in c.evals:  # the decoder's targets: PAR-refined pseudo-labels
+    c.evals.pseudo_par = dict(c.evals.pseudo.to_dict(), output_key="pseudo_par")
   if a.crf:
     if variant not in ("apc", "supervised"):
       raise ConfigError(f"config argument crf refines the decoder's probabilities; the "

@@ -31,7 +31,9 @@ WSSS papers report against); it is the only variant whose training batches hold 
 
 ``predict`` returns ``pred`` (the segmentation: the decoder's argmax, or without a decoder
 the merge of ``P`` with the *predicted* image labels) and ``pseudo`` (the merge with the
-*true* image labels: the pseudo-label quality WSSS papers report on VOC train).
+*true* image labels: the pseudo-label quality WSSS papers report on VOC train) and, with
+``par``, ``pseudo_par`` (that merge refined by PAR: the decoder's targets before the
+confidence ignore).
 """
 from __future__ import annotations
 
@@ -208,8 +210,14 @@ class APCMethod(Method):
     # The decoder's probabilities go to the host only for an evaluation that refines them
     # (a dense CRF): [B, H, W, C+1] floats per batch otherwise cost transfer for nothing.
     evals = config.get("evals", None) or {}
-    self.seg_prob_output = o.uses_decoder and any(
-        dict(e).get("output_key") == "seg_prob" for e in dict(evals).values())
+    read = {k: dict(e).get("output_key") for k, e in dict(evals).items()}
+    self.seg_prob_output = o.uses_decoder and "seg_prob" in read.values()
+    # Likewise the PAR-refined pseudo-labels (ten PAR passes per batch).
+    self.pseudo_par_output = "pseudo_par" in read.values()
+    if self.pseudo_par_output and not o.par:
+      name = next(k for k, v in read.items() if v == "pseudo_par")
+      raise ConfigError(f"config.evals.{name}.output_key='pseudo_par' scores the PAR-refined "
+                        f"pseudo-labels, but config.apc.par is False (expected par=True)")
 
   # ------------------------------------------------------------------ set-up
   def init(self, rng, batch):
@@ -252,6 +260,14 @@ class APCMethod(Method):
     if not o.par:
       return L.merged_pseudo_labels(probs, labels, out_size=size,
                                     threshold=o.pseudo_threshold or None)
+    return L.confident_labels(self._par_refined(probs, labels, images),
+                              threshold=o.pseudo_threshold or None)
+
+  def _par_refined(self, probs, labels, images):
+    """ViT-PCM's merged map refined by ToCo's PAR on the image (at 1/par_down_scale),
+    resized to the image and renormalised: ``[B, H, W, C+1]``."""
+    o = self.options
+    size = images.shape[1:3]
     merged = L.merge_class_labels(probs, labels)
     small = (size[0] // o.par_down_scale, size[1] // o.par_down_scale)
     if min(small) < 1:
@@ -260,8 +276,7 @@ class APCMethod(Method):
     refined = apc_par.par_refine(resample.resize_bilinear_half_pixel(images / 255.0, small),
                                  merged, num_iter=o.par_iters)
     refined = resample.resize_bilinear_half_pixel(refined, size)
-    return L.confident_labels(refined / jnp.maximum(refined.sum(-1, keepdims=True), 1e-12),
-                              threshold=o.pseudo_threshold or None)
+    return refined / jnp.maximum(refined.sum(-1, keepdims=True), 1e-12)
 
   def _token_labels(self, probs, labels):
     merged = L.merge_class_labels(jax.lax.stop_gradient(probs), labels)
@@ -381,6 +396,9 @@ class APCMethod(Method):
     if "labels" in batch:
       out["pseudo"] = L.merged_pseudo_labels(probs, batch["labels"].astype(jnp.float32),
                                              out_size=size)
+      if self.pseudo_par_output:  # the decoder's targets, before the confidence ignore
+        out["pseudo_par"] = L.confident_labels(
+            self._par_refined(probs, batch["labels"].astype(jnp.float32), images))
     if o.uses_decoder and o.inference == "msf":
       decoder = lambda x: self._apply(params, x, train=False)[1]["seg_logits"]
       seg = seg_inference.toco_msf_inference(decoder, normalize(images, o.normalization),
