@@ -385,3 +385,39 @@ def test_equivariant_mosaic_loss_is_wired_as_vitpcm():
   bad.apc.eq_crop_fraction = 0.0
   with pytest.raises(ConfigError, match=r"eq_crop_fraction"):
     apc_lib.APCMethod(bad)
+
+
+def test_supervised_bound_with_the_equivariant_loss_flips_the_mask_with_the_image():
+  """``supervised`` with ``eq_weight > 0``: the decoder sees view 1 (flipped), so its true
+  mask is flipped the same way; the segmentation term equals ``seg_loss`` of the decoder
+  on view 1 against the flipped mask, and differs from the unflipped mask's."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from contrastjax.methods import apc_losses  # pylint: disable=g-import-not-at-top
+  from contrastjax.models import resample  # pylint: disable=g-import-not-at-top
+  c = _tiny("demo,supervised")
+  c.apc.update(eq_weight=1.0, eq_flip_prob=0.5)
+  m = apc_lib.APCMethod(c)
+  batch = next(iter(builder.build(c, local_batch_size=8, local_eval_batch_size=8).train))
+  rng = jax.random.PRNGKey(3)
+  with jax.set_mesh(parallel.make_mesh(devices=jax.devices()[:1])):
+    params, _, _ = m.init(jax.random.PRNGKey(0), batch)
+    _, (_, metrics) = m.loss_fn(params, {}, {}, batch, rng, 3)
+  rng_main, k_views, _ = jax.random.split(rng, 3)
+  v = m.eq_views(jnp.asarray(batch["image"], jnp.float32), k_views)
+  assert np.asarray(v["flips1"]).any(axis=1).sum() >= 2  # some images are flipped
+  mask = np.asarray(batch["label"]).astype(np.int32)
+  flipped = []
+  for img_mask, f in zip(mask, np.asarray(v["flips1"])):
+    img_mask = img_mask[:, ::-1] if f[0] else img_mask
+    img_mask = img_mask[::-1] if f[1] else img_mask
+    flipped.append(img_mask.T if f[2] else img_mask)
+  logits = m.net.apply({"params": params}, apc_lib.normalize(v["view1"], "imagenet"),
+                       train=True, rngs={"dropout": rng_main})[1]["seg_logits"]
+  logits = resample.resize_bilinear_half_pixel(logits.astype(jnp.float32), (32, 32))
+  want = apc_losses.seg_loss(logits, jnp.asarray(np.stack(flipped)))
+  np.testing.assert_allclose(float(metrics["loss_seg"]), float(want), rtol=1e-6)
+  assert (np.stack(flipped) != mask).mean() > 0.05
+  # (an untrained decoder is nearly uniform, so the wrong mask moves the loss only a
+  # little: still 30x the tolerance above)
+  unflipped = apc_losses.seg_loss(logits, jnp.asarray(mask))
+  assert abs(float(unflipped) - float(metrics["loss_seg"])) > 30e-6 * float(want)

@@ -340,8 +340,10 @@ class APCMethod(Method):
       seg_logits = resample.resize_bilinear_half_pixel(aux["seg_logits"].astype(jnp.float32),
                                                  images.shape[1:3])
       if o.variant == "supervised":
-        loss_seg = L.seg_loss(seg_logits, batch["label"].astype(jnp.int32),
-                              nan_on_empty=o.seg_nan_on_empty)
+        mask = batch["label"].astype(jnp.int32)
+        if o.eq_weight > 0:  # the input is view 1: its mask takes the same flips
+          mask = L.apply_flips(mask[..., None], views["flips1"])[..., 0]
+        loss_seg = L.seg_loss(seg_logits, mask, nan_on_empty=o.seg_nan_on_empty)
       else:
         # The pseudo-labels (PAR's ten passes among them) are only computed once the
         # segmentation loss is on: before the warm-up ends the term is 0 (logged as 0).
