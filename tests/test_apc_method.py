@@ -29,6 +29,7 @@ def _tiny(arg="demo", **data):
   c.batch_size = c.eval_batch_size = 8
   c.total_steps, c.eval_every_steps, c.ckpt_every_steps, c.log_every_steps = 4, 4, 4, 2
   c.apc.seg_warmup_steps = 2
+  c.apc.eq_weight = 0.0  # the demo's equivariant loss: on where a test says so
   c.progress_bar = False
   c.plot_curves = False
   return c
@@ -48,11 +49,14 @@ def test_training_batches_hold_no_pixel_labels():
 
 @pytest.mark.slow
 def test_apc_step_through_the_trainer(tmp_path):
-  result = train_lib.train_and_evaluate(_tiny(), str(tmp_path))
+  c = _tiny()
+  c.apc.eq_weight = apc_configs.get_config("voc", "demo").apc.eq_weight  # the demo's 1.0
+  result = train_lib.train_and_evaluate(c, str(tmp_path))
   assert result["step"] == 4
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   train = [r for r in rows if "train/loss" in r]
-  for key in ("train/loss_cls", "train/loss_reg", "train/loss_seg", "train/loss_pcl"):
+  for key in ("train/loss_cls", "train/loss_reg", "train/loss_seg", "train/loss_pcl",
+              "train/loss_eq"):
     assert all(np.isfinite(r[key]) for r in train), key
   assert 0.0 <= result["val/mIoU"] <= 1.0 and 0.0 <= result["pseudo/mIoU"] <= 1.0
   assert os.listdir(tmp_path / "samples")
@@ -291,8 +295,8 @@ def test_par_pseudo_labels_at_reduced_resolution():
 def test_pseudo_par_evaluation_scores_the_decoders_targets():
   """With PAR the demo also scores ``pseudo_par``: the merge with the true image labels,
   refined by PAR as in training, argmax without the confidence ignore (a composition of
-  the tested pieces); the output exists only when an evaluation reads it, and reading it
-  without PAR is a named config error."""
+  the tested pieces); the output exists only when an evaluation reads it, with or without
+  PAR in training."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from contrastjax.methods import apc_losses, apc_par  # pylint: disable=g-import-not-at-top
   from contrastjax.models import resample  # pylint: disable=g-import-not-at-top
@@ -315,9 +319,10 @@ def test_pseudo_par_evaluation_scores_the_decoders_targets():
                                                                      "labels": labels})
   c.apc.par = False
   c.evals.extra = dict(c.evals.pseudo.to_dict(), output_key="pseudo_par")
-  with pytest.raises(Exception, match=r"config\.evals\.extra\.output_key='pseudo_par'.*"
-                     r"config\.apc\.par is False"):
-    apc_lib.APCMethod(c)
+  again = apc_lib.APCMethod(c)._predict(params, {"image": images, "labels": labels})
+  np.testing.assert_array_equal(np.asarray(again["pseudo_par"]), np.asarray(out["pseudo_par"]))
+  voc = apc_configs.get_config("voc")  # no PAR in the VOC recipe: no pseudo_par scoring
+  assert not voc.apc.par and "pseudo" in voc.evals and "pseudo_par" not in voc.evals
 
 
 def test_equivariant_mosaic_loss_is_wired_as_vitpcm():

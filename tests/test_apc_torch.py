@@ -33,7 +33,7 @@ def _config(arg, **apc):
   c.batch_size = c.eval_batch_size = 4
   c.apc.update(**{**dict(seg_warmup_steps=0, pcl_warmup_steps=0, akp_warmup_steps=0,
                          l2_weight=0.01, pseudo_threshold=0.3, pcl_threshold=0.3,
-                         par=False), **apc})
+                         par=False, eq_weight=0.0), **apc})
   return c
 
 
@@ -86,7 +86,8 @@ def test_torch_counterpart_is_timed_by_the_benchmark_cli(tmp_path):
   from contrastjax import benchmark
   out = tmp_path / "bench.json"
   cmd = [sys.executable, "-m", "contrastjax.benchmark", "--config=configs/apc_voc.py:demo",
-         "--config.batch_size=4", "--config.apc.par=False", "--steps=2", "--warmup=1", "--init=host",
+         "--config.batch_size=4", "--config.apc.par=False", "--config.apc.eq_weight=0",
+         "--steps=2", "--warmup=1", "--init=host",
          "--xla_opt_level=0", "--torch", "--threads=1", f"--json_out={out}"]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,

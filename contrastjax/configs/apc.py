@@ -157,9 +157,10 @@ def _demo(c: ml_collections.ConfigDict, variant: str, recipe: str) -> None:
   c.apc.akp_warmup_steps = 600
   c.apc.pseudo_threshold = 0.4   # decoder targets: confident pixels only [recon]
   c.apc.par = True               # ToCo's PAR on the pseudo-labels, at 1/2 resolution [toco]
+  c.apc.eq_weight = 1.0          # ViT-PCM's equivariant mosaic loss, in every variant [vitpcm]
   c.batch_size = 32
   c.eval_batch_size = 64
-  c.total_steps = 2400
+  c.total_steps = 1800
   if recipe == "toco":  # the ViT-PCM recipes keep their (frozen-group) optimizers
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, weight_decay=0.01, schedule="warmup_cosine",

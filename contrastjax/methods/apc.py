@@ -32,8 +32,8 @@ WSSS papers report against); it is the only variant whose training batches hold 
 ``predict`` returns ``pred`` (the segmentation: the decoder's argmax, or without a decoder
 the merge of ``P`` with the *predicted* image labels) and ``pseudo`` (the merge with the
 *true* image labels: the pseudo-label quality WSSS papers report on VOC train) and, with
-``par``, ``pseudo_par`` (that merge refined by PAR: the decoder's targets before the
-confidence ignore).
+an evaluation reading it, ``pseudo_par`` (that merge refined by PAR: with ``par`` the
+decoder's targets before the confidence ignore).
 """
 from __future__ import annotations
 
@@ -212,12 +212,9 @@ class APCMethod(Method):
     evals = config.get("evals", None) or {}
     read = {k: dict(e).get("output_key") for k, e in dict(evals).items()}
     self.seg_prob_output = o.uses_decoder and "seg_prob" in read.values()
-    # Likewise the PAR-refined pseudo-labels (ten PAR passes per batch).
+    # Likewise the PAR-refined pseudo-labels (ten PAR passes per batch); they are what
+    # PAR makes of the merged map whether or not training uses PAR (config.apc.par).
     self.pseudo_par_output = "pseudo_par" in read.values()
-    if self.pseudo_par_output and not o.par:
-      name = next(k for k, v in read.items() if v == "pseudo_par")
-      raise ConfigError(f"config.evals.{name}.output_key='pseudo_par' scores the PAR-refined "
-                        f"pseudo-labels, but config.apc.par is False (expected par=True)")
 
   # ------------------------------------------------------------------ set-up
   def init(self, rng, batch):
