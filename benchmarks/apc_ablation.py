@@ -2,7 +2,7 @@ r"""The APC ablation on the demo: every variant and every adaptive-K rule, one t
 each through the command line, and a Markdown table of what they reach.
 
   python benchmarks/apc_ablation.py --workdir=workdirs/apc_ablation \
-      [--runs=gmp,topk,akp,akp_h2,akp_h3,akp_pcl,apc_nopar,apc,supervised] \
+      [--runs=gmp,topk,akp,akp_h2,akp_h3,akp_pcl,gmp_noeq,apc_nopar,apc_noeq,apc,supervised] \
       [--extra=--config.total_steps=1200] [--table=ablation.md]
 
 Each run is ``python -m contrastjax.train --config=configs/apc_voc.py:demo,<args>
@@ -33,7 +33,11 @@ RUNS = {
     "akp_h2": ("akp,rule=consecutive_ratio", (), "adaptive-K, H2 consecutive ratio (tau 0.5)"),
     "akp_h3": ("akp,rule=argmax_share", (), "adaptive-K, H3 argmax share (rho 0.1)"),
     "akp_pcl": ("akp_pcl", (), "adaptive-K + patch contrast, classifier only"),
+    "gmp_noeq": ("gmp", ("--config.apc.eq_weight=0",),
+                 "ViT-PCM stage 1 without its equivariant loss"),
     "apc_nopar": ("apc", ("--config.apc.par=False",), "full APC without PAR"),
+    "apc_noeq": ("apc", ("--config.apc.eq_weight=0",),
+                 "full APC without ViT-PCM's equivariant loss"),
     "apc": ("apc", (), "full APC (AKP + PCL + decoder on PAR-refined pseudo-labels)"),
     "supervised": ("supervised", (), "the decoder on the true masks (upper bound)"),
 }

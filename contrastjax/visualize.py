@@ -129,7 +129,8 @@ def _numeric(value: Any) -> float | None:
   return None
 
 
-def plot_curves(metrics_jsonl_path: str, out_png: str) -> None:
+def plot_curves(metrics_jsonl_path: str, out_png: str
+                ) -> dict[str, tuple[list[float], list[float]]]:
   """Plots loss curves and validation-metric curves of a run.
 
   Reads ``metrics.jsonl`` (one JSON object per logged step with a ``step`` key, as
@@ -140,6 +141,9 @@ def plot_curves(metrics_jsonl_path: str, out_png: str) -> None:
   Args:
     metrics_jsonl_path: path of the JSONL file.
     out_png: where to write the figure (parent folders are created).
+
+  Returns:
+    The plotted series, ``{key: (steps, values)}`` (non-finite values left out).
 
   Raises:
     FileNotFoundError: if the JSONL file does not exist.
@@ -194,3 +198,4 @@ def plot_curves(metrics_jsonl_path: str, out_png: str) -> None:
   with out.open("wb") as f:
     fig.savefig(f, dpi=100, format="png")
   plt.close(fig)
+  return {k: series[k] for k in loss_keys + metric_keys}

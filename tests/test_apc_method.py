@@ -209,19 +209,20 @@ def test_akp_warmup_pools_with_gmp_then_akp():
 @pytest.mark.heavy  # two full demo runs, ~25 min on 2 cores with 8 simulated devices
 def test_demo_apc_beats_gmp(tmp_path):
   """The demo: full APC (AKP after a GMP warm-up, patch contrast, the decoder on the
-  PAR-refined online pseudo-labels) segments the validation scenes better than ViT-PCM's
-  GMP stage alone, which is trained identically up to the AKP / decoder / PCL start.
+  PAR-refined online pseudo-labels, all with ViT-PCM's equivariant loss) segments the
+  validation scenes better than ViT-PCM's GMP stage alone (with the same equivariant
+  loss), which is trained identically up to the AKP / decoder / PCL start.
 
-  Measured on 1 device through the CLI (session 9): 0.351 against 0.255. The margin
-  asserted here (5 points) leaves room for the +-2-point spread between device counts
-  (session 8). Not yet run on 8 devices since PAR became the demo's default."""
+  Measured on 1 device through the CLI (session 10): 0.455 against 0.324. Asserted: the
+  issue's target of +10 points, which leaves 3 points for the +-2-point spread between
+  device counts (session 8)."""
   results = {}
   for variant in ("demo", "demo,gmp"):
     c = apc_configs.get_config("voc", variant)
     c.progress_bar = False
     results[variant] = train_lib.train_and_evaluate(c, str(tmp_path / variant))
   apc, gmp = results["demo"]["val/mIoU"], results["demo,gmp"]["val/mIoU"]
-  assert apc > gmp + 0.05, (apc, gmp)
+  assert apc > gmp + 0.10, (apc, gmp)
 
 
 def test_seg_loss_waits_for_its_warmup_then_uses_the_pseudo_labels():

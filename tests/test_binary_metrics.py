@@ -197,9 +197,14 @@ def test_plot_curves(tmp_path):
                         "val/num_images": 10}) + "\n")
     f.write(json.dumps({"step": 6, "train/loss": "nan"}) + "\n")
   out = tmp_path / "plots" / "curves.png"
-  visualize.plot_curves(str(path), str(out))
+  plotted = visualize.plot_curves(str(path), str(out))
   img = Image.open(out)
   assert img.size[0] > 400 and img.size[1] > 200
+  # losses and the metrics, not counts or gradient norms; the NaN loss at step 6 is left
+  # out of the line instead of breaking it
+  assert sorted(plotted) == ["train/loss", "val/loss", "val/mDSC", "val/mIoU"]
+  assert plotted["train/loss"] == ([1, 2, 3, 4, 5], [1.0, 0.5, 1 / 3, 0.25, 0.2])
+  assert plotted["val/mIoU"] == ([5], [0.6])
   empty = tmp_path / "empty.jsonl"
   empty.write_text(json.dumps({"step": 1, "lr": 0.1}) + "\n")
   with pytest.raises(ValueError, match="no loss or metric"):

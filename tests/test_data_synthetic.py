@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -91,16 +90,6 @@ def test_low_contrast_controlled_by_parameter():
     bg = ex['image'].mean(-1)[ex['mask'] == 0]
     flat_spread.append(np.percentile(bg, 95) - np.percentile(bg, 5))
   assert np.median(flat_spread) < np.median(spread)
-
-
-def test_generation_is_fast():
-  ds = SyntheticPolyps(40, 96, seed=0)
-  ds[0]
-  start = time.perf_counter()
-  for i in range(40):
-    ds[i]
-  per_sample = (time.perf_counter() - start) / 40
-  assert per_sample < 0.02   # ~2-4 ms measured; loose bound for a loaded 2-core machine
 
 
 def test_bad_arguments():
