@@ -170,8 +170,10 @@ def test_clip_step_8_devices_equals_1_device():
                           batch)
   s8, m8 = _toy.run_steps(method, config, parallel.make_mesh(), batch)
   assert float(m1["swap_applied"]) == 1.0
-  for k in ("loss", "loss_i2t", "loss_t2i", "batch_gap", "beta"):
+  # grad_norm: the gradient itself, which Adam's update would hide a device-count scale of
+  for k in ("loss", "loss_i2t", "loss_t2i", "batch_gap", "beta", "grad_norm"):
     np.testing.assert_allclose(m1[k], m8[k], rtol=2e-5, err_msg=k)
+  assert m1["grad_norm"] > 0
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.params),
                           jax.tree.leaves(s8.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from contrastjax import checkpoint as ckpt_lib
+from contrastjax import metric_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "_mp_worker.py")
@@ -51,6 +52,15 @@ def test_two_process_run_equals_single_process(tmp_path):
     assert float(n) == 10
     # thresholded metrics: float round-off may flip a pixel, nothing more
     np.testing.assert_allclose(float(miou), miou_single, atol=1e-3)
+  # The gradient itself (Adam's update would hide a process-count scale of it): the
+  # logged gradient norms agree step by step.
+  def grad_norms(workdir):
+    return {r["step"]: r["train/grad_norm"] for r in
+            metric_writer.read_metrics(str(workdir / "metrics.jsonl")) if "train/grad_norm" in r}
+  g1, g2 = grad_norms(single), grad_norms(multi)
+  assert len(g1) >= 2 and g1.keys() == g2.keys() and all(v > 0 for v in g1.values())
+  for step in g1:
+    np.testing.assert_allclose(g2[step], g1[step], rtol=1e-5, err_msg=f"step {step}")
   a = ckpt_lib.load_variables(str(single), 6)
   b = ckpt_lib.load_variables(str(multi), 6)
   for x, y in zip(jax.tree.leaves((a["params"], a["model_state"])),

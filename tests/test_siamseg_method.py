@@ -68,8 +68,9 @@ def test_siamseg_step_8_devices_equals_1_device():
   s1, m1 = _toy.run_steps(S.SiamSegMethod(config), config,
                           parallel.make_mesh(devices=jax.devices()[:1]), batch)
   s8, m8 = _toy.run_steps(S.SiamSegMethod(config), config, parallel.make_mesh(), batch)
+  # grad_norm: the gradient itself, which AdamW's update would hide a device-count scale of
   for k in ("loss", "loss_src", "loss_mix", "loss_contrastive", "pseudo_weight",
-            "mix_fraction"):
+            "mix_fraction", "grad_norm"):
     np.testing.assert_allclose(m1[k], m8[k], rtol=2e-5, atol=1e-6, err_msg=k)
   assert np.isfinite(m1["loss"]) and m1["loss_contrastive"] < 0
   _assert_trees_close(s1.params, s8.params, "params")

@@ -248,3 +248,39 @@ def test_strong_transform_and_views():
   assert ident.shape == x.shape and np.isfinite(np.asarray(ident)).all()
   y = views.strong_transform(jax.random.PRNGKey(6), x)
   assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
+
+
+def test_color_jitter_and_blur_match_torchvision_given_the_draws():
+  """SiamSeg's strong transform, against torchvision's functional ops: ``color_jitter``
+  de-normalises, applies brightness, contrast, saturation and hue in each image's drawn
+  order with its drawn factors (the draws are ``sample_strong_augment_params`` of the same
+  key), clamps and re-normalises; ``gaussian_blur`` blurs each image with its drawn sigma
+  and DACS's kernel size (reflect border)."""
+  torch = pytest.importorskip("torch")
+  tf = pytest.importorskip("torchvision.transforms.functional")
+  from contrastjax.augment import photometric  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x01 = rng.uniform(0.05, 0.95, (3, 24, 24, 3)).astype(np.float32)
+  x = views.renormalize(jnp.asarray(x01))
+  key = jax.random.PRNGKey(7)
+  got = np.asarray(views.denormalize(views.color_jitter(key, x, 0.25, jnp.asarray(True))))
+  p = photometric.sample_strong_augment_params(
+      key, brightness=0.25, contrast=0.25, saturation=0.25, hue=0.25, grayscale_p=0.0,
+      batch_shape=(3,))
+  ops = (tf.adjust_brightness, tf.adjust_contrast, tf.adjust_saturation, tf.adjust_hue)
+  for i in range(3):
+    factors = (p.brightness[i], p.contrast[i], p.saturation[i], p.hue[i])
+    t = torch.from_numpy(x01[i]).permute(2, 0, 1)
+    for j in np.asarray(p.order[i]):
+      t = ops[j](t, float(factors[j]))
+    np.testing.assert_allclose(got[i], t.permute(1, 2, 0).numpy(), atol=2e-5, err_msg=i)
+  assert len({tuple(np.asarray(p.order[i])) for i in range(3)}) > 1  # per-image orders
+
+  sigma = np.asarray(jax.random.uniform(key, (3,), minval=0.15, maxval=1.15))
+  blurred = np.asarray(views.gaussian_blur(key, jnp.asarray(x01), jnp.asarray(True)))
+  k = views.blur_kernel_size(24)
+  for i in range(3):
+    want = tf.gaussian_blur(torch.from_numpy(x01[i]).permute(2, 0, 1), [k, k],
+                            [float(sigma[i]), float(sigma[i])])
+    np.testing.assert_allclose(blurred[i], want.permute(1, 2, 0).numpy(), atol=1e-5)
+  assert np.abs(blurred - x01).max() > 1e-3

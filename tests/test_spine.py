@@ -90,6 +90,9 @@ def test_step_on_8_devices_equals_1_device():
   s1, m1 = _one_step(parallel.make_mesh(devices=jax.devices()[:1]), config, batch)
   s8, m8 = _one_step(parallel.make_mesh(), config, batch)
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  # the gradient itself: Adam's update would hide a device-count scale of it
+  np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
+  assert m1["grad_norm"] > 0
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(s1.model_state), jax.tree.leaves(s8.model_state)):
