@@ -10,6 +10,8 @@
 # github.com/Mengqi-Lei/ConDSeg in third_party/ConDSeg (not part of this repository).
 # Every part runs in its own process under its own time limit and writes its JSON and
 # log to $OUT as it goes, so a part that fails or runs out of time costs only itself.
+#
+# DRY_RUN=1 prints each part's command (and its time limit) instead of running it.
 set -u
 OUT=${OUT:?set OUT to a results folder}
 mkdir -p "$OUT"
@@ -20,7 +22,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export CONTRASTJAX_COMPILATION_CACHE=0
 PY=${PYTHON:-python3}
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [[ -z "${DRY_RUN:-}" ]] && ls .whl/*.whl >/dev/null 2>&1; then
   SITE=${SITE:-$(mktemp -d)}
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl >>"$LOG" 2>&1 || { echo "wheel install failed"; exit 1; }
@@ -29,7 +31,7 @@ else
   export PYTHONPATH=$PWD
 fi
 
-{
+[[ -n "${DRY_RUN:-}" ]] || {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import jax, jaxlib, flax, optax, torch, transformers; \
@@ -39,6 +41,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 
 part() {  # part NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  if [[ -n "${DRY_RUN:-}" ]]; then echo "$name (limit ${limit}s): $*"; return; fi
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s)" >>"$LOG"
   timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
