@@ -106,6 +106,20 @@ def _unknown_key_message(text: str, argv: Sequence[str]) -> str:
           "; overrides can only set keys the config file defines")
 
 
+def _config_file_error(message: str) -> str:
+  """ml_collections reports an exception raised by a config file's ``get_config`` (an
+  unknown variant, a bad config argument) as a flag error whose text holds the whole
+  traceback; keeps the flag and the exception's own line, without its class path:
+  ``flag --config=configs/apc_voc.py:nope: config argument 'nope' ... is not known; ...``."""
+  head, sep, tail = message.partition("Error whilst parsing config file:")
+  if not sep or _TRACEBACK.strip() not in tail:
+    return message
+  lines = [l for l in tail.splitlines() if l.strip()]
+  last = lines[-1].strip() if lines else tail.strip()
+  m = re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Warning|Exit)\w*: (.*)$", last)
+  return head.rstrip() + " " + (m.group(2) if m else last)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
@@ -119,6 +133,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     message = str(cause) if cause is not e else str(e)
     if isinstance(cause, (AttributeError, KeyError)):
       message = _unknown_key_message(message, argv)
+    message = _config_file_error(message)
     fail(ConfigError(message), EXIT_CONFIG, verbose)
     raise  # not reached
 
