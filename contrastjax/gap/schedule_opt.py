@@ -108,6 +108,13 @@ def optimize(prob: Problem, *, num_knots: int = 6, steps: int = 40, lr: float = 
   t_start = time.time()
   for i in it:
     (j, (delta, alpha)), grad = vg(theta)
+    if not (np.isfinite(float(j)) and np.all(np.isfinite(np.asarray(grad)))):
+      taus = np.round(np.exp(np.asarray(knots_to_log_tau(theta, prob))), 5).tolist()
+      raise FloatingPointError(
+          f"schedule_opt.optimize step {i}: the objective ({float(j)}) or its gradient is "
+          f"not finite at tau knots {taus}; the flow may leave the domain (gamma reaches "
+          f"1) before the horizon {prob.horizon}, or the solver tolerances (rtol="
+          f"{prob.rtol}, atol={prob.atol}) are too loose for reverse-mode gradients")
     rec = dict(step=i, objective=float(j), gap=float(delta), margin=float(alpha),
                tau_knots=[float(x) for x in np.exp(knots_to_log_tau(theta, prob))])
     history.append(rec)
