@@ -4,13 +4,6 @@ import sys
 
 from contrastjax import platform
 
-# The tests' programs are small and their time is mostly XLA:CPU compilation: without
-# LLVM's backend optimisations a SiamSeg train step compiles in 70 s instead of 123 s.
-# Subprocess tests inherit the setting. CONTRASTJAX_TEST_XLA_OPT=1 keeps XLA's default.
-if os.environ.get("CONTRASTJAX_TEST_XLA_OPT", "") != "1" and (
-    "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
 platform.configure_cpu()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
