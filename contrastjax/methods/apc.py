@@ -210,11 +210,11 @@ class APCMethod(Method):
     # The decoder's probabilities go to the host only for an evaluation that refines them
     # (a dense CRF): [B, H, W, C+1] floats per batch otherwise cost transfer for nothing.
     evals = config.get("evals", None) or {}
-    read = {k: dict(e).get("output_key") for k, e in dict(evals).items()}
-    self.seg_prob_output = o.uses_decoder and "seg_prob" in read.values()
+    read = {dict(e).get("output_key") for e in dict(evals).values()}
+    self.seg_prob_output = o.uses_decoder and "seg_prob" in read
     # Likewise the PAR-refined pseudo-labels (ten PAR passes per batch); they are what
     # PAR makes of the merged map whether or not training uses PAR (config.apc.par).
-    self.pseudo_par_output = "pseudo_par" in read.values()
+    self.pseudo_par_output = "pseudo_par" in read
 
   # ------------------------------------------------------------------ set-up
   def init(self, rng, batch):
