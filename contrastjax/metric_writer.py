@@ -78,8 +78,13 @@ class MetricWriter:
   def write_config(self, config) -> None:
     if not self.active:
       return
-    (self._dir / "config.json").write_text(config.to_json_best_effort(indent=2,
-                                                                      sort_keys=True))
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if self._remote:  # an object is written whole
+      (self._dir / "config.json").write_text(text)
+      return
+    tmp = self._dir / "config.json.tmp"  # a kill mid-write leaves the old file whole
+    tmp.write_text(text)
+    tmp.replace(self._dir / "config.json")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> dict[str, float]:
     values = {k: _to_float(v) for k, v in scalars.items()}

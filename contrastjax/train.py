@@ -116,14 +116,36 @@ def _compile_ahead_jobs(config, compiled, inputs, mesh, abstract, global_example
   return jobs
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming if possible) and returns the last evaluation's metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (resuming if possible) and returns the last evaluation's metrics.
+
+  A workdir whose checkpoints were written under another config (``config.json`` differs
+  in a key that changes what is computed) is a :class:`ConfigError` before anything is
+  computed, unless ``allow_config_change`` (``--allow_config_change``)."""
   parallel.maybe_initialize_distributed()
   mesh = parallel.make_mesh(config.get("mesh"))
   workdir = workdir_lib.resolve(workdir)
   with jax.set_mesh(mesh):  # scoped: callers (notebooks, tests) keep their own mesh
     with _locked(workdir):
-      return _train_and_evaluate(config, workdir, mesh)
+      return _train_and_evaluate(config, workdir, mesh, allow_config_change)
+
+
+def _check_resumed_config(config, workdir: str, resume_step: int, allow: bool) -> None:
+  """Process 0 compares the config with the workdir's; every process stops if it differs."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      workdir_lib.check_resumed_config(workdir, config.to_json_best_effort(), resume_step,
+                                       allow_change=allow)
+    except errors.ConfigError as e:
+      error = e
+  if jax.process_count() > 1 and parallel.process_any(error is not None) and error is None:
+    error = errors.ConfigError(
+        f"process 0 found that the workdir {workdir} holds checkpoints of another config; "
+        "its log names the keys")
+  if error is not None:
+    raise error
 
 
 class _locked:
@@ -153,12 +175,14 @@ class _locked:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        mesh: jax.sharding.Mesh) -> dict[str, Any]:
+                        mesh: jax.sharding.Mesh, allow_config_change: bool) -> dict[str, Any]:
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
                                async_save=config.get("async_checkpointing", True))
   writer = None
   try:
     resume_step = ckpt.latest_step()
+    if resume_step is not None:
+      _check_resumed_config(config, workdir, resume_step, allow_config_change)
     # Records after the step being resumed from are replayed: the writer drops them.
     writer = metric_writer.MetricWriter(
         workdir, tensorboard=config.get("tensorboard", True), resume_step=resume_step or 0)
@@ -376,7 +400,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   from contrastjax import platform  # pylint: disable=g-import-not-at-top
   platform.configure_cpu_for(config)  # before the backend starts: it reads XLA_FLAGS once
-  result = train_and_evaluate(config, workdir)  # expected errors: cli.run's one line
+  result = train_and_evaluate(  # expected errors: cli.run's one line
+      config, workdir, allow_config_change=flags.FLAGS.allow_config_change)
   logging.info("done: %s", result)
 
 
@@ -386,6 +411,9 @@ if __name__ == "__main__":
       "config", None, "Training config file, e.g. configs/condseg_kvasir.py:demo.",
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+  flags.DEFINE_bool("allow_config_change", False,
+                    "Resume a workdir whose config.json differs from --config (the old one "
+                    "is kept as config.<step>.json); without it such a resume stops.")
   jax.config.parse_flags_with_absl()
   platform.configure_compilation_cache()
   cli.run(main)

@@ -28,6 +28,9 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
+
+from contrastjax.errors import ConfigError
 
 LOCK_NAME = ".lock"
 
@@ -218,3 +221,86 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+# ----------------------------------------------------------------------------- the run's config
+CONFIG_NAME = "config.json"
+
+#: Config keys that change how a run reports or saves, not what it computes: a resumed run
+#: may change them without ``--allow_config_change``. ``mesh`` is here because resuming a
+#: run on another slice is a supported move (orbax reshards; results agree up to float
+#: rounding). Anything else that differs from the workdir's ``config.json`` stops a resume.
+RESUME_FREE_KEYS = ("progress_bar", "tensorboard", "compile_ahead", "async_checkpointing",
+                    "log_every_steps", "log_every_epochs", "keep_checkpoints",
+                    "eval_samples", "mesh", "data.worker_count", "data.validate")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]
+                   ) -> list[tuple[str, Any, Any]]:
+  """``(key, old value, new value)`` for every key whose value differs between two
+  configs (as JSON trees), the keys of :data:`RESUME_FREE_KEYS` left out. A key only one
+  config has is paired with the string ``"<absent>"``."""
+  a, b = _flatten(old), _flatten(new)
+  free = tuple(RESUME_FREE_KEYS)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if key in free or key.startswith(tuple(f + "." for f in free)):
+      continue
+    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if va != vb:
+      out.append((key, va, vb))
+  return out
+
+
+def check_resumed_config(workdir: str, config_json: str, resume_step: int, *,
+                         allow_change: bool) -> None:
+  """Stops a resume whose config differs from the one that wrote the workdir's checkpoints
+  (``<workdir>/config.json``), before anything is computed: the checkpoints would
+  continue under other settings (another learning rate, loss weight or dataset) and the
+  run would mix two experiments. With ``allow_change`` the run goes on: the differences
+  are logged and the old file is kept as ``config.<resume_step>.json`` (the new one is
+  written as ``config.json`` by the run).
+
+  Raises:
+    ConfigError: the configs differ and ``allow_change`` is False (the message names up to
+      ten differing keys with both values, and the flag).
+  """
+  path = epath.Path(workdir) / CONFIG_NAME
+  if not path.exists():
+    logging.warning("%s does not exist: cannot check that this run continues the config of "
+                    "checkpoint %d", path, resume_step)
+    return
+  try:
+    old = json.loads(path.read_text())
+  except ValueError as e:
+    logging.warning("%s is not valid JSON (%s): cannot check that this run continues the "
+                    "config of checkpoint %d", path, e, resume_step)
+    return
+  changes = config_changes(old, json.loads(config_json))
+  if not changes:
+    return
+  lines = [f"config.{k}: {va!r} in the workdir, {vb!r} now" for k, va, vb in changes[:10]]
+  if len(changes) > 10:
+    lines.append(f"... and {len(changes) - 10} more")
+  what = "; ".join(lines)
+  if not allow_change:
+    raise ConfigError(
+        f"the workdir {workdir} holds checkpoints (up to step {resume_step}) of another "
+        f"config ({path}): {what}. Resume with the config that wrote it, train in another "
+        "--workdir, or pass --allow_config_change to continue from checkpoint "
+        f"{resume_step} under the new config (the old one is then kept as "
+        f"config.{resume_step}.json)")
+  kept = epath.Path(workdir) / f"config.{resume_step}.json"
+  kept.write_text(path.read_text())
+  logging.warning("--allow_config_change: continuing checkpoint %d under a changed config "
+                  "(%s); the old config is kept in %s", resume_step, what, kept)

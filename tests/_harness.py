@@ -38,12 +38,19 @@ def env(**extra):
   return e
 
 
-def cli(workdir, args=(), extra_flags=(), *, config=TOY_CONFIG, env_extra=None, **kw):
-  """``python -m contrastjax.train --config=CONFIG[:args] --workdir=WORKDIR [flags]``."""
+#: ``python tests/_fault_cli.py``: the trainer with a pause before a checkpoint's commit.
+FAULT_CLI = os.path.join(REPO, "tests", "_fault_cli.py")
+
+
+def cli(workdir, args=(), extra_flags=(), *, config=TOY_CONFIG, env_extra=None,
+        entry=None, **kw):
+  """``python -m contrastjax.train --config=CONFIG[:args] --workdir=WORKDIR [flags]``
+  (``entry``: a script run instead of the module, e.g. :data:`FAULT_CLI`)."""
   config = config + (("," if ":" in os.path.basename(config) else ":") + ",".join(args)
                      if args else "")
+  program = ["-m", "contrastjax.train"] if entry is None else [entry]
   return subprocess.Popen(
-      [sys.executable, "-m", "contrastjax.train", f"--config={config}",
+      [sys.executable, *program, f"--config={config}",
        f"--workdir={workdir}", *extra_flags],
       env=env(**(env_extra or {})), cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True, **kw)

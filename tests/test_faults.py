@@ -478,3 +478,102 @@ def test_a_kill_during_a_checkpoint_deletion_leaves_nothing_half_deleted(tmp_pat
   assert (tmp_path / "checkpoints" / ".deleting-6").exists()
   ckpt_lib.Checkpointer(str(tmp_path), keep=1, async_save=False).close()
   assert not (tmp_path / "checkpoints" / ".deleting-6").exists()
+
+
+# ----------------------------------------------------------------------------- another config
+def _tree_of(folder):
+  """Every file under ``folder`` with its bytes (what a refused run must leave alone)."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for f in files:
+      p = os.path.join(root, f)
+      if f != ".lock":
+        with open(p, "rb") as fh:
+          out[os.path.relpath(p, folder)] = fh.read()
+  return out
+
+
+def test_resume_under_another_config_is_refused_before_any_compute(tmp_path):
+  from contrastjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  cfg = _toy.toy_config(total_steps=6, ckpt_every_steps=3, tensorboard=False)
+  train_lib.train_and_evaluate(cfg, str(tmp_path))
+  before = _tree_of(tmp_path)
+  old_config = json.loads((tmp_path / "config.json").read_text())
+  # A changed learning rate and toy width: named with both values, nothing written.
+  changed = _toy.toy_config(total_steps=9, ckpt_every_steps=3, tensorboard=False,
+                            toy_width=16)
+  changed.optimizer.lr = 5e-3
+  with pytest.raises(ConfigError) as e:
+    train_lib.train_and_evaluate(changed, str(tmp_path))
+  msg = str(e.value)
+  assert "config.optimizer.lr: 0.01 in the workdir, 0.005 now" in msg, msg
+  assert "config.toy_width: 8 in the workdir, 16 now" in msg, msg
+  assert "config.total_steps: 6 in the workdir, 9 now" in msg, msg
+  assert "up to step 6" in msg and "--allow_config_change" in msg, msg
+  assert _tree_of(tmp_path) == before  # not a byte written: no step, log or config
+  assert not (tmp_path / ".lock").exists()  # and the lock is released
+  # Keys that change only reporting may change freely (nothing left to train: 6 of 6).
+  free = _toy.toy_config(total_steps=6, ckpt_every_steps=3, tensorboard=False,
+                         progress_bar=True, log_every_steps=1, keep_checkpoints=5)
+  assert train_lib.train_and_evaluate(free, str(tmp_path))["step"] == 6
+  old_config = json.loads((tmp_path / "config.json").read_text())
+  assert old_config["log_every_steps"] == 1  # the latest run's config, free keys and all
+  # With the flag: it continues under the new config and keeps the old one.
+  more = _toy.toy_config(total_steps=9, ckpt_every_steps=3, tensorboard=False)
+  more.optimizer.lr = 5e-3
+  assert train_lib.train_and_evaluate(more, str(tmp_path),
+                                      allow_config_change=True)["step"] == 9
+  assert json.loads((tmp_path / "config.6.json").read_text()) == old_config
+  now = json.loads((tmp_path / "config.json").read_text())
+  assert now["optimizer"]["lr"] == 5e-3 and now["total_steps"] == 9
+  assert _steps(tmp_path / "checkpoints")[-1] == 9
+
+
+def test_config_changes_flattens_and_skips_free_keys():
+  old = {"a": 1, "optimizer": {"lr": 0.1, "b1": 0.9}, "mesh": [["data", -1]],
+         "data": {"worker_count": 0, "root": "/x"}, "gone": True}
+  new = {"a": 1, "optimizer": {"lr": 0.2, "b1": 0.9}, "mesh": [["data", 4]],
+         "data": {"worker_count": 8, "root": "/y"}, "extra": {"k": 2}}
+  assert workdir_lib.config_changes(old, new) == [
+      ("data.root", "/x", "/y"), ("extra.k", "<absent>", 2), ("gone", True, "<absent>"),
+      ("optimizer.lr", 0.1, 0.2)]
+
+
+@pytest.fixture
+def readonly_mount(tmp_path):
+  """A read-only tmpfs holding a finished toy run's workdir (root ignores file modes, so a
+  chmod would not stop it; skipped where mounting is not allowed)."""
+  src = tmp_path / "run"
+  train_lib.train_and_evaluate(_toy.toy_config(total_steps=3, tensorboard=False), str(src))
+  mnt = tmp_path / "ro"
+  mnt.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  try:
+    shutil.copytree(src, mnt / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    yield mnt
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_read_only_and_uncreatable_workdirs_exit_5_naming_the_path(readonly_mount, tmp_path):
+  """A workdir on a read-only disk (a finished run copied to a read-only mount), and one
+  that cannot be created (its parent is a file): exit status 5 and one line naming the
+  path and the OS error, before anything is computed; the read-only run is unchanged."""
+  ro = readonly_mount / "run"
+  before = _tree_of(ro)
+  p = _cli(ro, ("total_steps=6",))
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 5, err
+  errors = [l for l in err.splitlines() if l.startswith("ERROR: ")]
+  assert len(errors) == 1 and "Traceback" not in err, err
+  assert str(ro / ".lock") in errors[0] and "Read-only file system" in errors[0], errors[0]
+  assert _tree_of(ro) == before
+  parent = tmp_path / "a_file"
+  parent.write_text("not a folder")
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=f"cannot create the workdir {parent / 'run'}: .*Not a directory"):
+    train_lib.train_and_evaluate(_toy.toy_config(), str(parent / "run"))

@@ -12,14 +12,17 @@
   EMA teacher) and the logged metrics equal an uninterrupted run's bit for bit.
 """
 import importlib.util
+import json
 import os
+import signal
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
-from _harness import (REPO, assert_trees_equal, build_run, cli, eval_rows, finish, kill9,
+from _harness import (FAULT_CLI, REPO, assert_trees_equal, build_run, cli, eval_rows,
+                      finish, kill9,
                       loop_state, raw_state, steps, train_rows, wait_until)
 from contrastjax import checkpoint as ckpt_lib
 from contrastjax import parallel
@@ -239,39 +242,126 @@ def _flags(overrides: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
+def _tree_of(folder) -> dict[str, bytes]:
+  """Every file under ``folder`` (its lock aside) with its bytes."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for f in files:
+      if f != ".lock":
+        with open(os.path.join(root, f), "rb") as fh:
+          out[os.path.relpath(os.path.join(root, f), folder)] = fh.read()
+  return out
+
+
+def _logged_steps(workdir) -> list[int]:
+  """The steps of metrics.jsonl's train records, a line cut short by a write in
+  progress left out."""
+  out = []
+  try:
+    with open(os.path.join(str(workdir), "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except ValueError:
+          continue
+        if "train/loss" in r:
+          out.append(r["step"])
+  except FileNotFoundError:
+    pass
+  return out
+
+
 def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
                      kill_after: int, timeout: int = 1500):
-  """Runs ``config`` uninterrupted (``ref``), then again killed with SIGKILL once rolling
-  checkpoint ``kill_after`` is committed, and reruns the killed one. The runs share a
-  persistent compilation cache: only the first compiles (one after the other rather
-  than side by side: on 2 busy cores two cold compilations cost more than one).
-  Returns the two workdirs."""
+  """Runs ``config`` uninterrupted (``ref``), then puts another run of it (``killed``)
+  through the faults of a user's week, and finishes it:
+
+  1. SIGKILL during the asynchronous save of rolling checkpoint ``kill_after``: all its
+     files are in orbax's temporary folder, the commit is not made (``tests/_fault_cli.py``
+     holds it there). While that run holds the workdir, a second run on the same workdir
+     exits 5 naming the holder's PID.
+  2. The rerun resumes, and gets SIGTERM once it has logged step ``kill_after + 1``: it
+     exits 0 with a checkpoint of the last step it logged (``sigterm_step``).
+  3. A rerun with another ``seed`` exits 2 naming the key and both values, before any
+     compute: the workdir is unchanged byte for byte.
+  4. The same command as before finishes the run.
+
+  The runs share a persistent compilation cache: only the first compiles (one after the
+  other rather than side by side: on 2 busy cores two cold compilations cost more than
+  one). Every checkpoint is kept (``keep_checkpoints``), so that each of ``ref``'s can be
+  compared. Returns ``(ref, killed, sigterm_step)``."""
   name, _, arg = config.partition(":")
   c = _config(name, arg)
   assert c.get("async_checkpointing", True), "the real configs save asynchronously"
   env_extra = {"CONTRASTJAX_COMPILATION_CACHE": str(tmp_path / "xla_cache")}
-  flags = _flags(dict(overrides, total_steps=total))
+  flags = _flags(dict(overrides, total_steps=total, keep_checkpoints=100))
   cfg_path = os.path.join(REPO, "configs", config)
   ref, killed = tmp_path / "ref", tmp_path / "killed"
-  finish(cli(ref, config=cfg_path, extra_flags=flags, env_extra=env_extra), timeout)
-  p = cli(killed, config=cfg_path, extra_flags=flags, env_extra=env_extra)
+
+  def run(workdir, extra=(), **kw):
+    return cli(workdir, config=cfg_path, extra_flags=flags + list(extra),
+               env_extra=dict(env_extra, **kw.pop("env", {})), **kw)
+
+  finish(run(ref), timeout)
+  # 1. SIGKILL with checkpoint `kill_after` written but not committed.
+  marker = tmp_path / "paused_commit"
+  p = run(killed, entry=FAULT_CLI, env={
+      "CONTRASTJAX_TEST_PAUSE_COMMIT": f"checkpoints/{kill_after}",
+      "CONTRASTJAX_TEST_PAUSE_MARKER": str(marker)})
   try:
-    wait_until(lambda: kill_after in steps(killed / "checkpoints"), p, timeout=timeout,
-               what=f"checkpoint {kill_after}")
+    wait_until(marker.exists, p, timeout=timeout, what=f"the commit of checkpoint {kill_after}")
+    second = run(killed)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 5, f"exit {second.returncode}\n{err[-3000:]}"
+    assert f"is in use by another run: PID {p.pid}" in err, err[-3000:]
     kill9(p)
   finally:
     if p.poll() is None:
       p.kill()
       p.communicate()
+  in_flight = marker.read_text()
+  assert os.path.basename(in_flight).startswith(f"{kill_after}.") and os.path.isdir(
+      in_flight), in_flight  # killed with the save's files on disk, uncommitted
   done = steps(killed / "checkpoints")
-  assert done and max(done) < total, f"killed too late: {done}"
-  finish(cli(killed, config=cfg_path, extra_flags=flags, env_extra=env_extra), timeout)
-  return ref, killed
+  assert done and max(done) < kill_after, f"killed too late: {done}"
+  # 2. Resume; SIGTERM once the resumed run has logged step kill_after + 1. (The killed
+  # run logged past its last checkpoint; the resume rewrites metrics.jsonl without those
+  # records, as a new file.)
+  inode = os.stat(killed / "metrics.jsonl").st_ino
+  p = run(killed)
+  try:
+    wait_until(lambda: (os.stat(killed / "metrics.jsonl").st_ino != inode
+                        and kill_after + 1 in _logged_steps(killed)), p, timeout=timeout,
+               what=f"step {kill_after + 1} of the resumed run")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+  finally:
+    if p.poll() is None:
+      p.kill()
+      p.communicate()
+  assert p.returncode == 0 and "SIGTERM" in err, f"exit {p.returncode}\n{err[-3000:]}"
+  sigterm_step = max(steps(killed / "checkpoints"))
+  assert kill_after < sigterm_step < total, (sigterm_step, total)
+  assert max(_logged_steps(killed)) == sigterm_step  # saved the last step it finished
+  assert int(raw_state(killed, sigterm_step)["step"]) == sigterm_step
+  # 3. Another config on this workdir: refused before any compute.
+  before = _tree_of(killed)
+  p = run(killed, ["--config.seed=7"])
+  _, err = p.communicate(timeout=300)
+  assert p.returncode == 2, f"exit {p.returncode}\n{err[-3000:]}"
+  errors = [l for l in err.splitlines() if l.startswith("ERROR: ")]
+  assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+  assert "config.seed: 0 in the workdir, 7 now" in errors[0], errors[0]
+  assert _tree_of(killed) == before
+  # 4. Finish.
+  finish(run(killed), timeout)
+  return ref, killed, sigterm_step
 
 
-def _assert_same_run(ref, killed, total):
-  # Rolling checkpoints (the last `keep` of them) and the best one, whole states.
-  assert steps(killed / "checkpoints") == steps(ref / "checkpoints")
+def _assert_same_run(ref, killed, total, sigterm_step):
+  # Every rolling checkpoint (and the one SIGTERM wrote) and the best one, whole states.
+  assert steps(killed / "checkpoints") == sorted(set(steps(ref / "checkpoints"))
+                                                 | {sigterm_step})
   assert steps(ref / "checkpoints")[-1] == total
   for s in steps(ref / "checkpoints"):
     assert_trees_equal(raw_state(ref, s), raw_state(killed, s), f"checkpoints/{s}")
@@ -323,9 +413,9 @@ def _lr_scales(workdir):
 def test_condseg_kill9_resume_is_bitwise(tmp_path, variant):
   """Stage 1 (two train-mode passes, photometric strong augmentation drawn from the step
   key) and stage 2 (the full model), with the plateau scale changing around the kill."""
-  ref, killed = _kill_and_resume(tmp_path, f"condseg_kvasir.py:{variant}", _CONDSEG_SMALL,
-                                 total=8, kill_after=4)
-  _assert_same_run(ref, killed, 8)
+  ref, killed, term = _kill_and_resume(tmp_path, f"condseg_kvasir.py:{variant}",
+                                       _CONDSEG_SMALL, total=8, kill_after=4)
+  _assert_same_run(ref, killed, 8, term)
   # The scale a step used (evaluations at 2, 4, 6, 8; the first sets the best loss).
   scales = dict(_lr_scales(ref))
   assert (scales[3], scales[5], scales[7]) == (1.0, 0.5, 0.25), scales
@@ -346,9 +436,9 @@ def test_siamseg_kill9_resume_is_bitwise(tmp_path):
                                   "evals.source_val.with_loss": True})
   c = _config("siamseg_loveda.py", "demo")
   assert c.siamseg.backward == "per_loss" and c.siamseg.variant == "siamseg"
-  ref, killed = _kill_and_resume(tmp_path, "siamseg_loveda.py:demo", overrides, total=8,
-                                 kill_after=4)
-  _assert_same_run(ref, killed, 8)
+  ref, killed, term = _kill_and_resume(tmp_path, "siamseg_loveda.py:demo", overrides,
+                                       total=8, kill_after=4)
+  _assert_same_run(ref, killed, 8, term)
   final = raw_state(ref, 8)
   assert sorted(final["extra"]["teacher"]) == ["backbone", "decode_head"]
   assert _all_differ(final["extra"]["teacher"]["decode_head"],
@@ -369,9 +459,9 @@ def test_clip_kill9_resume_is_bitwise(tmp_path):
                # beta_min 13 = tau <= 1/13: the learned tau rises into the clamp in a
                # few steps (from 1/0.07 = 14.3).
                "clip.beta_min": 13.0}
-  ref, killed = _kill_and_resume(tmp_path, "clip_gap_coco.py:demo,ss,p=0.5", overrides,
-                                 total=12, kill_after=6)
-  _assert_same_run(ref, killed, 12)
+  ref, killed, term = _kill_and_resume(tmp_path, "clip_gap_coco.py:demo,ss,p=0.5",
+                                       overrides, total=24, kill_after=6)
+  _assert_same_run(ref, killed, 24, term)
   rows = dict(train_rows(ref))
   # Swaps drawn at random (both outcomes occur); the per-step pattern after the resume
   # is the reference's (train_rows equality above): the step keys were restored.
@@ -392,8 +482,8 @@ def test_apc_kill9_resume_is_bitwise(tmp_path):
                "optimizer.warmup_steps": 2,
                "apc.akp_warmup_steps": 3, "apc.seg_warmup_steps": 5,
                "apc.pcl_warmup_steps": 5}
-  ref, killed = _kill_and_resume(tmp_path, "apc_voc.py:demo", overrides, total=8,
-                                 kill_after=4)
-  _assert_same_run(ref, killed, 8)
+  ref, killed, term = _kill_and_resume(tmp_path, "apc_voc.py:demo", overrides, total=8,
+                                       kill_after=4)
+  _assert_same_run(ref, killed, 8, term)
   rows = dict(train_rows(ref))
   assert all(np.isfinite(rows[s]["train/loss_seg"]) for s in rows)
