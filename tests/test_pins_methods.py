@@ -15,6 +15,8 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import warnings
 
 import jax
 import ml_collections
@@ -271,8 +273,33 @@ def _logged_steps(workdir) -> list[int]:
   return out
 
 
+class _Disk:
+  """Where the faulted run's workdir lives: a tmpfs of its own (``mounted``: the full-disk
+  fault can fill it) or, where mounting is not allowed, ``tmp_path``."""
+
+  def __init__(self, tmp_path):
+    self.path = tmp_path / "disk"
+    self.path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(self.path)],
+                       capture_output=True, text=True)
+    self.mounted = r.returncode == 0
+    if not self.mounted:
+      warnings.warn(f"no tmpfs ({r.stderr.strip()}): the full-disk fault is left out")
+
+  def close(self):
+    if self.mounted:
+      subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.fixture
+def disk(tmp_path):
+  d = _Disk(tmp_path)
+  yield d
+  d.close()
+
+
 def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
-                     kill_after: int, timeout: int = 1500):
+                     kill_after: int, disk: _Disk, timeout: int = 1500):
   """Runs ``config`` uninterrupted (``ref``), then puts another run of it (``killed``)
   through the faults of a user's week, and finishes it:
 
@@ -284,7 +311,9 @@ def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
      exits 0 with a checkpoint of the last step it logged (``sigterm_step``).
   3. A rerun with another ``seed`` exits 2 naming the key and both values, before any
      compute: the workdir is unchanged byte for byte.
-  4. The same command as before finishes the run.
+  4. Where ``disk`` is a tmpfs: the disk filled to half a checkpoint; the next save fails
+     with exit 6 naming the path and the intact checkpoint. The filler removed:
+  5. The same command as before finishes the run.
 
   The runs share a persistent compilation cache: only the first compiles (one after the
   other rather than side by side: on 2 busy cores two cold compilations cost more than
@@ -296,7 +325,7 @@ def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
   env_extra = {"CONTRASTJAX_COMPILATION_CACHE": str(tmp_path / "xla_cache")}
   flags = _flags(dict(overrides, total_steps=total, keep_checkpoints=100))
   cfg_path = os.path.join(REPO, "configs", config)
-  ref, killed = tmp_path / "ref", tmp_path / "killed"
+  ref, killed = tmp_path / "ref", disk.path / "killed"
 
   def run(workdir, extra=(), **kw):
     return cli(workdir, config=cfg_path, extra_flags=flags + list(extra),
@@ -353,7 +382,28 @@ def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
   assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
   assert "config.seed: 0 in the workdir, 7 now" in errors[0], errors[0]
   assert _tree_of(killed) == before
-  # 4. Finish.
+  # 4. A full disk (when the workdir is on a tmpfs: ``disk``): filled up to half a
+  # checkpoint, the next save fails; exit 6, one line naming the step, the path and the
+  # OS error, the earlier checkpoints intact. Room made, the run goes on.
+  if disk.mounted:
+    size = max(sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in
+                   os.walk(killed / "checkpoints" / str(s)) for f in fs)
+               for s in steps(killed / "checkpoints"))
+    filler = disk.path / "filler"
+    free = os.statvfs(disk.path).f_bavail * os.statvfs(disk.path).f_frsize
+    with open(filler, "wb") as f:
+      f.write(b"\0" * max(0, free - size // 2))
+    good = steps(killed / "checkpoints")
+    p = run(killed)
+    _, err = p.communicate(timeout=timeout)
+    assert p.returncode == 6, f"exit {p.returncode}\n{err[-3000:]}"
+    errors = [l for l in err.splitlines() if l.startswith("ERROR: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert ("No space left on device" in errors[0] and f"step {max(good)}, is intact"
+            in errors[0] and f"to {killed}/" in errors[0]), errors[0]
+    assert steps(killed / "checkpoints") == good
+    os.remove(filler)
+  # 5. Finish.
   finish(run(killed), timeout)
   return ref, killed, sigterm_step
 
@@ -410,11 +460,11 @@ def _lr_scales(workdir):
     # Stage 2's three runs compile its 2-pass step cold three times (~5 min on 2 cores):
     # outside CI's budget; run with CONTRASTJAX_HEAVY_TESTS=1 (passed in session 7).
     pytest.param("demo", marks=pytest.mark.heavy)])
-def test_condseg_kill9_resume_is_bitwise(tmp_path, variant):
+def test_condseg_kill9_resume_is_bitwise(disk, tmp_path, variant):
   """Stage 1 (two train-mode passes, photometric strong augmentation drawn from the step
   key) and stage 2 (the full model), with the plateau scale changing around the kill."""
   ref, killed, term = _kill_and_resume(tmp_path, f"condseg_kvasir.py:{variant}",
-                                       _CONDSEG_SMALL, total=8, kill_after=4)
+                                       _CONDSEG_SMALL, total=8, kill_after=4, disk=disk)
   _assert_same_run(ref, killed, 8, term)
   # The scale a step used (evaluations at 2, 4, 6, 8; the first sets the best loss).
   scales = dict(_lr_scales(ref))
@@ -423,7 +473,7 @@ def test_condseg_kill9_resume_is_bitwise(tmp_path, variant):
 
 
 @pytest.mark.slow
-def test_siamseg_kill9_resume_is_bitwise(tmp_path):
+def test_siamseg_kill9_resume_is_bitwise(disk, tmp_path):
   """SiamSeg (DACS + SimSiam): the EMA teacher in ``extra``, the paired source/target
   iterator, per-loss backward. Pseudo threshold 0.1 < 1/5 (5 classes: every maximum
   softmax probability passes, weight 1) so that the teacher's pseudo-labels weigh in the
@@ -437,7 +487,7 @@ def test_siamseg_kill9_resume_is_bitwise(tmp_path):
   c = _config("siamseg_loveda.py", "demo")
   assert c.siamseg.backward == "per_loss" and c.siamseg.variant == "siamseg"
   ref, killed, term = _kill_and_resume(tmp_path, "siamseg_loveda.py:demo", overrides,
-                                       total=8, kill_after=4)
+                                       total=8, kill_after=4, disk=disk)
   _assert_same_run(ref, killed, 8, term)
   final = raw_state(ref, 8)
   assert sorted(final["extra"]["teacher"]) == ["backbone", "decode_head"]
@@ -448,7 +498,7 @@ def test_siamseg_kill9_resume_is_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-def test_clip_kill9_resume_is_bitwise(tmp_path):
+def test_clip_kill9_resume_is_bitwise(disk, tmp_path):
   """CLIP (soft swap applied at random on half the steps, the temperature clamp active):
   the swap draws come from the step key, the clamp from the restored parameters."""
   overrides = {"data.num_train": 512, "data.num_val": 64, "data.num_zeroshot": 40,
@@ -460,7 +510,7 @@ def test_clip_kill9_resume_is_bitwise(tmp_path):
                # few steps (from 1/0.07 = 14.3).
                "clip.beta_min": 13.0}
   ref, killed, term = _kill_and_resume(tmp_path, "clip_gap_coco.py:demo,ss,p=0.5",
-                                       overrides, total=24, kill_after=6)
+                                       overrides, total=24, kill_after=6, disk=disk)
   _assert_same_run(ref, killed, 24, term)
   rows = dict(train_rows(ref))
   # Swaps drawn at random (both outcomes occur); the per-step pattern after the resume
@@ -472,7 +522,7 @@ def test_clip_kill9_resume_is_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-def test_apc_kill9_resume_is_bitwise(tmp_path):
+def test_apc_kill9_resume_is_bitwise(disk, tmp_path):
   """APC (one stage: dropout draws from the step key; GMP turns into AKP before the kill,
   the segmentation loss and patch contrast switch on after it, by the step counter)."""
   overrides = {"data.num_train": 32, "data.num_train_eval": 8, "data.num_val": 8,
@@ -483,7 +533,7 @@ def test_apc_kill9_resume_is_bitwise(tmp_path):
                "apc.akp_warmup_steps": 3, "apc.seg_warmup_steps": 5,
                "apc.pcl_warmup_steps": 5}
   ref, killed, term = _kill_and_resume(tmp_path, "apc_voc.py:demo", overrides, total=8,
-                                       kill_after=4)
+                                       kill_after=4, disk=disk)
   _assert_same_run(ref, killed, 8, term)
   rows = dict(train_rows(ref))
   assert all(np.isfinite(rows[s]["train/loss_seg"]) for s in rows)
