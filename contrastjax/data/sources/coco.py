@@ -9,8 +9,9 @@ Layout (2017 release)::
 
 :func:`read_captions` checks everything up front and raises ``DatasetError`` naming the
 file, the key or the annotation id: malformed JSON, missing keys, an annotation of an
-unknown image, an empty caption, image files that are missing (all counted, a few
-named). Images without any caption are left out, with the count logged.
+unknown image, an empty caption, an image id listed twice, image files that are missing
+and image files the JSON does not list (all counted, a few named). Images without any
+caption are left out, with the count and a few names logged.
 
 Examples of :class:`CocoCaptionsSource`:
 
@@ -43,6 +44,10 @@ from contrastjax.errors import ConfigError
 #: OpenAI CLIP normalisation (``open_clip.constants.OPENAI_DATASET_MEAN/STD``).
 CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
+#: Image files an image folder is checked for (files the caption JSON must list).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+#: Pillow modes of 16/32-bit single-channel images (rejected by :func:`decode_image`).
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 @dataclasses.dataclass
@@ -82,11 +87,17 @@ def read_captions(root: str, split: str) -> CaptionIndex:
     if not isinstance(data.get(key), list):
       raise DatasetError(f"key {key!r} is missing or not a list", path=ann_path)
   files: dict[int, str] = {}
+  first: dict[int, int] = {}
   for n, img in enumerate(data["images"]):
     if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
       raise DatasetError(f"images[{n}] needs 'id' and 'file_name', got {img!r:.200}",
                          path=ann_path)
-    files[int(img["id"])] = str(img["file_name"])
+    image_id = int(img["id"])
+    if image_id in files:
+      raise DatasetError(f"images[{n}] repeats id {image_id} of images[{first[image_id]}] "
+                         f"({files[image_id]!r}); expected each image id once",
+                         path=ann_path, kind="duplicate_id")
+    files[image_id], first[image_id] = str(img["file_name"]), n
   captions: dict[int, list[str]] = {i: [] for i in files}
   for n, ann in enumerate(data["annotations"]):
     if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
@@ -110,9 +121,19 @@ def read_captions(root: str, split: str) -> CaptionIndex:
   if missing:
     raise DatasetError(f"{len(missing)} image(s) listed in {ann_path} are missing, e.g. "
                        f"{missing[:3]}", path=image_dir, kind="missing_file")
-  dropped = len(files) - len(ids)
+  # The official caption files list every image of their folder: an image file that the
+  # JSON does not list has no caption and would be silently unused.
+  unlisted = sorted(f for f in present - set(files.values())
+                    if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+  if unlisted:
+    raise DatasetError(f"{len(unlisted)} image file(s) in {image_dir} are not listed in "
+                       f"{ann_path}, e.g. {unlisted[:3]}; expected the official layout, "
+                       "whose caption file lists every image of its folder (move the others "
+                       "out)", path=image_dir, kind="unlisted_file")
+  dropped = [files[i] for i in sorted(files) if not captions[i]]
   if dropped:
-    logging.warning("%s: %d image(s) have no caption and are left out", ann_path, dropped)
+    logging.warning("%s: %d image(s) have no caption and are left out, e.g. %s", ann_path,
+                    len(dropped), dropped[:3])
   if not ids:
     raise DatasetError("no image with a caption", path=ann_path)
   return CaptionIndex(split, image_dir, [files[i] for i in ids], ids,
@@ -120,12 +141,25 @@ def read_captions(root: str, split: str) -> CaptionIndex:
 
 
 def decode_image(path: str) -> np.ndarray:
-  """RGB uint8 ``[H, W, 3]``; a clear error for an unreadable file."""
+  """RGB uint8 ``[H, W, 3]`` (grayscale, palette and RGBA converted, alpha dropped); a
+  clear error for an unreadable file and for a 16/32-bit one (``convert('RGB')`` would
+  clip its values to 255 without a word)."""
   try:
     with Image.open(path) as im:
+      args = im.tile[0].args if im.tile else None
+      raw = args if isinstance(args, str) else (
+          args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else "")
+      if im.mode in _WIDE_MODES or ";16" in raw:
+        raise DatasetError(f"image file {path} has 16/32-bit pixels (mode {im.mode}, raw "
+                           f"{raw or im.mode}); expected an 8-bit RGB or grayscale image",
+                           path=path, kind="bad_image")
       return np.asarray(im.convert("RGB"))
   except (OSError, ValueError) as e:
-    raise DatasetError(f"cannot decode image: {e}", path=path, kind="unreadable") from None
+    if isinstance(e, DatasetError):
+      raise
+    raise DatasetError(f"cannot decode image file {path} ({type(e).__name__}: {e}); "
+                       "expected a complete JPEG or PNG image", path=path,
+                       kind="unreadable") from None
 
 
 class CocoCaptionsSource:

@@ -19,6 +19,7 @@ Differences from the reference reader, all deliberate:
 * Masks are binarised to {0, 255} when read (see :func:`binarize_mask`); the reference keeps the
   raw JPEG values, which breaks instance-labelled GlaS masks (ConDSeg issue #18).
 * Every bad input raises :class:`~contrastjax.data.errors.DatasetError` naming the file.
+  Image or mask files that no split file of the root lists are named in a logged warning.
 
 Images are decoded with Pillow; EXIF orientation is applied (as ``cv2.imread`` does).
 """
@@ -30,6 +31,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -190,6 +192,41 @@ def _index_folder(folder: str, role: str) -> dict[str, list[str]]:
     if ext.lower() in IMAGE_EXTENSIONS:
       index[stem].append(name)
   return index
+
+
+def _listed_ids(root: str) -> set[str]:
+  """Every id of every ``<root>/*.txt`` split file (read leniently: a broken split file is
+  reported when that split is read, not here)."""
+  ids: set[str] = set()
+  for name in os.listdir(root):
+    if name.endswith('.txt'):
+      try:
+        with open(os.path.join(root, name), encoding='utf-8-sig') as f:
+          ids.update(line.strip() for line in f)
+      except (OSError, UnicodeDecodeError):
+        continue
+  return ids
+
+
+def _warn_unlisted(root: str, image_index: Mapping[str, list[str]],
+                   mask_index: Mapping[str, list[str]], mask_suffix: str,
+                   folders: tuple[str, str] = ('images', 'masks')) -> int:
+  """Logs a warning naming the image and mask files that no split file of ``root`` lists.
+
+  Such files are read by no split. The reference layouts list every file (e.g. Kvasir-SEG's
+  880 + 120 = 1000), but the official ISIC downloads also hold ``<id>_superpixels.png`` next
+  to the images, so an unlisted file is a warning, not an error. Returns their number.
+  """
+  listed = _listed_ids(root)
+  extra = sorted(f'{folders[0]}/{f}' for stem, files in image_index.items()
+                 if stem not in listed for f in files)
+  extra += sorted(f'{folders[1]}/{f}' for stem, files in mask_index.items()
+                  if (stem[:-len(mask_suffix)] if mask_suffix and stem.endswith(mask_suffix)
+                      else stem) not in listed for f in files)
+  if extra:
+    logging.warning('%s: %d image/mask file(s) are listed in no split file (%s/*.txt) and are '
+                    'read by no split; first: %s', root, len(extra), root, extra[:5])
+  return len(extra)
 
 
 def _lookup(index: Mapping[str, list[str]], folder: str, key: str, missing: list[str],
@@ -411,6 +448,8 @@ class MedSegSource:
     self.names: tuple[str, ...] = tuple(ids)
     self.image_paths: tuple[str, ...] = tuple(images)
     self.mask_paths: tuple[str, ...] = tuple(masks)
+    self.unlisted = _warn_unlisted(self.root, image_index, mask_index, mask_suffix,
+                                   (images_dir, masks_dir))
 
   def __len__(self) -> int:
     return len(self.names)

@@ -32,6 +32,7 @@ import numpy as np
 
 from contrastjax.data.builder import DatasetInfo, DataSpec
 from contrastjax.data.errors import DatasetError
+from contrastjax.errors import ConfigError
 from contrastjax.data.sources import voc as voc_lib
 from contrastjax.data.synthetic import scenes as scenes_lib
 from contrastjax.data.transforms import medseg as medseg_transforms
@@ -51,6 +52,10 @@ INFO = {
 }
 
 
+#: ``config.data.train_resize``: ToCo's random rescale and crop, or ViT-PCM's resize.
+TRAIN_RESIZE_MODES = ("crop", "resize")
+
+
 def _float_image(image: np.ndarray) -> np.ndarray:
   return np.asarray(image, np.float32)
 
@@ -61,8 +66,9 @@ class WSSSTrainAugment(grain.transforms.RandomMap):
 
   def __init__(self, crop_size: int, mode: str = "crop",
                scale_range: tuple[float, float] = (0.5, 2.0), flip_prob: float = 0.5):
-    if mode not in ("crop", "resize"):
-      raise ValueError(f"config.data.train_resize={mode!r}; expected 'crop' or 'resize'")
+    if mode not in TRAIN_RESIZE_MODES:
+      raise ConfigError(f"config.data.train_resize={mode!r}; expected one of "
+                        f"{TRAIN_RESIZE_MODES}")
     self.crop, self.mode = int(crop_size), mode
     self.scale_range, self.flip_prob = tuple(scale_range), float(flip_prob)
 
@@ -125,6 +131,12 @@ def _spec(sources: dict[str, Any], dcfg, info: DatasetInfo) -> DataSpec:
 
 
 def _root(dcfg, what: str) -> str:
+  """``config.data.root`` expanded; also checks ``train_resize`` first, so that a typo
+  there is named before the dataset is indexed."""
+  mode = str(dcfg.get("train_resize", "crop"))
+  if mode not in TRAIN_RESIZE_MODES:
+    raise ConfigError(f"config.data.train_resize={mode!r}; expected one of "
+                      f"{TRAIN_RESIZE_MODES}")
   root = os.path.expandvars(os.path.expanduser(str(dcfg.get("root", ""))))
   if not root or "$" in root:
     raise DatasetError(f"config.data.root={dcfg.get('root')!r}: set it to the {what} folder, "
