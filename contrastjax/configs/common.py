@@ -35,10 +35,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
         raise ConfigError(f"config argument {key}={value!r}: expected true/false")
       out[key] = value.lower() in ("1", "true", "yes")
-    elif isinstance(default, int):
-      out[key] = int(value)
-    elif isinstance(default, float):
-      out[key] = float(value)
+    elif isinstance(default, (int, float)):
+      kind = type(default)
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ConfigError(f"config argument {key}={value!r}: expected "
+                          f"{'an integer' if kind is int else 'a number'}") from None
     else:
       out[key] = value
   return out

@@ -23,6 +23,7 @@ import ml_collections
 
 from contrastjax.configs.common import parse_arg
 from contrastjax.data.sources.medseg import DATASETS
+from contrastjax.errors import ConfigError
 
 # Reference defaults of the model (network/model.py); the demo shrinks them. The demo
 # keeps 2 CDFA heads of 8 channels (the reference: 4 of 32): with 4 heads of 4 channels
@@ -37,7 +38,7 @@ DEMO_MODEL = dict(stage_sizes=(1, 1, 1), stem_width=16, base_width=16, dim=16,
 def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Builds the config for ``dataset`` (a key of ``contrastjax.data.sources.medseg.DATASETS``)."""
   if dataset not in DATASETS:
-    raise ValueError(f"dataset {dataset!r} is not known; expected one of {sorted(DATASETS)}")
+    raise ConfigError(f"dataset {dataset!r} is not known; expected one of {sorted(DATASETS)}")
   a = parse_arg(arg, stage1=False, paper=False, demo=False, init_from="", root="",
                 backbone="")
   c = ml_collections.ConfigDict()

@@ -95,6 +95,10 @@ class ConDSegOptions:
                         f"accepts {sorted(accepted)}")
 
 
+#: ``config.condseg`` keys only stage 1 (Consistency Reinforcement) reads.
+STAGE1_ONLY = ("consistency_weight", "strong_aug")
+
+
 def build_model(model_cls: type, model_cfg: Mapping[str, Any]):
   """Instantiates ``model_cls`` from ``config.model`` (``name`` ignored).
 
@@ -235,6 +239,15 @@ class ConDSegMethod(_ConDSegBase):
 
   name = "condseg"
   model_cls = condseg_model.ConDSeg
+
+  def __init__(self, config, run=None):
+    super().__init__(config, run)
+    # Stage-1 options given to stage 2 would be silently unused.
+    given = sorted(k for k in STAGE1_ONLY if k in (config.condseg or {}))
+    if given:
+      raise ConfigError(f"config.condseg.{given[0]} ({given}) is a stage-1 option "
+                        f"(config.method='condseg_stage1'); config.method={self.name!r} "
+                        "(stage 2) does not use it: remove it, or train stage 1")
 
   def _loss_cfg(self) -> dict[str, bool]:
     return {"double_sigmoid": self.double_sigmoid, "beta_per_image": self.beta_per_image}

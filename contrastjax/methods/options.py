@@ -56,7 +56,17 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         return _convert(value, a, where)
       except ConfigError as e:
         errors.append(str(e))
-    raise ConfigError(errors[0] if errors else f"{where}={value!r}: unexpected None")
+    if not errors:
+      raise ConfigError(f"{where}={value!r}: unexpected None")
+    # One message naming every accepted type ("expected a string or an integer"), unless
+    # an error is about an element (config.x.y[0]), which then names it.
+    head = f"{where}={value!r}: expected "
+    if all(e.startswith(head) for e in errors):
+      accepted = [e[len(head):] for e in errors]
+      if type(None) in args:
+        accepted.append("None")
+      raise ConfigError(head + " or ".join(accepted))
+    raise ConfigError(errors[0])
   if hint is Any:
     return value
   if origin is tuple:

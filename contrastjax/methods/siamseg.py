@@ -187,6 +187,13 @@ class SiamSegMethod(Method):
     self.pretrained, self.pretrained_kind = o.pretrained, o.pretrained_kind
     self.pretrained_prefix = o.pretrained_prefix
     self.init_from, self.init_from_which = o.init_from, o.init_from_which
+    groups = (config.get("optimizer", None) or {}).get("groups", None) or ()
+    frozen = [i for i, g in enumerate(groups) if hasattr(g, "get") and g.get("frozen", False)]
+    if frozen and self.backward != "joint":
+      # Named here, before any compilation (value_and_grad checks it again).
+      raise ConfigError(f"config.optimizer.groups[{frozen[0]}].frozen=True needs "
+                        f"config.siamseg.backward='joint', got {self.backward!r} (the "
+                        "per-loss backward differentiates every parameter)")
 
     from contrastjax.models import daformer  # pylint: disable=g-import-not-at-top
     self.net = build_net(daformer.SiamSegNet, config.model, self.num_classes,
