@@ -42,8 +42,7 @@ def _glas_labels() -> np.ndarray:
   return lab
 
 
-@pytest.fixture
-def dataset(tmp_path: pathlib.Path) -> pathlib.Path:
+def make_dataset(tmp_path: pathlib.Path) -> pathlib.Path:
   """Official layout: jpg (Kvasir-like 3-channel JPEG mask), png, bmp (GlaS-like labels)."""
   root = tmp_path / 'Kvasir-SEG'
   disc = np.where(_disc(), 255, 0).astype(np.uint8)
@@ -57,6 +56,11 @@ def dataset(tmp_path: pathlib.Path) -> pathlib.Path:
   (root / 'train.txt').write_text('a\n\n  b  \nc')
   (root / 'val.txt').write_text('b\n')
   return root
+
+
+@pytest.fixture
+def dataset(tmp_path: pathlib.Path) -> pathlib.Path:
+  return make_dataset(tmp_path)
 
 
 def test_reads_all_formats_and_keeps_last_line(dataset):
