@@ -66,3 +66,94 @@ def test_two_process_run_equals_single_process(tmp_path):
   for x, y in zip(jax.tree.leaves((a["params"], a["model_state"])),
                   jax.tree.leaves((b["params"], b["model_state"]))):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- each method
+# Shrunk demo runs of each method through the command line: 2 steps, an evaluation at step
+# 2 on an odd number of images (padded batches: the evaluators must drop the padding on
+# every process), batches of 8 (one example per device of the 2 x 4).
+_SEG = {"data.num_train": 16, "data.num_val": 13, "data.image_size": 32, "batch_size": 8,
+        "eval_batch_size": 8, "total_steps": 2, "ckpt_every_steps": 2,
+        "eval_every_steps": 2, "log_every_steps": 1, "optimizer.warmup_steps": 1}
+_METHOD_RUNS = {
+    "condseg": ("condseg_kvasir.py:demo,stage1",
+                dict(_SEG, **{"data.num_test": 8, "data.source_size": 32})),
+    "siamseg": ("siamseg_loveda.py:demo",
+                dict(_SEG, **{"data.num_target_train": 16, "siamseg.pseudo_threshold": 0.1,
+                              "progress_bar": False,
+                              "evals.source_val.split": "val",
+                              "evals.source_val.with_loss": True})),
+    "clip": ("clip_gap_coco.py:demo,ss,p=0.5",
+             {"data.num_train": 64, "data.num_val": 27, "data.num_zeroshot": 20,
+              "batch_size": 16, "eval_batch_size": 8, "total_steps": 2,
+              "ckpt_every_steps": 2, "eval_every_steps": 2, "log_every_steps": 1,
+              "optimizer.warmup_steps": 1, "evals.val.gap_pairs": 16,
+              "progress_bar": False}),
+    "apc": ("apc_voc.py:demo",
+            {"data.num_train": 16, "data.num_train_eval": 8, "data.num_val": 13,
+             "data.image_size": 32, "data.crop_size": 32, "data.eval_size": 32,
+             "model.img_size": 32, "batch_size": 8, "eval_batch_size": 8,
+             "total_steps": 2, "ckpt_every_steps": 2, "eval_every_steps": 2,
+             "log_every_steps": 1, "optimizer.warmup_steps": 1, "apc.akp_warmup_steps": 0,
+             "apc.seg_warmup_steps": 0, "apc.pcl_warmup_steps": 0}),
+}
+
+
+def _train_cli(workdir, config, overrides, devices, env_extra=None):
+  env = _env()
+  env["CONTRASTJAX_COMPILATION_CACHE"] = "0"
+  env.update(env_extra or {})
+  return subprocess.Popen(
+      [sys.executable, "-m", "contrastjax.train",
+       f"--config={os.path.join(REPO, 'configs', config)}", f"--workdir={workdir}",
+       f"--jax_num_cpu_devices={devices}",
+       *[f"--config.{k}={v}" for k, v in overrides.items()]],
+      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(_METHOD_RUNS))
+def test_each_method_on_two_processes_equals_one_device(tmp_path, method):
+  """``python -m contrastjax.train`` as one process on 1 device, and as 2 processes of 4
+  devices joined over loopback (``CONTRASTJAX_COORDINATOR`` & co., as a launcher sets
+  them): the same per-step loss terms and gradient norm (a wrong gradient scale or a
+  batch term computed per process would move them), and the same evaluation metrics,
+  every one of them, over all validation images (none dropped or counted twice)."""
+  config, overrides = _METHOD_RUNS[method]
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  p = _train_cli(single, config, overrides, 1)
+  _, err = p.communicate(timeout=900)
+  assert p.returncode == 0, err[-4000:]
+  addr = f"127.0.0.1:{_free_port()}"
+  procs = [_train_cli(multi, config, overrides, 4, {
+      "CONTRASTJAX_COORDINATOR": addr, "CONTRASTJAX_NUM_PROCESSES": "2",
+      "CONTRASTJAX_PROCESS_ID": str(i)}) for i in range(2)]
+  errs = [pr.communicate(timeout=900)[1] for pr in procs]
+  for pr, e in zip(procs, errs):
+    assert pr.returncode == 0, e[-4000:]
+  assert "(2 processes)" in errs[0]  # the mesh line: it did run as 2 processes
+  r1 = metric_writer.read_metrics(str(single / "metrics.jsonl"))
+  r2 = metric_writer.read_metrics(str(multi / "metrics.jsonl"))
+  timing = ("train/images_per_sec", "train/elapsed_s")
+  assert [r["step"] for r in r1] == [r["step"] for r in r2]
+  train_keys, eval_values = 0, {}
+  for a, b in zip(r1, r2):
+    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
+    for k in a:
+      if k == "step" or k in timing or k.endswith("eval_seconds"):
+        continue
+      if k.startswith("train/"):
+        train_keys += k.startswith("train/loss") or k == "train/grad_norm"
+        np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-7,
+                                   err_msg=f"step {a['step']} {k}")
+      else:  # evaluation metrics: a thresholded pixel may flip, nothing more
+        eval_values[k] = a[k]
+        # NaN (e.g. the IoU of a class absent from the split) is written as "nan"
+        np.testing.assert_allclose(float(b[k]), float(a[k]), rtol=1e-4, atol=2e-3,
+                                   err_msg=f"step {a['step']} {k}")
+  assert train_keys >= 4 and len(eval_values) >= 3, (train_keys, eval_values)
+  counts = [v for k, v in eval_values.items() if k.endswith(("num_images", "num_pairs"))]
+  sizes = {v for k, v in overrides.items()  # the evaluated splits' sizes
+           if k.startswith("data.num_") and k not in ("data.num_train",
+                                                      "data.num_target_train")}
+  assert counts and set(counts) <= sizes, (counts, sizes)  # every image once

@@ -12,6 +12,8 @@ The contract, for a new evaluator type (register it with :func:`register`):
   a fresh iterator of padded local batches with ``valid``, ``reduce_fn`` the cross-process
   sum of a dict of numbers;
 * ``run() -> Iterator[(metric name, float)]``;
+* ``loss_fn(batch)`` is the loss of the *global* batch, the same number on every process:
+  count it with :func:`counts_batch_loss`, so that the cross-process sum counts it once;
 * optionally ``pictures() -> {tag: uint8 image}`` after ``run()`` (TensorBoard and
   ``<workdir>/samples/``), and a class attribute ``pipeline_batches = True`` when ``run()``
   hands the pipeline's batches to ``predict_fn`` unchanged (the trainer then compiles the
@@ -25,6 +27,9 @@ import importlib
 import inspect
 from typing import Callable
 
+import jax
+import numpy as np
+
 from contrastjax.errors import ConfigError
 
 _REGISTRY = {
@@ -36,6 +41,18 @@ _REGISTRY = {
 }
 # Keys of an eval config consumed by the trainer, not passed to the evaluator.
 _GENERIC_KEYS = ("type", "split", "prefix", "with_loss", "every_steps")
+
+
+def counts_batch_loss(valid) -> bool:
+  """Whether this process adds the batch's loss to its ``loss_sum``/``loss_batches``.
+
+  The evaluation loss is the loss of the global batch (one compiled step over every
+  process's rows), so each process holds the same value; summed over processes it would
+  count ``process_count`` times, and batches whose valid rows sit on fewer processes (the
+  last one) would weigh less. Process 0 counts it, if the global batch has a valid row:
+  ``eval_batches`` gives process 0 the first rows of every global batch, so its local
+  ``valid.any()`` is the global one. On one process: ``valid.any()``, as before."""
+  return jax.process_index() == 0 and bool(np.asarray(valid).any())
 
 
 def register(name: str, target: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from contrastjax.evaluators import counts_batch_loss
 from contrastjax.evaluators import pictures as pictures_lib
 
 _SMOOTH = 1e-15
@@ -201,9 +202,9 @@ class BinarySegEvaluator:
         sums["num_images"] += float(valid.sum())
         if self.original_resolution:
           self._add_original_resolution(sums, batch, prob, valid)
-        if self.loss_fn is not None:
-          sums["loss_sum"] += loss
-          sums["loss_batches"] += 1.0
+      if self.loss_fn is not None and counts_batch_loss(valid):
+        sums["loss_sum"] += loss
+        sums["loss_batches"] += 1.0
       self._pictures.add(batch, gt, prob, valid)
       if self.on_batch is not None:
         self.on_batch(batch, outputs)

@@ -34,6 +34,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 import jax
 import numpy as np
 
+from contrastjax.evaluators import counts_batch_loss
+
 RECALL_KS = (1, 5, 10)
 
 
@@ -86,12 +88,24 @@ def random_pairs(n: int, k: int, seed: int) -> np.ndarray:
 
 # ============================================================================ collection
 def _allgather_rows(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Concatenates every process's rows (identity on one process)."""
+  """Concatenates every process's rows (identity on one process).
+
+  Processes hold different numbers of valid rows whenever the split does not divide
+  evenly (27 pairs over 2 processes: 14 and 13), and an all-gather needs one shape: each
+  process pads its rows to the largest count, the padding is dropped after the gather."""
   if jax.process_count() == 1:
     return arrays
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  gathered = multihost_utils.process_allgather(arrays)
-  return {k: np.asarray(v).reshape((-1,) + np.asarray(v).shape[2:])
+  n_local = {len(v) for v in arrays.values()}
+  if len(n_local) != 1:
+    raise ValueError(f"rows to gather differ in length: { {k: len(v) for k, v in arrays.items()} }")
+  counts = np.asarray(multihost_utils.process_allgather(
+      np.asarray(n_local.pop(), np.int64))).reshape(-1)
+  most = int(counts.max())
+  padded = {k: np.concatenate([v, np.zeros((most - len(v),) + v.shape[1:], v.dtype)])
+            for k, v in arrays.items()}
+  gathered = multihost_utils.process_allgather(padded)  # [processes, most, ...]
+  return {k: np.concatenate([np.asarray(v)[i, :c] for i, c in enumerate(counts)])
           for k, v in gathered.items()}
 
 
@@ -164,7 +178,7 @@ class RetrievalEvaluator:
       yield batch
       if self.loss_fn is not None:  # after predict_fn on this batch: reuses its result
         loss = float(self.loss_fn(batch))
-        if np.asarray(batch["valid"]).any():
+        if counts_batch_loss(batch["valid"]):
           sums["loss_sum"] += loss
           sums["loss_batches"] += 1.0
 

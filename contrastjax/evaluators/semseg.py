@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from contrastjax.evaluators import counts_batch_loss
 from contrastjax.evaluators import pictures as pictures_lib
 
 IGNORE_INDEX = 255
@@ -237,9 +238,9 @@ class SemSegEvaluator:
         sums['areas'] += intersect_and_union(pred[valid], label[valid], self.num_classes,
                                              self.ignore_index)
         sums['num_images'] += float(valid.sum())
-        if self.loss_fn is not None:
-          sums['loss_sum'] += loss
-          sums['loss_batches'] += 1.0
+      if self.loss_fn is not None and counts_batch_loss(valid):
+        sums['loss_sum'] += loss
+        sums['loss_batches'] += 1.0
       self._pictures.add(batch, label, pred, valid)
       if self.on_batch is not None:
         self.on_batch(batch, outputs)
