@@ -34,6 +34,7 @@ from __future__ import annotations
 import ml_collections
 
 from contrastjax.configs.common import parse_arg
+from contrastjax.configs.common import trainer_defaults
 from contrastjax.data import builder as data_builder
 from contrastjax.errors import ConfigError
 from contrastjax.methods import options
@@ -126,7 +127,7 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
                         f"variant {variant!r} has no decoder (expected apc or supervised)")
     c.evals.val_crf = dict(c.evals.val.to_dict(), output_key="seg_prob", postprocess="crf",
                            with_loss=False)
-  return c
+  return trainer_defaults(c)
 
 
 def _demo(c: ml_collections.ConfigDict, variant: str, recipe: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from contrastjax.configs.common import parse_arg
+from contrastjax.configs.common import trainer_defaults
 from contrastjax.methods.clip import optimizer_groups
 
 COCO_TRAIN2017_PAIRS = 591_753   # captions_train2017.json annotations (5-7 per image)
@@ -117,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   spe = c.clip.schedule_steps_per_epoch = (
       0 if a.demo else steps_per_epoch)     # [paper] tau changes per epoch
   _recipe(c, recipe, a, spe)
-  return c
+  return trainer_defaults(c)
 
 
 def _recipe(c, recipe: str, a, spe: int) -> None:

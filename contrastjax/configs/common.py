@@ -45,3 +45,26 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = value
   return out
+
+
+#: The trainer's own switches (``contrastjax/train.py`` reads them with these defaults).
+#: Every method's config defines them, so each can be set on the command line
+#: (``--config.progress_bar=false`` in a Slurm log); none changes what is computed.
+TRAINER_DEFAULTS = dict(
+    progress_bar=True,         # tqdm bar over the steps
+    tensorboard=True,          # TensorBoard events beside metrics.jsonl
+    plot_curves=True,          # curves.png at the end of the run
+    eval_samples=4,            # prediction pictures per evaluation
+    keep_checkpoints=3,        # rolling checkpoints kept (the best is kept apart)
+    async_checkpointing=True,  # save in the background while training goes on
+    compile_ahead=True,        # compile the train/eval steps while the state initialises
+    xnn_fusion=True,           # CPU only: XNNPACK graph fusion (see platform.py)
+)
+
+
+def trainer_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds each of :data:`TRAINER_DEFAULTS` that ``c`` does not set; returns ``c``."""
+  for key, value in TRAINER_DEFAULTS.items():
+    if key not in c:
+      c[key] = value
+  return c

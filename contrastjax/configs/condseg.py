@@ -22,6 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 from contrastjax.configs.common import parse_arg
+from contrastjax.configs.common import trainer_defaults
 from contrastjax.data.sources.medseg import DATASETS
 from contrastjax.errors import ConfigError
 
@@ -142,4 +143,4 @@ def get_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.log_every_steps = 20
     c.ckpt_every_steps = 200
     c.xnn_fusion = False             # 0.20 s instead of 0.25 s per step at 64x64
-  return c
+  return trainer_defaults(c)

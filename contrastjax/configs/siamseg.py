@@ -30,6 +30,7 @@ from __future__ import annotations
 import ml_collections
 
 from contrastjax.configs.common import parse_arg
+from contrastjax.configs.common import trainer_defaults
 from contrastjax.data import builder as data_builder
 from contrastjax.errors import ConfigError
 
@@ -222,4 +223,4 @@ def get_config(family: str, arg: str | None = None) -> ml_collections.ConfigDict
                  class_names=list(aerial.classes), with_loss=True),
         source_val=dict(type="semseg", split="source_val", num_classes=aerial.num_classes,
                         class_names=list(aerial.classes), with_loss=False)))
-  return c
+  return trainer_defaults(c)
