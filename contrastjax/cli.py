@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging as std_logging
 import re
 import sys
+import threading
 import traceback
 from typing import Callable, Sequence
 
@@ -154,31 +155,40 @@ class _DropClosedLoopTracebacks:
 
   def __init__(self, stream):
     self._stream = stream
-    self._pending = ""            # an incomplete line that may start a traceback
-    self._held: list[str] | None = None
+    # Per writing thread: an incomplete line that may start a traceback, and the lines of
+    # a traceback being held. Tensorstore's threads print their tracebacks at the same
+    # time, piece by piece; one buffer for all would splice them into each other.
+    self._threads: dict[int, tuple[str, list[str] | None]] = {}
+    self._lock = threading.Lock()
 
   def write(self, text: str) -> int:
-    self._pending += text
-    out = []
-    while "\n" in self._pending:
-      line, self._pending = self._pending.split("\n", 1)
-      line += "\n"
-      if self._held is None:
-        if line == _TRACEBACK:
-          self._held = [line]
+    with self._lock:
+      pending, held = self._threads.get(threading.get_ident(), ("", None))
+      pending += text
+      out = []
+      while "\n" in pending:
+        line, pending = pending.split("\n", 1)
+        line += "\n"
+        if held is None:
+          if line == _TRACEBACK:
+            held = [line]
+          else:
+            out.append(line)
         else:
-          out.append(line)
+          held.append(line)
+          if not line.startswith(" "):  # the exception line ends the block
+            if line.strip() != "RuntimeError: Event loop is closed":
+              out.extend(held)
+            held = None
+      if held is None and pending and not _TRACEBACK.startswith(pending):
+        out.append(pending)
+        pending = ""
+      if pending or held is not None:
+        self._threads[threading.get_ident()] = (pending, held)
       else:
-        self._held.append(line)
-        if not line.startswith(" "):  # the exception line ends the block
-          if line.strip() != "RuntimeError: Event loop is closed":
-            out.extend(self._held)
-          self._held = None
-    if self._held is None and self._pending and not _TRACEBACK.startswith(self._pending):
-      out.append(self._pending)
-      self._pending = ""
-    if out:
-      self._stream.write("".join(out))
+        self._threads.pop(threading.get_ident(), None)
+      if out:
+        self._stream.write("".join(out))
     return len(text)
 
   def flush(self) -> None:

@@ -577,3 +577,31 @@ def test_read_only_and_uncreatable_workdirs_exit_5_naming_the_path(readonly_moun
   with pytest.raises(workdir_lib.WorkdirError,
                      match=f"cannot create the workdir {parent / 'run'}: .*Not a directory"):
     train_lib.train_and_evaluate(_toy.toy_config(), str(parent / "run"))
+
+
+def test_stderr_filter_keeps_each_threads_traceback_apart():
+  """Tensorstore's threads print their closed-loop tracebacks at the same time, piece by
+  piece (seen after a full disk in SiamSeg's run): each thread's pieces are joined on
+  their own, so every such traceback is dropped and nothing else is."""
+  import io  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from contrastjax import cli  # pylint: disable=g-import-not-at-top
+  sink = io.StringIO()
+  f = cli._DropClosedLoopTracebacks(sink)  # pylint: disable=protected-access
+  pieces = ["Traceback (most recent call last):\n",
+            '  File "base_events.py", line 806, in call_soon_threadsafe\n',
+            "    self._check_closed()\n", "RuntimeError", ": Event loop is closed", "\n"]
+  barriers = [threading.Barrier(4) for _ in pieces]
+
+  def printer(name):
+    for piece, barrier in zip(pieces, barriers):
+      barrier.wait()  # every thread writes piece k before any writes piece k + 1
+      f.write(piece)
+    f.write(f"kept {name}\n")
+
+  threads = [threading.Thread(target=printer, args=(i,)) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert sorted(sink.getvalue().splitlines()) == [f"kept {i}" for i in range(4)]

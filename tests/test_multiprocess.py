@@ -101,7 +101,7 @@ _METHOD_RUNS = {
 
 def _train_cli(workdir, config, overrides, devices, env_extra=None):
   env = _env()
-  env["CONTRASTJAX_COMPILATION_CACHE"] = "0"
+  env["CONTRASTJAX_COMPILATION_CACHE"] = str(workdir.parent / "xla_cache")
   env.update(env_extra or {})
   return subprocess.Popen(
       [sys.executable, "-m", "contrastjax.train",
@@ -121,7 +121,7 @@ def test_each_method_on_two_processes_equals_one_device(tmp_path, method):
   every one of them, over all validation images (none dropped or counted twice)."""
   config, overrides = _METHOD_RUNS[method]
   single, multi = tmp_path / "single", tmp_path / "multi"
-  p = _train_cli(single, config, overrides, 1)
+  p = _train_cli(single, config, overrides, 8)
   _, err = p.communicate(timeout=900)
   assert p.returncode == 0, err[-4000:]
   addr = f"127.0.0.1:{_free_port()}"
