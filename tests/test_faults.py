@@ -126,7 +126,7 @@ def test_update_that_makes_parameters_non_finite_is_never_saved(tmp_path, total)
   cfg = _toy.toy_config(total_steps=total, ckpt_every_steps=1)
   cfg.optimizer.lr = 1e39
   with pytest.raises(train_lib.DivergenceError) as e:
-    train_lib.train_and_evaluate(cfg, workdir)
+    train_lib.train_and_evaluate(cfg, workdir, allow_config_change=True)
   text = str(e.value)
   assert "at step 7" in text and "param_norm=" in text and "last good checkpoint is step 6" in text
   assert _steps(tmp_path / "checkpoints") == [3, 6]
@@ -148,10 +148,11 @@ def test_restoring_a_non_finite_checkpoint_is_a_named_error(tmp_path, monkeypatc
     m.setattr(train_lib.spine, "state_is_finite", lambda state: True)
     bad = _toy.toy_config(total_steps=4, ckpt_every_steps=1, eval_every_steps=0)
     bad.optimizer.lr = 1e39
-    train_lib.train_and_evaluate(bad, str(tmp_path))
+    train_lib.train_and_evaluate(bad, str(tmp_path), allow_config_change=True)
   assert not all(np.isfinite(x).all() for x in _variables(tmp_path, 4))
   with pytest.raises(train_lib.DivergenceError, match=r"checkpoint 4 .*non-finite.*delete"):
-    train_lib.train_and_evaluate(_toy.toy_config(total_steps=6), str(tmp_path))
+    train_lib.train_and_evaluate(_toy.toy_config(total_steps=6), str(tmp_path),
+                                 allow_config_change=True)
 
 
 def test_cli_divergence_exit_code_and_one_line(tmp_path):

@@ -84,7 +84,8 @@ def test_early_stopping_ties_patience_best_and_resume(tmp_path, mode):
   assert first["step"] == 8 and first["stop_reason"] is None
   assert loop_state(split, 8)["bad_evals"] == 1
   assert loop_state(split, 8)["best_step"] == 4
-  second = train_lib.train_and_evaluate(cfg(20), str(split))
+  # extended to 20 steps: a changed config, continued on purpose
+  second = train_lib.train_and_evaluate(cfg(20), str(split), allow_config_change=True)
   assert second["step"] == 12 and second["stop_reason"] == result["stop_reason"]
   assert (second["best_step"], second["best_value"]) == (4, sign * 0.5)
   assert steps(split / "best") == [4]
