@@ -131,21 +131,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return _train_and_evaluate(config, workdir, mesh, allow_config_change)
 
 
-def _check_resumed_config(config, workdir: str, resume_step: int, allow: bool) -> None:
-  """Process 0 compares the config with the workdir's; every process stops if it differs."""
+def _on_process_0(fn, catch: type[Exception], elsewhere: Exception) -> None:
+  """Runs ``fn`` on process 0; if it raises ``catch`` every process stops: process 0 with
+  its error, the others with ``elsewhere`` (their logs point to process 0's)."""
   error = None
   if jax.process_index() == 0:
     try:
-      workdir_lib.check_resumed_config(workdir, config.to_json_best_effort(), resume_step,
-                                       allow_change=allow)
-    except errors.ConfigError as e:
+      fn()
+    except catch as e:  # pylint: disable=broad-except
       error = e
   if jax.process_count() > 1 and parallel.process_any(error is not None) and error is None:
-    error = errors.ConfigError(
-        f"process 0 found that the workdir {workdir} holds checkpoints of another config; "
-        "its log names the keys")
+    error = elsewhere
   if error is not None:
     raise error
+
+
+def _check_resumed_config(config, workdir: str, resume_step: int, allow: bool) -> None:
+  """Process 0 compares the config with the workdir's; every process stops if it differs."""
+  _on_process_0(
+      lambda: workdir_lib.check_resumed_config(workdir, config.to_json_best_effort(),
+                                               resume_step, allow_change=allow),
+      errors.ConfigError,
+      errors.ConfigError(f"process 0 found that the workdir {workdir} holds checkpoints of "
+                         "another config; its log names the keys"))
 
 
 class _locked:
@@ -156,18 +164,9 @@ class _locked:
     self.lock = workdir_lib.WorkdirLock(workdir)
 
   def __enter__(self):
-    error = None
-    if jax.process_index() == 0:
-      try:
-        self.lock.acquire()
-      except workdir_lib.WorkdirError as e:
-        error = e
-    if jax.process_count() > 1 and parallel.process_any(error is not None) and error is None:
-      error = workdir_lib.WorkdirBusyError(
-          f"process 0 could not take the lock of the workdir {self.lock.workdir}; its "
-          "log says why")
-    if error is not None:
-      raise error
+    _on_process_0(self.lock.acquire, workdir_lib.WorkdirError, workdir_lib.WorkdirBusyError(
+        f"process 0 could not take the lock of the workdir {self.lock.workdir}; its log "
+        "says why"))
     return self
 
   def __exit__(self, *exc):

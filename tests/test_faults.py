@@ -287,16 +287,22 @@ def test_lock_held_by_a_live_process_and_by_another_host(tmp_path):
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
   """A 2 MiB tmpfs (needs root; skipped where mounting is not allowed)."""
-  mnt = tmp_path / "tmpfs"
-  mnt.mkdir()
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                     capture_output=True, text=True)
-  if r.returncode != 0:
-    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  mnt = _mount_tmpfs(tmp_path / "tmpfs", "2m")
   try:
     yield mnt
   finally:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _mount_tmpfs(mnt, size):
+  """Mounts a tmpfs of ``size`` on the new folder ``mnt`` (skips the test where mounting
+  is not allowed: it needs root)."""
+  mnt.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                     capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  return mnt
 
 
 @pytest.mark.slow
@@ -546,12 +552,7 @@ def readonly_mount(tmp_path):
   chmod would not stop it; skipped where mounting is not allowed)."""
   src = tmp_path / "run"
   train_lib.train_and_evaluate(_toy.toy_config(total_steps=3, tensorboard=False), str(src))
-  mnt = tmp_path / "ro"
-  mnt.mkdir()
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                     capture_output=True, text=True)
-  if r.returncode != 0:
-    pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+  mnt = _mount_tmpfs(tmp_path / "ro", "8m")
   try:
     shutil.copytree(src, mnt / "run")
     subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
