@@ -229,3 +229,72 @@ def test_configs_load_variants_and_reject_typos(name):
     assert t.data.target == "Potsdam_RGB_DA" and t.eval_every_steps == 500
     with pytest.raises(ValueError, match="ISPRS task"):
       mod.get_config("task=loveda_rural2urban")
+
+
+@pytest.mark.slow  # one compilation of the loss and its terms run eagerly
+def test_full_loss_equals_an_independent_composition_of_its_terms():
+  """The SiamSeg loss (source CE + pseudo-label-weighted ClassMix CE + weighted SimSiam)
+  against a composition outside the method: the CE terms with torch's ``cross_entropy``
+  (class weights, pixel weights, mmseg's mean over all pixels) on logits upsampled by
+  torch's bilinear ``interpolate``, the pseudo-labels and their confidence weight in
+  NumPy, the mixed labels and weights by NumPy ``where``, SimSiam with torch's cosine
+  similarity. The model passes, ClassMix masks, strong transform and views are the
+  method's (each tested against its reference elsewhere), drawn from the same keys."""
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  from contrastjax.augment import views  # pylint: disable=g-import-not-at-top
+  from contrastjax.methods import dacs  # pylint: disable=g-import-not-at-top
+  weight_c = 0.7
+  method = S.SiamSegMethod(_config(contrastive_weight=weight_c))
+  batch = jax.tree.map(jnp.asarray, _batch(4))
+  params, state, extra = method.init(jax.random.PRNGKey(0), batch)
+  rng = jax.random.PRNGKey(3)
+  xs, ys = batch["source"]["image"], np.asarray(batch["source"]["label"], np.int64)
+  xt = batch["target"]["image"]
+  keys = jax.random.split(rng, 8)
+  cw = torch.tensor(method.class_weight, dtype=torch.float32)
+  assert not method.avg_non_ignore  # mmseg 0.21: the mean over all pixels
+
+  def ce(logits, labels, pixel_weight=None):
+    t = torch.from_numpy(np.array(logits, np.float32)).permute(0, 3, 1, 2)
+    up = F.interpolate(t, size=labels.shape[1:], mode="bilinear", align_corners=False)
+    per = F.cross_entropy(up, torch.from_numpy(labels), weight=cw, reduction="none",
+                          ignore_index=255)
+    if pixel_weight is not None:
+      per = per * torch.from_numpy(pixel_weight.astype(np.float32))
+    return per.mean().item()
+
+  logits_s, st = method._segment(params, state, xs, train=True, rng=keys[0])  # pylint: disable=protected-access
+  loss_src = ce(logits_s, ys)
+  t_logits, _ = method._segment(extra["teacher"], st, xt, train=True, deterministic=True)  # pylint: disable=protected-access
+  t_up = F.interpolate(torch.from_numpy(np.array(t_logits)).permute(0, 3, 1, 2),
+                       size=ys.shape[1:], mode="bilinear", align_corners=False)
+  probs = torch.softmax(t_up, dim=1).numpy()
+  # The threshold at the median confidence of this (random) teacher: a weight strictly
+  # between 0 and 1 (the parameters do not depend on the threshold).
+  threshold = float(np.median(probs.max(1)))
+  method = S.SiamSegMethod(_config(pseudo_threshold=threshold, contrastive_weight=weight_c))
+  total, (_, metrics) = jax.jit(method.loss_fn)(params, state, extra, batch, rng,
+                                                jnp.asarray(5))
+  pseudo, confident = probs.argmax(1), probs.max(1) >= threshold
+  weight = confident.mean()
+  assert 0.0 < weight < 1.0, weight
+  mask = np.asarray(dacs.class_mix_masks(keys[1], batch["source"]["label"].astype(jnp.int32),
+                                         method.num_classes, method.classmix_scope, 0))
+  mixed = views.strong_transform(keys[2], dacs.class_mix(jnp.asarray(mask), xs, xt),
+                                 **method.strong)
+  logits_m, st = method._segment(params, st, mixed, train=True, rng=keys[3])  # pylint: disable=protected-access
+  loss_mix = ce(logits_m, np.where(mask > 0, ys, pseudo),
+                np.where(mask > 0, 1.0, weight))
+  q, k = views.siamseg_views(jax.random.fold_in(keys[4], 0), xt, **method.view_kwargs)
+  p1, p2, z1, z2, _ = method._simsiam(params, st, q, k, jax.random.fold_in(keys[5], 0))  # pylint: disable=protected-access
+  t = [torch.from_numpy(np.array(a, np.float32)) for a in (p1, p2, z1, z2)]
+  loss_con = -0.5 * (F.cosine_similarity(t[0], t[3]).mean()
+                     + F.cosine_similarity(t[1], t[2]).mean()).item()
+  for name, want in (("loss_src", loss_src), ("loss_mix", loss_mix),
+                     ("loss_contrastive", loss_con), ("pseudo_weight", weight),
+                     ("mix_fraction", mask.mean())):
+    np.testing.assert_allclose(float(metrics[name]), want, rtol=2e-5, atol=1e-6,
+                               err_msg=name)
+  np.testing.assert_allclose(float(total), loss_src + loss_mix + weight_c * loss_con,
+                             rtol=2e-5)
