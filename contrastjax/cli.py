@@ -198,6 +198,20 @@ class _DropClosedLoopTracebacks:
     return getattr(self._stream, name)
 
 
+def _quiet_writer_thread_errors(args) -> None:
+  """``threading.excepthook`` for the command-line tools: an ``OSError`` that kills a
+  library's background writer thread (tensorboardX's event writer on a full disk) is one
+  warning line; the run's own error (the failed checkpoint save) is reported, once, by
+  :func:`fail`. Any other uncaught thread exception keeps Python's traceback."""
+  frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+  if (isinstance(args.exc_value, OSError)
+      and any("/tensorboardX/" in f.filename for f in frames)):
+    logging.warning("the TensorBoard event writer stopped: %s (metrics.jsonl has the "
+                    "metrics)", args.exc_value)
+    return
+  threading.__excepthook__(args)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """``absl.app.run(main)`` with expected errors turned into one line + exit status."""
   verbose = _verbose(sys.argv)
@@ -205,6 +219,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   def wrapped(argv):
     if not verbose:  # installed after absl's logging set-up, which keeps its own stream
       sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
+      threading.excepthook = _quiet_writer_thread_errors
     try:
       main(argv)
     except SystemExit:

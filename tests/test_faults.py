@@ -607,3 +607,31 @@ def test_stderr_filter_keeps_each_threads_traceback_apart():
   for t in threads:
     t.join()
   assert sorted(sink.getvalue().splitlines()) == [f"kept {i}" for i in range(4)]
+
+
+def test_a_writer_threads_os_error_is_one_warning_line(caplog, capsys):
+  """tensorboardX's event-writer thread dies with ``OSError: [Errno 28]`` when the disk
+  fills (seen in APC's full-disk run, depending on when it flushes): one warning line,
+  not a thread traceback beside the run's own error. Other thread errors keep theirs."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from contrastjax import cli  # pylint: disable=g-import-not-at-top
+  src = ("def write():\n"
+         "  raise OSError(28, 'No space left on device')\n"
+         "def other():\n"
+         "  raise ValueError('a real bug')\n")
+  writer = {}
+  exec(compile(src, "/site-packages/tensorboardX/record_writer.py", "exec"), writer)  # pylint: disable=exec-used
+  old = threading.excepthook
+  threading.excepthook = cli._quiet_writer_thread_errors  # pylint: disable=protected-access
+  try:
+    for target in (writer["write"], writer["other"]):
+      t = threading.Thread(target=target)
+      t.start()
+      t.join()
+  finally:
+    threading.excepthook = old
+  err = capsys.readouterr().err
+  assert "OSError" not in err and "ValueError: a real bug" in err, err
+  assert [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()] == [
+      "the TensorBoard event writer stopped: [Errno 28] No space left on device "
+      "(metrics.jsonl has the metrics)"]
