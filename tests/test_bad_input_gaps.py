@@ -579,10 +579,10 @@ def test_apc_coco_instance_annotation_file(tmp_path):
   assert e.value.kind == "bad_annotations"
 
 
-def test_apc_files_without_ids_are_a_warning(tmp_path, caplog):
+def test_apc_files_without_ids_are_an_info_line(tmp_path, caplog):
   base = make_voc(tmp_path)
   # The official layout: JPEGImages holds every image, a split lists some of them.
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.INFO):
     src = voc.VOCSource(base, "val", with_masks=True)
   assert src.names == ("2008_000002", "2008_000003")
   assert ("5 image file(s) of " in caplog.text and "JPEGImages are not listed and are not read "
@@ -593,7 +593,7 @@ def test_apc_files_without_ids_are_a_warning(tmp_path, caplog):
   root = make_coco(tmp_path / "coco")
   Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(
       root / "JPEGImages" / "val2014" / "COCO_val2014_000000000999.jpg")
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.INFO):
     voc.COCOSegSource(root, "val")
   assert "1 image file(s) of " in caplog.text and "COCO_val2014_000000000999.jpg" in caplog.text
 

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from contrastjax.data.errors import DatasetError
+from contrastjax.data.sources import medseg
 from contrastjax.errors import ConfigError
 
 #: OpenAI CLIP normalisation (``open_clip.constants.OPENAI_DATASET_MEAN/STD``).
@@ -46,8 +47,6 @@ CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
 #: Image files an image folder is checked for (files the caption JSON must list).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-#: Pillow modes of 16/32-bit single-channel images (rejected by :func:`decode_image`).
-_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 @dataclasses.dataclass
@@ -146,12 +145,10 @@ def decode_image(path: str) -> np.ndarray:
   clip its values to 255 without a word)."""
   try:
     with Image.open(path) as im:
-      args = im.tile[0].args if im.tile else None
-      raw = args if isinstance(args, str) else (
-          args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else "")
-      if im.mode in _WIDE_MODES or ";16" in raw:
+      wide = medseg.wide_pixels(im)
+      if wide:
         raise DatasetError(f"image file {path} has 16/32-bit pixels (mode {im.mode}, raw "
-                           f"{raw or im.mode}); expected an 8-bit RGB or grayscale image",
+                           f"{wide}); expected an 8-bit RGB or grayscale image",
                            path=path, kind="bad_image")
       return np.asarray(im.convert("RGB"))
   except (OSError, ValueError) as e:

@@ -262,6 +262,23 @@ def _open(path: str, role: str) -> Image.Image:
   return im
 
 
+#: Pillow modes of 16/32-bit single-channel images.
+WIDE_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')
+
+
+def wide_pixels(im: Image.Image) -> str | None:
+  """The mode (or raw mode) of an image of more than 8 bits per channel, else None: a
+  16/32-bit mode, or a 16-bit-per-channel RGB(A) PNG, which Pillow opens as 8-bit ``RGB``
+  (raw mode ``RGB;16B``) and ``convert`` would clip without a word."""
+  tile = getattr(im, 'tile', None)  # ImageFile only; images made in memory have none
+  args = tile[0].args if tile else None
+  raw = args if isinstance(args, str) else (
+      args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else '')
+  if im.mode in WIDE_MODES:
+    return im.mode
+  return raw if ';16' in raw else None
+
+
 def decode_image(path: str) -> np.ndarray:
   """Reads an 8-bit image as uint8 RGB ``[H, W, 3]`` (gray/palette are expanded, alpha dropped).
 
@@ -275,8 +292,9 @@ def decode_image(path: str) -> np.ndarray:
     DatasetError: The file cannot be decoded or is not 8-bit.
   """
   im = _open(path, 'image')
-  if im.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
-    raise DatasetError(f'image file {path} has {im.mode} pixels (16/32-bit); expected an 8-bit '
+  wide = wide_pixels(im)
+  if wide:
+    raise DatasetError(f'image file {path} has {wide} pixels (16/32-bit); expected an 8-bit '
                        'RGB or grayscale image', path=path, kind='bad_image')
   if im.mode != 'RGB':
     im = im.convert('RGB')

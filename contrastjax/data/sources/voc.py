@@ -388,12 +388,13 @@ def _require_folder(folder: str, role: str, hint: str) -> None:
 
 
 def _check_files(names: Sequence[str], folder: str, ext: str, role: str, where: str) -> int:
-  """Checks that every id has its file; logs (a warning) the files the list leaves out.
+  """Checks that every id has its file; logs (info) the files the list leaves out.
 
   Unlisted files are normal in the official layouts: VOC's ``JPEGImages`` holds 17,125
   images for the 10,582 + 1,449 of ``train_aug`` and ``val``, ToCo's COCO lists leave out
-  the images without a labelled object. So they are a warning naming the count and the
-  first few, not an error. Returns their number.
+  the images without a labelled object. So they are an info line naming the count and the
+  first few (a warning would appear on every correct run), not an error. Returns their
+  number.
   """
   present = _file_index(folder, ext)
   missing = [n for n in names if n not in present]
@@ -403,7 +404,7 @@ def _check_files(names: Sequence[str], folder: str, ext: str, role: str, where: 
         f'{missing[:10]}); expected one per listed id', path=where, kind='missing_file')
   unlisted = sorted(present - set(names))
   if unlisted:
-    logging.warning('%s: %d %s file(s) of %s are not listed and are not read (normal for the '
+    logging.info('%s: %d %s file(s) of %s are not listed and are not read (normal for the '
                     'official layout, whose folders hold more files than one split); first: %s',
                     where, len(unlisted), role, folder, [f'{n}{ext}' for n in unlisted[:5]])
   return len(unlisted)
