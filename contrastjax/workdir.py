@@ -230,9 +230,10 @@ CONFIG_NAME = "config.json"
 #: may change them without ``--allow_config_change``. ``mesh`` is here because resuming a
 #: run on another slice is a supported move (orbax reshards; results agree up to float
 #: rounding). Anything else that differs from the workdir's ``config.json`` stops a resume.
-RESUME_FREE_KEYS = ("progress_bar", "tensorboard", "compile_ahead", "async_checkpointing",
-                    "log_every_steps", "log_every_epochs", "keep_checkpoints",
-                    "eval_samples", "mesh", "data.worker_count", "data.validate")
+RESUME_FREE_KEYS = ("progress_bar", "tensorboard", "plot_curves", "compile_ahead",
+                    "async_checkpointing", "log_every_steps", "log_every_epochs",
+                    "keep_checkpoints", "eval_samples", "mesh", "data.worker_count",
+                    "data.validate")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -251,10 +252,10 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]
   configs (as JSON trees), the keys of :data:`RESUME_FREE_KEYS` left out. A key only one
   config has is paired with the string ``"<absent>"``."""
   a, b = _flatten(old), _flatten(new)
-  free = tuple(RESUME_FREE_KEYS)
+  free_trees = tuple(f + "." for f in RESUME_FREE_KEYS)
   out = []
   for key in sorted(set(a) | set(b)):
-    if key in free or key.startswith(tuple(f + "." for f in free)):
+    if key in RESUME_FREE_KEYS or key.startswith(free_trees):
       continue
     va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
     if va != vb:

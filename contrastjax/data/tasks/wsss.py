@@ -56,6 +56,13 @@ INFO = {
 TRAIN_RESIZE_MODES = ("crop", "resize")
 
 
+def _check_train_resize(mode: str) -> str:
+  if mode not in TRAIN_RESIZE_MODES:
+    raise ConfigError(f"config.data.train_resize={mode!r}; expected one of "
+                      f"{TRAIN_RESIZE_MODES}")
+  return mode
+
+
 def _float_image(image: np.ndarray) -> np.ndarray:
   return np.asarray(image, np.float32)
 
@@ -66,10 +73,7 @@ class WSSSTrainAugment(grain.transforms.RandomMap):
 
   def __init__(self, crop_size: int, mode: str = "crop",
                scale_range: tuple[float, float] = (0.5, 2.0), flip_prob: float = 0.5):
-    if mode not in TRAIN_RESIZE_MODES:
-      raise ConfigError(f"config.data.train_resize={mode!r}; expected one of "
-                        f"{TRAIN_RESIZE_MODES}")
-    self.crop, self.mode = int(crop_size), mode
+    self.crop, self.mode = int(crop_size), _check_train_resize(mode)
     self.scale_range, self.flip_prob = tuple(scale_range), float(flip_prob)
 
   def random_map(self, x: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -133,10 +137,7 @@ def _spec(sources: dict[str, Any], dcfg, info: DatasetInfo) -> DataSpec:
 def _root(dcfg, what: str) -> str:
   """``config.data.root`` expanded; also checks ``train_resize`` first, so that a typo
   there is named before the dataset is indexed."""
-  mode = str(dcfg.get("train_resize", "crop"))
-  if mode not in TRAIN_RESIZE_MODES:
-    raise ConfigError(f"config.data.train_resize={mode!r}; expected one of "
-                      f"{TRAIN_RESIZE_MODES}")
+  _check_train_resize(str(dcfg.get("train_resize", "crop")))
   root = os.path.expandvars(os.path.expanduser(str(dcfg.get("root", ""))))
   if not root or "$" in root:
     raise DatasetError(f"config.data.root={dcfg.get('root')!r}: set it to the {what} folder, "
