@@ -53,3 +53,25 @@ def test_cli_rejects_unknown_key(tmp_path):
   r = _run("--config=configs/gap_dynamics.py:fig2", f"--workdir={tmp_path}",
            "--config.no_such_key=1")
   assert r.returncode != 0 and "no_such_key" in r.stderr
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (("--config=configs/gap_dynamics.py:fig2", "--config.no_such_key=1"), 2,
+     "'no_such_key' is not a key of the config"),
+    (("--config=configs/gap_dynamics.py:fig2", "--config.t1=abc"), 2,
+     "--config.t1=abc: could not convert string to float"),
+    (("--config=configs/gap_dynamics.py:fig9",), 2, "variant 'fig9' is not known"),
+    (("--config=configs/gap_dynamics.py:fig2", "--config.on_exit=boom"), 2,
+     "config.on_exit='boom': expected 'raise' or 'report'"),
+    # Spec Sec. 7's case (n=64, d=16, tau0=0.07, gamma0=0.3): the raw flow leaves [-1, 1].
+    (("--config=configs/gap_dynamics.py:fig2", "--config.n=64", "--config.d=16",
+      "--config.tau0=0.07", "--config.t1=1e3", "--config.rtol=1e-6", "--config.atol=1e-9",
+      "--config.progress=False"), 3, "on_exit=report"),
+], ids=["unknown_key", "wrong_type", "unknown_variant", "bad_value", "gamma_exit"])
+def test_cli_bad_input_exit_status_and_one_line(tmp_path, args, code, needle):
+  """The simulator shares the trainer's error handling (contrastjax.cli): the documented
+  exit status and an ``ERROR:`` line naming the key or value, without a traceback."""
+  r = _run(*args, f"--workdir={tmp_path}")
+  assert r.returncode == code, r.stderr[-3000:]
+  assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.count("ERROR:") == 1

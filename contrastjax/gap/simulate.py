@@ -436,10 +436,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app as _app
   from absl import flags as _flags
   from ml_collections import config_flags
+
+  from contrastjax import cli as _cli
   config_flags.DEFINE_config_file(
       "config", None, "Config file, e.g. configs/gap_dynamics.py:fig2.", lock_config=True)
   _flags.DEFINE_string("workdir", None, "Output directory.")
-  _app.run(main)
+  # The trainer's error handling: one line and a documented exit status (contrastjax.cli).
+  _cli.run(main)
