@@ -234,7 +234,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 
 def quiet_library_logs() -> None:
-  """Drops INFO lines of orbax/grain/tensorstore (dozens per checkpoint) so the progress
+  """Drops INFO lines of orbax/grain/tensorstore/TFDS (dozens per checkpoint) so the progress
   bar and our own messages stay readable; their warnings still show, and their errors
   (unless ``--verbosity`` is raised) are summarised by our own one-line message."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -242,7 +242,7 @@ def quiet_library_logs() -> None:
 
 
 class _QuietLibraries:
-  noisy = ("/orbax/", "/grain/", "/tensorstore/")
+  noisy = ("/orbax/", "/grain/", "/tensorstore/", "/tensorflow_datasets/")
 
   def _noisy(self, record) -> bool:
     if any(n in record.pathname for n in self.noisy):

@@ -233,7 +233,11 @@ CONFIG_NAME = "config.json"
 RESUME_FREE_KEYS = ("progress_bar", "tensorboard", "plot_curves", "compile_ahead",
                     "async_checkpointing", "log_every_steps", "log_every_epochs",
                     "keep_checkpoints", "eval_samples", "mesh", "data.worker_count",
-                    "data.validate")
+                    "data.validate",
+                    # A prepared copy yields the folder reader's examples, and is read only
+                    # under the same content (data.prepared.split_sources): moving a run to
+                    # it (e.g. onto a pod) changes nothing that is computed.
+                    "data.format", "data.tfds_dir", "data.tfds_name")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -62,9 +62,23 @@ TRAINER_DEFAULTS = dict(
 )
 
 
+#: How ``config.data`` is read (``contrastjax.data.prepared``): every method's data
+#: section defines them, so that ``--config.data.format=tfds`` works on the command line.
+DATA_DEFAULTS = dict(
+    format="folder",   # 'folder': the dataset's own layout; 'tfds': a prepared copy
+    tfds_dir="",       # format='tfds': the --out of python -m contrastjax.data.prepare
+    tfds_name="",      # its --dataset, when not config.data.name
+)
+
+
 def trainer_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds each of :data:`TRAINER_DEFAULTS` that ``c`` does not set; returns ``c``."""
+  """Adds each of :data:`TRAINER_DEFAULTS` (and :data:`DATA_DEFAULTS` to ``c.data``) that
+  ``c`` does not set; returns ``c``."""
   for key, value in TRAINER_DEFAULTS.items():
     if key not in c:
       c[key] = value
+  if "data" in c:
+    for key, value in DATA_DEFAULTS.items():
+      if key not in c.data:
+        c.data[key] = value
   return c

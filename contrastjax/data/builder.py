@@ -66,6 +66,10 @@ class DataSpec:
   # A model input (one example of a batch's 'image') as uint8 RGB, for pictures; None:
   # values in [0, 1] (or 0..255) in RGB order.
   display: Callable[[Any], Any] | None = None
+  # What decides the examples the sources yield (resolved config values: a split list, a
+  # binarisation rule, a synthetic set's size and seed); stored by a preparation, checked
+  # when a prepared copy is read (``contrastjax.data.prepared``).
+  content: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

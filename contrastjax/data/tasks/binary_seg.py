@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from contrastjax.data import prepared
 from contrastjax.data.builder import DatasetInfo, DataSpec
 from contrastjax.data.errors import DatasetError
 from contrastjax.data.sources.medseg import MedSegSource
@@ -63,8 +64,19 @@ def _display(dcfg):
 
 
 def medseg(dcfg, seed: int) -> DataSpec:
-  """A dataset in the reference layout (Kvasir-SEG, Kvasir-Sessile, GlaS, ISIC...)."""
+  """A dataset in the reference layout (Kvasir-SEG, Kvasir-Sessile, GlaS, ISIC...), or
+  its prepared copy (``config.data.format='tfds'``)."""
   del seed
+  content = {"splits": list(dcfg.get("splits", ("train", "val", "test"))),
+             "binarize": dcfg.get("binarize", "auto"),
+             "mask_suffix": dcfg.get("mask_suffix", "")}
+  sources = prepared.split_sources(dcfg, "medseg", lambda: _medseg_folders(dcfg), content)
+  train, evals = _transforms(dcfg)
+  return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals,
+                  info=INFO["medseg"], display=_display(dcfg), content=content)
+
+
+def _medseg_folders(dcfg) -> dict[str, MedSegSource]:
   root = os.path.expandvars(os.path.expanduser(str(dcfg.get("root", ""))))
   if not root or "$" in root:
     raise DatasetError(
@@ -79,9 +91,7 @@ def medseg(dcfg, seed: int) -> DataSpec:
       continue
     sources[split] = MedSegSource(root, split, binarize=dcfg.get("binarize", "auto"),
                                   mask_suffix=dcfg.get("mask_suffix", ""))
-  train, evals = _transforms(dcfg)
-  return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals,
-                  info=INFO["medseg"], display=_display(dcfg))
+  return sources
 
 
 def synthetic_polyps(dcfg, seed: int) -> DataSpec:
@@ -95,16 +105,23 @@ def synthetic_polyps(dcfg, seed: int) -> DataSpec:
   # Splits use disjoint generator seeds, independent of the training seed, so every
   # run sees the same dataset.
   data_seed = int(dcfg.get("data_seed", 1234))
-  sources = {
-      "train": SyntheticPolyps(int(dcfg.num_train), size, data_seed, **kw),
-      "val": SyntheticPolyps(int(dcfg.num_val), size, data_seed + 1, **kw),
-  }
-  if int(dcfg.get("num_test", 0)):
-    sources["test"] = SyntheticPolyps(int(dcfg.num_test), size, data_seed + 2, **kw)
+
+  def generated():
+    sources = {
+        "train": SyntheticPolyps(int(dcfg.num_train), size, data_seed, **kw),
+        "val": SyntheticPolyps(int(dcfg.num_val), size, data_seed + 1, **kw),
+    }
+    if int(dcfg.get("num_test", 0)):
+      sources["test"] = SyntheticPolyps(int(dcfg.num_test), size, data_seed + 2, **kw)
+    return sources
+
+  content = dict(kw, size=size, data_seed=data_seed, num_train=int(dcfg.num_train),
+                 num_val=int(dcfg.num_val), num_test=int(dcfg.get("num_test", 0)))
+  sources = prepared.split_sources(dcfg, "synthetic_polyps", generated, content)
   del seed
   train, evals = _transforms(dcfg)
   return DataSpec(sources=sources, train_transforms=train, eval_transforms=evals,
-                  info=INFO["synthetic_polyps"], display=_display(dcfg))
+                  info=INFO["synthetic_polyps"], display=_display(dcfg), content=content)
 
 
 def synthetic_batch_arrays(batch_size: int, image_size: int, seed: int = 0) -> dict[str, np.ndarray]:

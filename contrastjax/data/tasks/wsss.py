@@ -30,6 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from contrastjax.data import prepared
 from contrastjax.data.builder import DatasetInfo, DataSpec
 from contrastjax.data.errors import DatasetError
 from contrastjax.errors import ConfigError
@@ -127,11 +128,13 @@ class WSSSEvalPad(grain.transforms.Map):
             "labels": np.asarray(x["labels"], np.float32)}
 
 
-def _spec(sources: dict[str, Any], dcfg, info: DatasetInfo) -> DataSpec:
+def _spec(sources: dict[str, Any], dcfg, info: DatasetInfo,
+          content: dict[str, Any]) -> DataSpec:
   train = WSSSTrainAugment(int(dcfg.crop_size), str(dcfg.get("train_resize", "crop")),
                            tuple(dcfg.get("scale_range", (0.5, 2.0))))
   return DataSpec(sources=sources, train_transforms=[train],
-                  eval_transforms=[WSSSEvalPad(int(dcfg.eval_size))], info=info)
+                  eval_transforms=[WSSSEvalPad(int(dcfg.eval_size))], info=info,
+                  content=content)
 
 
 def _root(dcfg, what: str) -> str:
@@ -149,27 +152,48 @@ def voc(dcfg, seed: int) -> DataSpec:
   """VOC 2012: ``train_split`` (``train_aug``) with image labels only; ``train`` (1,464,
   the pseudo-label split) and ``val`` (1,449) with masks."""
   del seed
-  root = _root(dcfg, "VOCdevkit")
-  masks = bool(dcfg.get("train_masks", False))
-  labels = str(dcfg.get("labels", "cls_labels"))
-  sources = {"train_aug": voc_lib.VOCSource(root, dcfg.get("train_split", "train_aug"),
-                                            labels=labels, with_masks=masks)}
-  for split in dcfg.get("eval_splits", ("train", "val")):
-    sources[split] = voc_lib.VOCSource(root, split, labels=labels, with_masks=True)
-  return _spec(sources, dcfg, INFO["voc"])
+  _check_train_resize(str(dcfg.get("train_resize", "crop")))
+
+  def folders():
+    root = _root(dcfg, "VOCdevkit")
+    masks = bool(dcfg.get("train_masks", False))
+    labels = str(dcfg.get("labels", "cls_labels"))
+    sources = {"train_aug": voc_lib.VOCSource(root, dcfg.get("train_split", "train_aug"),
+                                              labels=labels, with_masks=masks)}
+    for split in dcfg.get("eval_splits", ("train", "val")):
+      sources[split] = voc_lib.VOCSource(root, split, labels=labels, with_masks=True)
+    return sources
+
+  content = _wsss_content(dcfg, "train_aug", ("train", "val"))
+  sources = prepared.split_sources(dcfg, "voc", folders, content)
+  return _spec(sources, dcfg, INFO["voc"], content)
+
+
+def _wsss_content(dcfg, train_split: str, eval_splits: tuple[str, ...]) -> dict[str, Any]:
+  """What decides the VOC/COCO sources' examples."""
+  return {"train_split": str(dcfg.get("train_split", train_split)),
+          "train_masks": bool(dcfg.get("train_masks", False)),
+          "labels": str(dcfg.get("labels", "cls_labels")),
+          "eval_splits": list(dcfg.get("eval_splits", eval_splits))}
 
 
 def coco_wsss(dcfg, seed: int) -> DataSpec:
   """COCO 2014 (80 + 1 classes): ``train`` image labels only; ``val`` with masks."""
   del seed
-  root = _root(dcfg, "MSCOCO")
-  labels = str(dcfg.get("labels", "cls_labels"))
-  sources = {"train_wsss": voc_lib.COCOSegSource(root, "train", labels=labels,
-                                                 with_masks=bool(dcfg.get("train_masks",
-                                                                          False)))}
-  for split in dcfg.get("eval_splits", ("val",)):
-    sources[split] = voc_lib.COCOSegSource(root, split, labels=labels, with_masks=True)
-  return _spec(sources, dcfg, INFO["coco_wsss"])
+  _check_train_resize(str(dcfg.get("train_resize", "crop")))
+
+  def folders():
+    root = _root(dcfg, "MSCOCO")
+    labels = str(dcfg.get("labels", "cls_labels"))
+    sources = {"train_wsss": voc_lib.COCOSegSource(
+        root, "train", labels=labels, with_masks=bool(dcfg.get("train_masks", False)))}
+    for split in dcfg.get("eval_splits", ("val",)):
+      sources[split] = voc_lib.COCOSegSource(root, split, labels=labels, with_masks=True)
+    return sources
+
+  content = _wsss_content(dcfg, "train", ("val",))
+  sources = prepared.split_sources(dcfg, "coco_wsss", folders, content)
+  return _spec(sources, dcfg, INFO["coco_wsss"], content)
 
 
 def synthetic_scenes(dcfg, seed: int) -> DataSpec:
@@ -182,7 +206,11 @@ def synthetic_scenes(dcfg, seed: int) -> DataSpec:
   scene = dcfg.get("scene", None)  # further SyntheticScenes arguments (difficulty)
   kw.update({k: tuple(v) if isinstance(v, (list, tuple)) else v
              for k, v in (scene.to_dict() if hasattr(scene, "to_dict") else scene or {}).items()})
-  sources = {
+  content = dict(kw, data_seed=data_seed, num_train=n,
+                 train_masks=bool(dcfg.get("train_masks", False)),
+                 num_train_eval=min(n, int(dcfg.get("num_train_eval", 256))),
+                 num_val=int(dcfg.get("num_val", 256)))
+  sources = prepared.split_sources(dcfg, "synthetic_scenes", lambda: {
       "train": scenes_lib.SyntheticScenes(n, seed=data_seed,
                                           with_masks=bool(dcfg.get("train_masks", False)),
                                           **kw),
@@ -190,8 +218,8 @@ def synthetic_scenes(dcfg, seed: int) -> DataSpec:
                                                seed=data_seed, with_masks=True, **kw),
       "val": scenes_lib.SyntheticScenes(int(dcfg.get("num_val", 256)), seed=data_seed + 1,
                                         with_masks=True, **kw),
-  }
-  return _spec(sources, dcfg, INFO["synthetic_scenes"])
+  }, content)
+  return _spec(sources, dcfg, INFO["synthetic_scenes"], content)
 
 
 def synthetic_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict[str, Any], int]:
