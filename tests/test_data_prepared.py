@@ -19,6 +19,9 @@ from contrastjax.data import prepared
 from contrastjax.data.errors import DatasetError
 from contrastjax.data.prepare import prepare_from_config
 from contrastjax.errors import ConfigError
+from contrastjax.data.tools import isprs_tiles
+from test_data_isprs import CROP, STRIDE, make_potsdam, make_vaihingen
+from test_data_loveda import make_loveda
 from test_data_medseg import make_dataset
 from test_data_voc import make_voc
 from test_pins_methods import _config
@@ -45,13 +48,16 @@ def _every_kind(i: int) -> dict:
           "counts": rng.integers(-5, 5, (2, 3)).astype(np.int32),
           "name": f"id_{i} ü",
           "captions": [f"caption {j} of {i} – ü" for j in range(i % 3)],   # [] for i = 0
-          "index": i, "weight": 0.5 * i, "flag": bool(i % 2)}
+          "index": i, "weight": 0.5 * i, "flag": bool(i % 2),
+          "label": np.int32(i), "score": np.float32(i / 3)}
 
 
 def _assert_same_example(a: dict, b: dict, where: str) -> None:
   assert sorted(a) == sorted(b), where
   for k in a:
-    if isinstance(a[k], np.ndarray):
+    if isinstance(a[k], dict):   # SiamSeg's pairs: {'source': {...}, 'target': {...}}
+      _assert_same_example(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a[k], np.ndarray):
       assert isinstance(b[k], np.ndarray), (where, k)
       assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), (where, k)
       assert np.array_equal(a[k], b[k]), (where, k)
@@ -185,6 +191,40 @@ def _scenes_demo(tmp_path):
   return c
 
 
+def _loveda(tmp_path):
+  c = _config("siamseg_loveda.py", None)
+  c.data.root = str(make_loveda(tmp_path / "LoveDA"))
+  return c
+
+
+def _isprs(tmp_path):
+  make_potsdam(tmp_path / "raw_p")
+  make_vaihingen(tmp_path / "raw_v")
+  data = tmp_path / "data"
+  for name, raw, ds in (("Potsdam_IRRG_DA", "raw_p", "potsdam"),
+                        ("Vaihingen_IRRG_DA", "raw_v", "vaihingen")):
+    isprs_tiles.tile_dataset(str(tmp_path / raw), str(data / name), ds, crop=CROP,
+                             stride=STRIDE, log=lambda s: None)
+  c = _config("siamseg_potsdam_vaihingen.py", None)
+  c.data.root = str(data)
+  c.data.img_scale, c.data.crop_size = (CROP, CROP), (CROP, CROP)
+  return c
+
+
+def _aerial_demo(tmp_path):
+  del tmp_path
+  c = _config("siamseg_loveda.py", "demo")
+  c.data.num_train, c.data.num_val = 8, 4
+  return c
+
+
+def _pairs_demo(tmp_path):
+  del tmp_path
+  c = _config("clip_gap_coco.py", "demo")
+  c.data.num_train, c.data.num_val = 24, 8
+  return c
+
+
 def _batches(config, n=3):
   inputs = builder.build(config, local_batch_size=4, local_eval_batch_size=4)
   it = iter(inputs.train)
@@ -194,8 +234,10 @@ def _batches(config, n=3):
   return inputs.spec, train, evals
 
 
-@pytest.mark.parametrize("make", [_medseg, _voc, _polyps_demo, _scenes_demo],
-                         ids=["medseg", "voc", "synthetic_polyps", "synthetic_scenes"])
+@pytest.mark.parametrize("make", [_medseg, _voc, _loveda, _isprs, _polyps_demo,
+                                  _scenes_demo, _aerial_demo, _pairs_demo],
+                         ids=["medseg", "voc", "loveda", "isprs", "synthetic_polyps",
+                              "synthetic_scenes", "synthetic_aerial", "synthetic_pairs"])
 def test_prepared_dataset_yields_the_folder_readers_examples_and_batches(tmp_path, make):
   config = make(tmp_path)
   summary = prepare_from_config(config.copy_and_resolve_references(), str(tmp_path / "tfds"),
@@ -206,17 +248,25 @@ def test_prepared_dataset_yields_the_folder_readers_examples_and_batches(tmp_pat
   tfds_cfg.data.root = str(tmp_path / "moved_away")   # not read in tfds mode
   spec_f, train_f, evals_f = _batches(folder)
   spec_t, train_t, evals_t = _batches(tfds_cfg)
-  assert sorted(spec_f.sources) == sorted(spec_t.sources) == sorted(summary.examples)
-  for split, src in spec_f.sources.items():
-    assert isinstance(spec_t.sources[split], prepared.PreparedSource)
-    assert len(spec_t.sources[split]) == len(src) == summary.examples[split]
+  stored_f = spec_f.prepare_sources or spec_f.sources
+  stored_t = spec_t.prepare_sources or spec_t.sources
+  assert sorted(stored_f) == sorted(stored_t) == sorted(summary.examples)
+  for split, src in stored_f.items():
+    assert isinstance(stored_t[split], prepared.PreparedSource)
+    assert len(stored_t[split]) == len(src) == summary.examples[split]
     for i in range(len(src)):
+      _assert_same_example(src[i], stored_t[split][i], f"{split}[{i}]")
+  assert sorted(spec_f.sources) == sorted(spec_t.sources)
+  for split, src in spec_f.sources.items():   # SiamSeg's train split: the pairs
+    assert len(spec_t.sources[split]) == len(src)
+    for i in sorted({0, len(src) // 2, len(src) - 1}):
       _assert_same_example(src[i], spec_t.sources[split][i], f"{split}[{i}]")
   for a, b in zip(jax.tree.leaves((train_f, evals_f)), jax.tree.leaves((train_t, evals_t))):
     assert np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)
   assert len(jax.tree.leaves(train_f)) == len(jax.tree.leaves(train_t)) > 0
   meta = prepared.read_metadata(summary.path)
-  assert meta[prepared.INFO]["classes"] == list(spec_f.info.classes)
+  if spec_f.info is not None:
+    assert meta[prepared.INFO]["classes"] == list(spec_f.info.classes)
   assert meta[prepared.CONTENT] == json.loads(json.dumps(spec_f.content))
   assert "tensorflow" not in sys.modules
 

@@ -70,6 +70,9 @@ class DataSpec:
   # binarisation rule, a synthetic set's size and seed); stored by a preparation, checked
   # when a prepared copy is read (``contrastjax.data.prepared``).
   content: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # The sources a preparation writes, split -> source, when they are not ``sources``
+  # (e.g. SiamSeg's two training domains, which ``sources['train']`` pairs); None: sources.
+  prepare_sources: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass

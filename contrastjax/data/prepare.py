@@ -36,7 +36,8 @@ def prepare_from_config(config, out: str, name: str = "", *, overwrite: bool = F
   with dcfg.ignore_type():
     dcfg.format = "folder"   # the source of a preparation is always the folder reader
   spec = builder.make_spec(config)
-  return prepared.prepare(name or str(dcfg.name), spec.sources, out, info=spec.info,
+  sources = spec.sources if spec.prepare_sources is None else spec.prepare_sources
+  return prepared.prepare(name or str(dcfg.name), sources, out, info=spec.info,
                           content=spec.content, data_config=dcfg.to_dict(),
                           overwrite=overwrite, progress=progress)
 

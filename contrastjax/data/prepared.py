@@ -24,6 +24,7 @@ value in the folder reader's example       stored as
 uint8 ``[H, W, C]`` (C = 1, 3, 4)          ``Image`` (PNG, lossless), any H, W
 uint8 ``[H, W]`` (a mask, a label map)     ``Image`` with one channel, squeezed on read
 other numpy arrays (e.g. float32 labels)   ``Tensor`` of that shape and dtype
+numpy scalars (e.g. ``np.int32`` labels)   ``Tensor`` of shape ``()``, a numpy scalar on read
 ``str``                                    ``Text`` (UTF-8)
 list of ``str`` (e.g. captions)            ``Sequence(Text)``
 ``int`` / ``float`` / ``bool``             ``Scalar`` int64 / float64 / bool
@@ -79,15 +80,17 @@ def kind_of(key: str, value: Any) -> dict[str, Any]:
       raise DatasetError(f"example key {key!r} holds an object array; expected numbers, "
                          "a string or a list of strings")
     return {"kind": "tensor", "shape": list(value.shape), "dtype": value.dtype.name}
+  if isinstance(value, np.generic) and not isinstance(value, (np.str_, np.bytes_)):
+    return {"kind": "tensor", "shape": [], "dtype": value.dtype.name, "scalar": True}
   if isinstance(value, str):
     return {"kind": "text"}
   if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
     return {"kind": "texts"}
-  if isinstance(value, (bool, np.bool_)):
+  if isinstance(value, bool):
     return {"kind": "bool"}
-  if isinstance(value, (int, np.integer)):
+  if isinstance(value, int):
     return {"kind": "int"}
-  if isinstance(value, (float, np.floating)):
+  if isinstance(value, float):
     return {"kind": "float"}
   raise DatasetError(f"example key {key!r} holds a {type(value).__name__}; a prepared "
                      "dataset stores uint8 images and masks, numeric arrays, strings, lists "
@@ -174,6 +177,8 @@ def decode(record: Mapping[str, Any], kinds: Mapping[str, Mapping[str, Any]]) ->
       value = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value]
     elif k == "tensor":
       value = np.asarray(value, dtype=kind["dtype"]).reshape(kind["shape"])
+      if kind.get("scalar"):
+        value = value[()]   # a numpy scalar, as the reader gave
     elif k == "int":
       value = int(value)
     elif k == "float":

@@ -33,6 +33,7 @@ import os
 from absl import logging
 
 from contrastjax.data.builder import DataSpec
+from contrastjax.data import prepared
 from contrastjax.data.errors import DatasetError
 from contrastjax.data.synthetic.pairs import SyntheticPairs
 
@@ -49,11 +50,18 @@ def synthetic_pairs(dcfg, seed: int) -> DataSpec:
             latent_dim=int(dcfg.get("latent_dim", 8)),
             dim_x=int(dcfg.get("dim_x", 32)), dim_y=int(dcfg.get("dim_y", 24)),
             within=float(dcfg.get("within", 0.6)), noise=float(dcfg.get("noise", 0.05)))
-  sources = {"train": SyntheticPairs(int(dcfg.num_train), "train", **kw),
-             "val": SyntheticPairs(int(dcfg.num_val), "val", **kw)}
-  if int(dcfg.get("num_zeroshot", 0)):
-    sources["zeroshot"] = SyntheticPairs(int(dcfg.num_zeroshot), "zeroshot", **kw)
-  return DataSpec(sources=sources, train_transforms=[], eval_transforms=[])
+  content = dict(kw, num_train=int(dcfg.num_train), num_val=int(dcfg.num_val),
+                 num_zeroshot=int(dcfg.get("num_zeroshot", 0)))
+
+  def generated():
+    sources = {"train": SyntheticPairs(int(dcfg.num_train), "train", **kw),
+               "val": SyntheticPairs(int(dcfg.num_val), "val", **kw)}
+    if int(dcfg.get("num_zeroshot", 0)):
+      sources["zeroshot"] = SyntheticPairs(int(dcfg.num_zeroshot), "zeroshot", **kw)
+    return sources
+
+  sources = prepared.split_sources(dcfg, "synthetic_pairs", generated, content)
+  return DataSpec(sources=sources, train_transforms=[], eval_transforms=[], content=content)
 
 
 def make_tokenizer(dcfg, train_captions, workdir: str | None):

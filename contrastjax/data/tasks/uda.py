@@ -53,6 +53,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from contrastjax.data import prepared
 from contrastjax.data.builder import DatasetInfo, DataSpec
 from contrastjax.data.errors import DatasetError
 from contrastjax.data.sources import isprs as isprs_lib
@@ -157,15 +158,23 @@ def aug_config(dcfg, default: ST.SegAugConfig) -> ST.SegAugConfig:
   return dataclasses.replace(default, **kw)
 
 
-def _spec(train: PairSource, evals: Mapping[str, Any], dcfg,
-          default: ST.SegAugConfig, info: DatasetInfo) -> DataSpec:
+def _spec(leaves: Mapping[str, Any], dcfg, default: ST.SegAugConfig, info: DatasetInfo,
+          content: Mapping[str, Any]) -> DataSpec:
+  """``leaves``: ``source_train``, ``target_train`` (paired into ``train``) and the
+  evaluation splits; a preparation stores the leaves."""
   cfg = aug_config(dcfg, default)
-  sources = {'train': train, **evals}
+  train = PairSource(leaves['source_train'], leaves['target_train'])
+  sources = {'train': train, **{k: v for k, v in leaves.items() if k not in _TRAIN_LEAVES}}
   return DataSpec(
       sources=sources,
       train_transforms=[PairTrainAugment(cfg, bool(dcfg.get('carry_target_label', False)))],
       eval_transforms=[ST.SegEvalNormalize(cfg.mean, cfg.std)], info=info,
-      display=functools.partial(ST.denormalize, mean=cfg.mean, std=cfg.std))
+      display=functools.partial(ST.denormalize, mean=cfg.mean, std=cfg.std),
+      content=dict(content), prepare_sources=dict(leaves))
+
+
+#: The leaf splits that ``train`` pairs (source domain first).
+_TRAIN_LEAVES = ('source_train', 'target_train')
 
 
 def _root(dcfg, hint: str) -> str:
@@ -181,15 +190,21 @@ def _root(dcfg, hint: str) -> str:
 def loveda(dcfg, seed: int) -> DataSpec:
   """LoveDA ``source_domain`` -> ``target_domain`` (reference: Rural -> Urban)."""
   del seed
-  root = _root(dcfg, 'the LoveDA folder holding Train/ and Val/ (e.g. data/LoveDA)')
   src = str(dcfg.get('source_domain', 'Rural'))
   tgt = str(dcfg.get('target_domain', 'Urban'))
-  train = PairSource(loveda_lib.LoveDASource(root, 'Train', src),
-                     loveda_lib.LoveDASource(root, 'Train', tgt))
-  evals = {'val': loveda_lib.LoveDASource(root, 'Val', tgt)}
-  if os.path.isdir(os.path.join(root, 'Val', src)):
-    evals['source_val'] = loveda_lib.LoveDASource(root, 'Val', src)
-  return _spec(train, evals, dcfg, ST.LOVEDA_AUG, INFO['loveda'])
+
+  def folders():
+    root = _root(dcfg, 'the LoveDA folder holding Train/ and Val/ (e.g. data/LoveDA)')
+    leaves = {'source_train': loveda_lib.LoveDASource(root, 'Train', src),
+              'target_train': loveda_lib.LoveDASource(root, 'Train', tgt),
+              'val': loveda_lib.LoveDASource(root, 'Val', tgt)}
+    if os.path.isdir(os.path.join(root, 'Val', src)):
+      leaves['source_val'] = loveda_lib.LoveDASource(root, 'Val', src)
+    return leaves
+
+  content = {'source_domain': src, 'target_domain': tgt}
+  leaves = prepared.split_sources(dcfg, 'loveda', folders, content)
+  return _spec(leaves, dcfg, ST.LOVEDA_AUG, INFO['loveda'], content)
 
 
 def _isprs_folder(root: str, name: str, key: str) -> str:
@@ -207,16 +222,23 @@ def _isprs_folder(root: str, name: str, key: str) -> str:
 def isprs(dcfg, seed: int) -> DataSpec:
   """ISPRS ``source`` -> ``target`` (e.g. Potsdam_IRRG_DA -> Vaihingen_IRRG_DA)."""
   del seed
-  root = _root(dcfg, 'the folder holding the tiled ISPRS datasets (e.g. data)')
   use = dcfg.get('use_split_files', None)
-  src = _isprs_folder(root, str(dcfg.get('source', 'Potsdam_IRRG_DA')), 'source')
-  tgt = _isprs_folder(root, str(dcfg.get('target', 'Vaihingen_IRRG_DA')), 'target')
-  train = PairSource(isprs_lib.ISPRSSource(src, 'train', use_split_file=use),
-                     isprs_lib.ISPRSSource(tgt, 'train', use_split_file=use))
-  evals = {'val': isprs_lib.ISPRSSource(tgt, 'val', use_split_file=use)}
-  if os.path.isdir(os.path.join(src, 'img_dir', 'val')):
-    evals['source_val'] = isprs_lib.ISPRSSource(src, 'val', use_split_file=use)
-  return _spec(train, evals, dcfg, ST.ISPRS_AUG, INFO['isprs'])
+  content = {'source': str(dcfg.get('source', 'Potsdam_IRRG_DA')),
+             'target': str(dcfg.get('target', 'Vaihingen_IRRG_DA')), 'use_split_files': use}
+
+  def folders():
+    root = _root(dcfg, 'the folder holding the tiled ISPRS datasets (e.g. data)')
+    src = _isprs_folder(root, content['source'], 'source')
+    tgt = _isprs_folder(root, content['target'], 'target')
+    leaves = {'source_train': isprs_lib.ISPRSSource(src, 'train', use_split_file=use),
+              'target_train': isprs_lib.ISPRSSource(tgt, 'train', use_split_file=use),
+              'val': isprs_lib.ISPRSSource(tgt, 'val', use_split_file=use)}
+    if os.path.isdir(os.path.join(src, 'img_dir', 'val')):
+      leaves['source_val'] = isprs_lib.ISPRSSource(src, 'val', use_split_file=use)
+    return leaves
+
+  leaves = prepared.split_sources(dcfg, 'isprs', folders, content)
+  return _spec(leaves, dcfg, ST.ISPRS_AUG, INFO['isprs'], content)
 
 
 def synthetic_aerial(dcfg, seed: int) -> DataSpec:
@@ -231,13 +253,17 @@ def synthetic_aerial(dcfg, seed: int) -> DataSpec:
   if not 0.0 <= shift <= 1.0:
     raise ConfigError(f'config.data.shift={shift!r}; expected a number in [0, 1] (0: the '
                      'target looks like the source, 1: the full domain shift)')
-  train = PairSource(aerial_lib.SyntheticAerial(n_src, size, data_seed, 'source'),
-                     aerial_lib.SyntheticAerial(n_tgt, size, data_seed, 'target', shift))
-  evals = {'val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'target', shift),
-           'source_val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'source')}
+  content = {'image_size': size, 'data_seed': data_seed, 'num_train': n_src,
+             'num_target_train': n_tgt, 'num_val': n_val, 'shift': shift}
+  leaves = prepared.split_sources(dcfg, 'synthetic_aerial', lambda: {
+      'source_train': aerial_lib.SyntheticAerial(n_src, size, data_seed, 'source'),
+      'target_train': aerial_lib.SyntheticAerial(n_tgt, size, data_seed, 'target', shift),
+      'val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'target', shift),
+      'source_val': aerial_lib.SyntheticAerial(n_val, size, data_seed + 1, 'source')},
+      content)
   default = ST.SegAugConfig(img_scale=(size, size), ratio_range=(1.0, 2.0),
                             crop_size=(size, size))
-  return _spec(train, evals, dcfg, default, INFO['synthetic_aerial'])
+  return _spec(leaves, dcfg, default, INFO['synthetic_aerial'], content)
 
 
 def synthetic_pair_batch(batch_size: int, image_size: int, num_classes: int,
