@@ -99,6 +99,10 @@ _METHOD_RUNS = {
 }
 
 
+#: Methods whose 2-process run reads the prepared (TFDS ArrayRecord) dataset.
+_PREPARED = ("apc",)
+
+
 def _train_cli(workdir, config, overrides, devices, env_extra=None):
   env = _env()
   env["CONTRASTJAX_COMPILATION_CACHE"] = str(workdir.parent / "xla_cache")
@@ -118,14 +122,28 @@ def test_each_method_on_two_processes_equals_one_device(tmp_path, method):
   devices joined over loopback (``CONTRASTJAX_COORDINATOR`` & co., as a launcher sets
   them): the same per-step loss terms and gradient norm (a wrong gradient scale or a
   batch term computed per process would move them), and the same evaluation metrics,
-  every one of them, over all validation images (none dropped or counted twice)."""
+  every one of them, over all validation images (none dropped or counted twice).
+
+  APC's two processes read the dataset prepared as TFDS ArrayRecord shards
+  (``python -m contrastjax.data.prepare``), its one process the generator: each host
+  reads its part of the global batches from the shards."""
   config, overrides = _METHOD_RUNS[method]
   single, multi = tmp_path / "single", tmp_path / "multi"
   p = _train_cli(single, config, overrides, 8)
   _, err = p.communicate(timeout=900)
   assert p.returncode == 0, err[-4000:]
+  multi_overrides = dict(overrides)
+  if method in _PREPARED:
+    out = tmp_path / "prepared"
+    r = subprocess.run(
+        [sys.executable, "-m", "contrastjax.data.prepare",
+         f"--config={os.path.join(REPO, 'configs', config)}", f"--out={out}",
+         "--noprogress", *[f"--config.{k}={v}" for k, v in overrides.items()]],
+        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    multi_overrides.update({"data.format": "tfds", "data.tfds_dir": str(out)})
   addr = f"127.0.0.1:{_free_port()}"
-  procs = [_train_cli(multi, config, overrides, 4, {
+  procs = [_train_cli(multi, config, multi_overrides, 4, {
       "CONTRASTJAX_COORDINATOR": addr, "CONTRASTJAX_NUM_PROCESSES": "2",
       "CONTRASTJAX_PROCESS_ID": str(i)}) for i in range(2)]
   errs = [pr.communicate(timeout=900)[1] for pr in procs]

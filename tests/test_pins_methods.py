@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import warnings
 
 import jax
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 
 from _harness import (FAULT_CLI, REPO, assert_trees_equal, build_run, cli, eval_rows,
-                      finish, kill9,
+                      finish, kill9, env as harness_env,
                       loop_state, raw_state, steps, train_rows, wait_until)
 from contrastjax import checkpoint as ckpt_lib
 from contrastjax import parallel
@@ -299,7 +300,8 @@ def disk(tmp_path):
 
 
 def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
-                     kill_after: int, disk: _Disk, timeout: int = 1500):
+                     kill_after: int, disk: _Disk, timeout: int = 1500,
+                     prepared_data: bool = False):
   """Runs ``config`` uninterrupted (``ref``), then puts another run of it (``killed``)
   through the faults of a user's week, and finishes it:
 
@@ -318,7 +320,9 @@ def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
   The runs share a persistent compilation cache: only the first compiles (one after the
   other rather than side by side: on 2 busy cores two cold compilations cost more than
   one). Every checkpoint is kept (``keep_checkpoints``), so that each of ``ref``'s can be
-  compared. Returns ``(ref, killed, sigterm_step)``."""
+  compared. ``prepared_data``: the faulted run reads the dataset prepared by
+  ``python -m contrastjax.data.prepare`` (TFDS ArrayRecord), the reference run its folder
+  reader: the two must still agree bitwise. Returns ``(ref, killed, sigterm_step)``."""
   name, _, arg = config.partition(":")
   c = _config(name, arg)
   assert c.get("async_checkpointing", True), "the real configs save asynchronously"
@@ -326,9 +330,19 @@ def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
   flags = _flags(dict(overrides, total_steps=total, keep_checkpoints=100))
   cfg_path = os.path.join(REPO, "configs", config)
   ref, killed = tmp_path / "ref", disk.path / "killed"
+  killed_flags = []
+  if prepared_data:
+    out = tmp_path / "prepared"
+    r = subprocess.run([sys.executable, "-m", "contrastjax.data.prepare",
+                        f"--config={cfg_path}", f"--out={out}", "--noprogress", *flags],
+                       env=harness_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    killed_flags = ["--config.data.format=tfds", f"--config.data.tfds_dir={out}"]
 
   def run(workdir, extra=(), **kw):
-    return cli(workdir, config=cfg_path, extra_flags=flags + list(extra),
+    more = killed_flags if workdir == killed else []
+    return cli(workdir, config=cfg_path, extra_flags=flags + more + list(extra),
                env_extra=dict(env_extra, **kw.pop("env", {})), **kw)
 
   finish(run(ref), timeout)
@@ -477,7 +491,10 @@ def test_siamseg_kill9_resume_is_bitwise(disk, tmp_path):
   """SiamSeg (DACS + SimSiam): the EMA teacher in ``extra``, the paired source/target
   iterator, per-loss backward. Pseudo threshold 0.1 < 1/5 (5 classes: every maximum
   softmax probability passes, weight 1) so that the teacher's pseudo-labels weigh in the
-  loss (with the demo's 0.5 a random teacher's weight is 0)."""
+  loss (with the demo's 0.5 a random teacher's weight is 0). The faulted run reads the
+  dataset prepared as TFDS ArrayRecord shards (the two domains stored apart, paired on
+  read), the reference run the generator: every resume continues with the same next
+  pair of batches, mid-epoch."""
   overrides = dict(_SEG_SMALL, **{"data.num_target_train": 16, "progress_bar": False,
                                   "siamseg.pseudo_threshold": 0.1,
                                   # the second evaluation on the first one's split and
@@ -487,7 +504,7 @@ def test_siamseg_kill9_resume_is_bitwise(disk, tmp_path):
   c = _config("siamseg_loveda.py", "demo")
   assert c.siamseg.backward == "per_loss" and c.siamseg.variant == "siamseg"
   ref, killed, term = _kill_and_resume(tmp_path, "siamseg_loveda.py:demo", overrides,
-                                       total=8, kill_after=4, disk=disk)
+                                       total=8, kill_after=4, disk=disk, prepared_data=True)
   _assert_same_run(ref, killed, 8, term)
   final = raw_state(ref, 8)
   assert sorted(final["extra"]["teacher"]) == ["backbone", "decode_head"]
