@@ -176,8 +176,11 @@ def test_apc_step_8_devices_equals_1_device():
   inputs = builder.build(c, local_batch_size=8, local_eval_batch_size=8)
   batch = next(iter(inputs.train))
   m1 = apc_lib.APCMethod(c)
-  s1, r1 = _toy.run_steps(m1, c, parallel.make_mesh(devices=jax.devices()[:1]), batch)
-  s8, r8 = _toy.run_steps(apc_lib.APCMethod(c), c, parallel.make_mesh(), batch)
+  one = parallel.make_mesh(devices=jax.devices()[:1])
+  initial = _toy.initial_state(m1, c, one, batch)   # one initialisation for both meshes
+  s1, r1 = _toy.run_steps(m1, c, one, batch, initial=initial)
+  s8, r8 = _toy.run_steps(apc_lib.APCMethod(c), c, parallel.make_mesh(), batch,
+                          initial=initial)
   # grad_norm: the gradient itself, which Adam's update would hide a device-count scale of
   for k in ("loss", "loss_cls", "loss_seg", "loss_pcl", "grad_norm"):
     np.testing.assert_allclose(r1[k], r8[k], rtol=2e-5, atol=1e-6, err_msg=k)

@@ -47,8 +47,8 @@ def _batch(n=8, size=32):
   return {k: np.stack([e[k] for e in examples]) for k in ("image", "mask", "background")}
 
 
-def _steps(method_cls, mesh, config, batch, n):
-  return _toy.run_steps(method_cls(config), config, mesh, batch, n=n)
+def _steps(method_cls, mesh, config, batch, n, initial):
+  return _toy.run_steps(method_cls(config), config, mesh, batch, n=n, initial=initial)
 
 
 def test_condseg_stage1_step_8_devices_equals_1_device():
@@ -71,9 +71,11 @@ def test_condseg_stage2_step_8_devices_equals_1_device():
 
 def _check_8_equals_1(method_cls, config, keys, steps=2):
   batch = _batch()
-  s1, m1 = _steps(method_cls, parallel.make_mesh(devices=jax.devices()[:1]), config, batch,
-                  steps)
-  s8, m8 = _steps(method_cls, parallel.make_mesh(), config, batch, steps)
+  one = parallel.make_mesh(devices=jax.devices()[:1])
+  # Both runs start from the same state (initialised once, on one device).
+  initial = _toy.initial_state(method_cls(config), config, one, batch)
+  s1, m1 = _steps(method_cls, one, config, batch, steps, initial)
+  s8, m8 = _steps(method_cls, parallel.make_mesh(), config, batch, steps, initial)
   # grad_norm: the gradient itself, which Adam's update would hide a device-count scale of
   for k in keys:
     np.testing.assert_allclose(m1[k], m8[k], rtol=2e-5, err_msg=k)

@@ -326,3 +326,42 @@ def test_prepare_command_line(tmp_path):
   assert r.stderr.count("images/b.png") >= 2   # b is in train and val: both named
   r = _cli(*args[:2], f"--out={out}")
   assert r.returncode == 2 and "--config is required" in r.stderr
+
+
+class _FileBacked(_ListSource):
+  """Examples whose 'image' comes from a file (as the folder readers' do)."""
+
+  def __init__(self, examples, files):
+    super().__init__(examples)
+    self.files = files
+
+  def encoded_files(self, i):
+    return {"image": self.files[i]}
+
+
+def test_source_files_are_stored_as_they_are_when_they_decode_exactly(tmp_path):
+  """A JPEG stays the same JPEG bytes in the copy (as small as the folder, no re-encoding);
+  a file that does not decode to the example's array (here: another image) is not used,
+  the array is stored losslessly instead. Either way the example reads back exactly."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  arrays, files = [], []
+  for i in range(3):
+    a = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    path = tmp_path / f"{i}.jpg"
+    Image.fromarray(a).save(path, quality=80)
+    arrays.append(np.asarray(Image.open(path).convert("RGB")))   # the reader's decode
+    files.append(str(path))
+  examples = [{"image": arrays[0]}, {"image": arrays[1]},
+              {"image": arrays[2] // 2}]   # not what its file decodes to
+  summary = prepared.prepare("files", {"train": _FileBacked(examples, files)},
+                             str(tmp_path / "out"), progress=False)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  raw = tfds.builder_from_directory(summary.path).as_data_source("train")
+  assert raw[0]["image"] == pathlib.Path(files[0]).read_bytes()
+  assert raw[1]["image"] == pathlib.Path(files[1]).read_bytes()
+  assert raw[2]["image"] != pathlib.Path(files[2]).read_bytes()
+  assert raw[2]["image"].startswith(b"\x89PNG")
+  got = prepared.open_splits(summary.path)["train"]
+  for i, ex in enumerate(examples):
+    _assert_same_example(ex, got[i], f"train[{i}]")

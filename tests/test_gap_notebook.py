@@ -18,6 +18,7 @@ def test_gradient_flow_notebook_executes(monkeypatch, tmp_path):
   from the repository's notebooks/ folder)."""
   monkeypatch.setenv("CONTRASTJAX_NOTEBOOK_SMALL", "1")
   monkeypatch.delenv("PYTHONPATH", raising=False)
+  monkeypatch.setenv("TMPDIR", str(tmp_path))   # the kernel's mkdtemp output, not in /tmp
   nb = nbformat.read(os.path.join(NOTEBOOK_DIR, "gradient_flow.ipynb"), as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})

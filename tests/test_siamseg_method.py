@@ -65,9 +65,11 @@ def _assert_trees_close(a, b, what, rtol=2e-4, atol=2e-5):
 @pytest.mark.slow  # two compilations of the full UDA step (~2 min on a quiet 2-core CPU)
 def test_siamseg_step_8_devices_equals_1_device():
   config, batch = _config(), _batch()
-  s1, m1 = _toy.run_steps(S.SiamSegMethod(config), config,
-                          parallel.make_mesh(devices=jax.devices()[:1]), batch)
-  s8, m8 = _toy.run_steps(S.SiamSegMethod(config), config, parallel.make_mesh(), batch)
+  one = parallel.make_mesh(devices=jax.devices()[:1])
+  initial = _toy.initial_state(S.SiamSegMethod(config), config, one, batch)  # once for both
+  s1, m1 = _toy.run_steps(S.SiamSegMethod(config), config, one, batch, initial=initial)
+  s8, m8 = _toy.run_steps(S.SiamSegMethod(config), config, parallel.make_mesh(), batch,
+                          initial=initial)
   # grad_norm: the gradient itself, which AdamW's update would hide a device-count scale of
   for k in ("loss", "loss_src", "loss_mix", "loss_contrastive", "pseudo_weight",
             "mix_fraction", "grad_norm"):

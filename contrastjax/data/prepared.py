@@ -8,11 +8,11 @@ pipeline (per-process sharding, seeded shuffling, checkpointable iterator state)
 
 No TensorFlow is involved, on either side:
 
-* writing: a :class:`tfds.core.GeneratorBasedBuilder` made per dataset, fed PNG bytes that
-  Pillow encodes (TFDS would encode numpy images with TensorFlow); the example protos and the
+* writing: a :class:`tfds.core.GeneratorBasedBuilder` made per dataset, fed images as
+  encoded bytes (TFDS would encode numpy images with TensorFlow); the example protos and the
   ArrayRecord files need no TensorFlow;
-* reading: ``tfds.builder_from_directory(...).as_data_source(split)``, which decodes the PNGs
-  with Pillow and returns numpy arrays.
+* reading: ``tfds.builder_from_directory(...).as_data_source(split)``; the image bytes are
+  decoded here with Pillow (:func:`decode_pixels`), as the folder readers decode.
 
 How each example key is stored (inferred from the first example of each split; every later
 example of the split must have the same keys and kinds, else the preparation names the
@@ -21,8 +21,11 @@ example; splits may have different keys, e.g. VOC's ``train_aug`` has no masks):
 =========================================  ==============================================
 value in the folder reader's example       stored as
 =========================================  ==============================================
-uint8 ``[H, W, C]`` (C = 1, 3, 4)          ``Image`` (PNG, lossless), any H, W
-uint8 ``[H, W]`` (a mask, a label map)     ``Image`` with one channel, squeezed on read
+uint8 ``[H, W, C]`` (C = 1, 3, 4)          bytes: the source's file when it decodes to
+                                           exactly the array (a JPEG stays a JPEG), else
+                                           a lossless PNG
+uint8 ``[H, W]`` (a mask, a label map)     bytes: a lossless PNG (the reader's mask, after
+                                           binarisation or label mapping)
 other numpy arrays (e.g. float32 labels)   ``Tensor`` of that shape and dtype
 numpy scalars (e.g. ``np.int32`` labels)   ``Tensor`` of shape ``()``, a numpy scalar on read
 ``str``                                    ``Text`` (UTF-8)
@@ -100,10 +103,10 @@ def kind_of(key: str, value: Any) -> dict[str, Any]:
 def _feature(kind: Mapping[str, Any]):
   tfds = _tfds()
   k = kind["kind"]
-  if k == "image":
-    return tfds.features.Image(shape=(None, None, kind["channels"]), encoding_format="png")
-  if k == "mask":
-    return tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+  if k in ("image", "mask"):
+    # Encoded bytes (the source's own file, or PNG), decoded by :func:`decode_pixels`, not
+    # by TFDS (which may pick OpenCV over Pillow, another JPEG decoder).
+    return tfds.features.Tensor(shape=(), dtype=np.object_)
   if k == "tensor":
     return tfds.features.Tensor(shape=tuple(kind["shape"]), dtype=np.dtype(kind["dtype"]))
   if k == "text":
@@ -112,6 +115,32 @@ def _feature(kind: Mapping[str, Any]):
     return tfds.features.Sequence(tfds.features.Text())
   return tfds.features.Scalar(dtype={"int": np.int64, "float": np.float64,
                                      "bool": np.bool_}[k])
+
+
+def decode_pixels(data: bytes, kind: Mapping[str, Any]) -> np.ndarray:
+  """Stored image bytes back to the array, with Pillow as the folder readers decode:
+  RGB images converted from other modes (grayscale or CMYK JPEGs), masks as stored."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(io.BytesIO(data)) as im:
+    if kind["kind"] == "image" and kind["channels"] == 3 and im.mode != "RGB":
+      im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _stored_pixels(array: np.ndarray, kind: Mapping[str, Any], path: str | None) -> bytes:
+  """The bytes stored for an image: the source file itself when it decodes to exactly
+  ``array`` (a JPEG stays a JPEG: the copy is as small as the folder, and as fast to
+  decode), else a lossless PNG of ``array``."""
+  if path is not None:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    data = epath.Path(path).read_bytes()
+    try:
+      same = np.array_equal(decode_pixels(data, kind), array)
+    except Exception:  # pylint: disable=broad-except  (a file Pillow reads otherwise)
+      same = False
+    if same:
+      return data
+  return _png(array)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -138,10 +167,12 @@ def _placeholder(kind: Mapping[str, Any]) -> Any:
 
 
 def encode(example: Mapping[str, Any], kinds: Mapping[str, Mapping[str, Any]],
-           where: str, features: Mapping[str, Mapping[str, Any]] | None = None
-           ) -> dict[str, Any]:
-  """One folder-reader example as TFDS feature inputs (images as PNG bytes). ``kinds``:
-  its split's keys; ``features``: every split's (placeholders fill the others)."""
+           where: str, features: Mapping[str, Mapping[str, Any]] | None = None,
+           files: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """One folder-reader example as TFDS feature inputs (images as encoded bytes).
+  ``kinds``: its split's keys; ``features``: every split's (placeholders fill the
+  others); ``files``: the source files of image keys (``source.encoded_files(i)``), stored
+  as they are when they decode to exactly the example's array."""
   if set(example) != set(kinds):
     raise DatasetError(f"{where} has keys {sorted(example)}; the split's first example "
                        f"had {sorted(kinds)} (every example of a split must have the same "
@@ -155,7 +186,7 @@ def encode(example: Mapping[str, Any], kinds: Mapping[str, Mapping[str, Any]],
       raise DatasetError(f"{where}: key {key!r} is {got}; the split's first example had "
                          f"{dict(kind)}")
     if kind["kind"] in ("image", "mask"):
-      value = _png(value)
+      value = _stored_pixels(value, kind, (files or {}).get(key))
     elif kind["kind"] == "texts":
       value = list(value)
     out[key] = value
@@ -167,10 +198,8 @@ def decode(record: Mapping[str, Any], kinds: Mapping[str, Mapping[str, Any]]) ->
   out = {}
   for key, kind in kinds.items():
     value, k = record[key], kind["kind"]
-    if k == "mask":
-      value = np.asarray(value)[..., 0]
-    elif k == "image":
-      value = np.asarray(value)
+    if k in ("mask", "image"):
+      value = decode_pixels(value, kind)
     elif k == "text":
       value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
     elif k == "texts":
@@ -224,9 +253,9 @@ def _builder_class(name: str, kinds, features, metadata, split_examples, progres
     return {split: self._generate_examples(split) for split in split_examples}
 
   def _generate_examples(self, split):
-    for i, example in progress(split, split_examples[split]()):
+    for i, example, files in progress(split, split_examples[split]()):
       yield i, encode(example, kinds[split], f"{name} split {split!r} example {i}",
-                      features)
+                      features, files)
 
   camel = "".join(p.capitalize() for p in name.replace("-", "_").split("_") if p) or "Data"
   cls = type(camel, (tfds.core.GeneratorBasedBuilder,), dict(
@@ -252,16 +281,19 @@ def _split_stats(path: str) -> tuple[dict[str, int], dict[str, int], dict[str, i
   return examples, nbytes, shards
 
 
-def _iter_checked(source, split: str, errors: list[str]) -> Iterable[tuple[int, Any]]:
-  """The source's examples in order; a ``DatasetError`` (a bad file) is collected, not
-  raised, so that one preparation names every bad file of the split."""
+def _iter_checked(source, split: str, errors: list[str]
+                  ) -> Iterable[tuple[int, Any, Mapping[str, str]]]:
+  """``(index, example, files)`` in order (``files``: ``source.encoded_files(index)``
+  where the source has it); a ``DatasetError`` (a bad file) is collected, not raised, so
+  that one preparation names every bad file of the split."""
+  files_of = getattr(source, "encoded_files", None)
   for i in range(len(source)):
     try:
       example = source[i]
     except DatasetError as e:
       errors.append(f"{split}[{i}]: {e}")
       continue
-    yield i, example
+    yield i, example, (files_of(i) if files_of is not None else {})
 
 
 def _first_readable(source) -> Mapping[str, Any] | None:

@@ -179,6 +179,11 @@ class LabelFolderSource:
     """The label of example ``index`` as stored (before ``reduce_zero_label``)."""
     return decode_label(self.label_paths[index])
 
+  def encoded_files(self, index: int) -> dict[str, str]:
+    """The file behind each image key of example ``index``: a preparation
+    (``contrastjax.data.prepared``) stores it as it is when it decodes to the same array."""
+    return {'image': self.image_paths[int(index) % len(self.image_paths)]}
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     n = len(self.names)
     if not -n <= index < n:

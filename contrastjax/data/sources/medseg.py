@@ -497,6 +497,11 @@ class MedSegSource:
           '0/255 mask (intermediate values only along edges) or instance labels 0..K: is it an '
           'image copied into the masks folder?', path=path, kind='bad_mask')
 
+  def encoded_files(self, index: int) -> dict[str, str]:
+    """The file behind each image key of example ``index``: a preparation
+    (``contrastjax.data.prepared``) stores it as it is when it decodes to the same array."""
+    return {'image': self.image_paths[int(index) % len(self.image_paths)]}
+
   def read_raw_mask(self, index: int) -> np.ndarray:
     """The mask of example ``index`` before binarisation (uint8 ``[H, W]``)."""
     return decode_mask(self.mask_paths[index])

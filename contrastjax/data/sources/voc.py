@@ -517,6 +517,11 @@ class WSSSSource:
     ex['name'] = name
     return ex, notes
 
+  def encoded_files(self, index: int) -> dict[str, str]:
+    """The file behind each image key of example ``index``: a preparation
+    (``contrastjax.data.prepared``) stores it as it is when it decodes to the same array."""
+    return {'image': self.image_paths[int(index) % len(self.image_paths)]}
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self.read_example(index)[0]
 
