@@ -43,7 +43,7 @@ def _load_config(rel_path, arg):
 def test_cli_smoke_demo_model(tmp_path):
   out = tmp_path / "bench.json"
   cmd = [sys.executable, "-m", "contrastjax.benchmark",
-         "--config=configs/condseg_kvasir.py:demo", "--config.batch_size=2",
+         "--config=configs/condseg_kvasir.py:demo,stage1", "--config.batch_size=2",
          "--config.data.image_size=32", "--steps=2", "--warmup=1", "--init=host",
          "--xla_opt_level=0", f"--json_out={out}"]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
