@@ -94,6 +94,7 @@ def test_every_kind_round_trips_exactly_without_tensorflow(tmp_path):
 def test_prepare_is_idempotent_and_overwrite_rewrites(tmp_path):
   sources = {"train": _ListSource([_every_kind(i) for i in range(3)])}
   first = prepared.prepare("idem", sources, str(tmp_path), progress=False)
+  assert os.listdir(tmp_path) == ["idem"]   # nothing beside the dataset (no downloads/)
   files = {p: p.stat().st_mtime_ns for p in pathlib.Path(first.path).iterdir()}
   again = prepared.prepare("idem", sources, str(tmp_path), progress=False)
   assert again.reused and again.examples == first.examples

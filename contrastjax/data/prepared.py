@@ -379,12 +379,18 @@ def prepare(name: str, sources: Mapping[str, Any], out: str, *,
 
   cls = _builder_class(name, kinds, features, metadata,
                        {s: split_examples(s) for s in splits}, bar)
-  builder = cls(data_dir=str(out), file_format="array_record")
   import tempfile  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()   # ours (per split, in examples) replaces TFDS's
-  with tempfile.TemporaryDirectory(prefix="contrastjax_prepare_") as downloads:
+  with tempfile.TemporaryDirectory(prefix="contrastjax_prepare_") as scratch:
+    # TFDS makes an (empty) folder with mkdtemp while it looks for the dataset's info in
+    # its public bucket (disabled); kept inside our scratch folder, it goes with it.
+    saved, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      builder = cls(data_dir=str(out), file_format="array_record")
+    finally:
+      tempfile.tempdir = saved
     builder.download_and_prepare(
-        download_dir=downloads,
+        download_dir=os.path.join(scratch, "downloads"),
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return Summary(path, *_split_stats(path), reused=False)
 
