@@ -15,6 +15,9 @@ Per core: examples per CPU second, the CPU time of this process (its grain read 
 included) and of its worker processes summed over the timed batches; on a machine whose
 cores are all busy it is the rate each core adds. A JSON line per measurement goes to
 ``--results``.
+
+The read threads work up to 4 batches ahead of the consumer (per process), so a window
+should be many times longer than that: ``--batches`` of 20 or more.
 """
 from __future__ import annotations
 
