@@ -16,8 +16,10 @@ included) and of its worker processes summed over the timed batches; on a machin
 cores are all busy it is the rate each core adds. A JSON line per measurement goes to
 ``--results``.
 
-The read threads work up to 4 batches ahead of the consumer (per process), so a window
-should be many times longer than that: ``--batches`` of 20 or more.
+Each measurement first takes, untimed, the batches that start-up and read-ahead have made
+ready (up to 6 per producing process), then times ``--batches`` in steady state, where
+every batch is made while it is waited for. Use ``--config.batch_size=`` to shorten the
+runs: the per-example rates do not depend on it.
 """
 from __future__ import annotations
 
@@ -135,10 +137,23 @@ def _cpu_seconds() -> float:
   return total
 
 
-def measure(config, *, batches: int, warmup: int = 2) -> dict[str, float]:
+#: Batches a pipeline may hold ready per producing process: the read threads' prefetch
+#: (``pipeline.train_dataset``: 4) plus a worker's output buffer (2).
+AHEAD_PER_PROCESS = 6
+
+
+def measure(config, *, batches: int, warmup: int | None = None) -> dict[str, float]:
   """Examples per second of ``config``'s training pipeline (``config.data.worker_count``
-  worker processes), after ``warmup`` batches (worker start-up, first reads)."""
+  worker processes), in steady state.
+
+  The consumer here does no work, so once the batches produced ahead during start-up are
+  taken, every ``next`` waits for a batch being made: ``warmup`` (default: start-up plus
+  all that can be ready ahead, :data:`AHEAD_PER_PROCESS` per producing process) batches are
+  taken untimed, then ``batches`` are timed."""
   per_batch = int(config.batch_size)
+  workers = int(config.data.get("worker_count", 0))
+  if warmup is None:
+    warmup = 2 + AHEAD_PER_PROCESS * max(1, workers)
   inputs = builder.build(config, local_batch_size=per_batch, local_eval_batch_size=per_batch)
   it = iter(inputs.train)
   for _ in range(warmup):
@@ -149,7 +164,8 @@ def measure(config, *, batches: int, warmup: int = 2) -> dict[str, float]:
   seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
   n = batches * per_batch
   return {"examples_per_s": n / seconds, "examples_per_cpu_s": n / max(cpu, 1e-9),
-          "cpu_s": cpu, "seconds": seconds, "batches": batches, "batch_size": per_batch}
+          "cpu_s": cpu, "seconds": seconds, "batches": batches, "batch_size": per_batch,
+          "warmup": warmup}
 
 
 def run(config, *, formats=("folder", "tfds"), workers=(0,), batches: int = 30,
