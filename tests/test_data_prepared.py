@@ -20,6 +20,7 @@ from contrastjax.data.errors import DatasetError
 from contrastjax.data.prepare import prepare_from_config
 from contrastjax.errors import ConfigError
 from contrastjax.data.tools import isprs_tiles
+from test_clip_data import _coco
 from test_data_isprs import CROP, STRIDE, make_potsdam, make_vaihingen
 from test_data_loveda import make_loveda
 from test_data_medseg import make_dataset
@@ -219,6 +220,16 @@ def _aerial_demo(tmp_path):
   return c
 
 
+def _coco_captions(tmp_path):
+  root = tmp_path / "coco"
+  _coco(str(root), "train", n_images=5)
+  _coco(str(root), "val", n_images=3)
+  c = _config("clip_gap_coco.py", "cifar10=")   # CIFAR-10 is read from its own folder
+  c.data.root = str(root)
+  c.data.image_size = 32
+  return c
+
+
 def _pairs_demo(tmp_path):
   del tmp_path
   c = _config("clip_gap_coco.py", "demo")
@@ -235,10 +246,11 @@ def _batches(config, n=3):
   return inputs.spec, train, evals
 
 
-@pytest.mark.parametrize("make", [_medseg, _voc, _loveda, _isprs, _polyps_demo,
-                                  _scenes_demo, _aerial_demo, _pairs_demo],
-                         ids=["medseg", "voc", "loveda", "isprs", "synthetic_polyps",
-                              "synthetic_scenes", "synthetic_aerial", "synthetic_pairs"])
+@pytest.mark.parametrize("make", [_medseg, _voc, _loveda, _isprs, _coco_captions,
+                                  _polyps_demo, _scenes_demo, _aerial_demo, _pairs_demo],
+                         ids=["medseg", "voc", "loveda", "isprs", "coco_captions",
+                              "synthetic_polyps", "synthetic_scenes", "synthetic_aerial",
+                              "synthetic_pairs"])
 def test_prepared_dataset_yields_the_folder_readers_examples_and_batches(tmp_path, make):
   config = make(tmp_path)
   summary = prepare_from_config(config.copy_and_resolve_references(), str(tmp_path / "tfds"),

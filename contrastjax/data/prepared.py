@@ -431,6 +431,15 @@ class PreparedSource:
       raise IndexError(f"index {index} out of range for {self!r}")
     return decode(self._data()[int(index) % n], self.kinds)
 
+  def column(self, key: str) -> list[Any]:
+    """Every example's ``key``, in order, read without decoding the other keys (e.g. all
+    captions, to build a tokenizer: no image is decoded)."""
+    if key not in self.kinds:
+      raise KeyError(f"{key!r} is not a key of {self!r}; it has {sorted(self.kinds)}")
+    kind = {key: self.kinds[key]}
+    data = self._data()
+    return [decode(data[i], kind)[key] for i in range(self._len)]
+
   def __getstate__(self):
     return {"path": self.path, "split": self.split, "kinds": self.kinds, "_len": self._len,
             "_source": None}

@@ -159,6 +159,29 @@ def decode_image(path: str) -> np.ndarray:
                        kind="unreadable") from None
 
 
+def caption_items(captions: list[list[str]], mode: str, caption_index: int = 0,
+                  where: str = "", names: list[str] | None = None) -> list[tuple[int, int]]:
+  """``(image, caption)`` per example of ``mode`` (caption ``-1``: all of them), from the
+  captions of each image: ``'pairs'``, ``'images'`` or ``'eval'`` (see the module doc).
+
+  Raises:
+    ConfigError: an unknown mode.
+    DatasetError: ``'eval'`` with images that have no caption ``caption_index``.
+  """
+  if mode not in ("pairs", "images", "eval"):
+    raise ConfigError(f"config.data.train_mode={mode!r}: expected 'pairs' or 'images'")
+  if mode == "pairs":
+    return [(i, j) for i, caps in enumerate(captions) for j in range(len(caps))]
+  if mode == "eval":
+    short = [(names or [str(i) for i in range(len(captions))])[i]
+             for i, caps in enumerate(captions) if len(caps) <= caption_index]
+    if short:
+      raise DatasetError(f"config.data.eval_caption={caption_index}: {len(short)} image(s) "
+                         f"have fewer captions, e.g. {short[:3]}", path=where or None)
+    return [(i, caption_index) for i in range(len(captions))]
+  return [(i, -1) for i in range(len(captions))]
+
+
 class CocoCaptionsSource:
   """Random-access COCO examples ``{'image': uint8 [H, W, 3], 'captions': [str, ...]}``
   (one caption, except in ``mode='images'``)."""
@@ -166,20 +189,9 @@ class CocoCaptionsSource:
   on_disk = True  # read in full at start-up by contrastjax.data.validation
 
   def __init__(self, index: CaptionIndex, mode: str = "pairs", caption_index: int = 0):
-    if mode not in ("pairs", "images", "eval"):
-      raise ConfigError(f"config.data.train_mode={mode!r}: expected 'pairs' or 'images'")
     self.index, self.mode = index, mode
-    if mode == "pairs":
-      self.items = [(i, j) for i, caps in enumerate(index.captions) for j in range(len(caps))]
-    elif mode == "eval":
-      short = [index.files[i] for i, caps in enumerate(index.captions)
-               if len(caps) <= caption_index]
-      if short:
-        raise DatasetError(f"config.data.eval_caption={caption_index}: {len(short)} image(s) "
-                           f"have fewer captions, e.g. {short[:3]}", path=index.image_dir)
-      self.items = [(i, caption_index) for i in range(len(index.files))]
-    else:
-      self.items = [(i, -1) for i in range(len(index.files))]
+    self.items = caption_items(index.captions, mode, caption_index, index.image_dir,
+                               index.files)
 
   def __len__(self) -> int:
     return len(self.items)
@@ -189,6 +201,35 @@ class CocoCaptionsSource:
     caps = self.index.captions[i]
     image = decode_image(os.path.join(self.index.image_dir, self.index.files[i]))
     return {"image": image, "captions": list(caps) if j < 0 else [caps[j]]}
+
+  def encoded_files(self, k: int) -> dict[str, str]:
+    """The image file of example ``k`` (stored as it is by a preparation)."""
+    return {"image": os.path.join(self.index.image_dir, self.index.files[self.items[k][0]])}
+
+
+class CaptionItems:
+  """The examples of :class:`CocoCaptionsSource` in ``mode``, over a source of images
+  with all their captions (``mode='images'`` examples, e.g. a prepared copy's split)."""
+
+  def __init__(self, images: Any, captions: list[list[str]], mode: str = "pairs",
+               caption_index: int = 0):
+    if len(captions) != len(images):
+      raise DatasetError(f"{len(captions)} caption lists for {len(images)} images of "
+                         f"{images!r}")
+    self.images, self.mode = images, mode
+    self.items = caption_items(captions, mode, caption_index, repr(images))
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def __repr__(self) -> str:
+    return f"CaptionItems({self.images!r}, mode={self.mode!r})"
+
+  def __getitem__(self, k: int) -> dict[str, Any]:
+    i, j = self.items[k]
+    ex = self.images[i]
+    caps = ex["captions"]
+    return {"image": ex["image"], "captions": list(caps) if j < 0 else [caps[j]]}
 
 
 class ChooseCaption(grain.transforms.RandomMap):

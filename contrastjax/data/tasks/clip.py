@@ -99,33 +99,48 @@ def make_tokenizer(dcfg, train_captions, workdir: str | None):
 
 
 def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
-  """MSCOCO captions (2017 release) in the official layout: splits ``train`` and
-  ``val`` (the 5k ``val2017`` images, the usual "test" split of COCO-trained CLIPs)."""
+  """MSCOCO captions (2017 release) in the official layout, or its prepared copy: splits
+  ``train`` and ``val`` (the 5k ``val2017`` images, the usual "test" split of COCO-trained
+  CLIPs). A prepared copy stores each image once with all its captions (the folder's
+  ``mode='images'`` examples); the training pairs and the evaluation caption are chosen on
+  read, as from the folder."""
   del seed
   from contrastjax.data.sources import coco  # pylint: disable=g-import-not-at-top
-  root = os.path.expandvars(os.path.expanduser(str(dcfg.get("root", ""))))
-  if not root or "$" in root:
-    raise DatasetError(f"config.data.root={dcfg.get('root')!r}: set it to the COCO folder "
-                       "(holding annotations/, train2017/, val2017/), e.g. "
-                       "--config.data.root=/data/coco")
-  if not os.path.isdir(root):
-    raise DatasetError(f"config.data.root={root!r} does not exist or is not a folder",
-                       path=root)
-  splits = {s: coco.read_captions(root, s) for s in dcfg.get("splits", ("train", "val"))}
-  if "train" not in splits:
-    raise DatasetError(f"config.data.splits={tuple(splits)} has no 'train'")
-  tokenizer = make_tokenizer(
-      dcfg, lambda: [c for caps in splits["train"].captions for c in caps], workdir)
-  size = int(dcfg.get("image_size", 224))
+  split_names = tuple(dcfg.get("splits", ("train", "val")))
+  if "train" not in split_names:
+    raise DatasetError(f"config.data.splits={split_names} has no 'train'")
   mode = str(dcfg.get("train_mode", "pairs"))
   eval_caption = int(dcfg.get("eval_caption", 0))
-  sources = {}
-  for split, index in splits.items():
-    if split == "train":
-      sources[split] = coco.CocoCaptionsSource(index, mode=mode)
-    else:
-      sources[split] = coco.CocoCaptionsSource(index, mode="eval",
-                                               caption_index=eval_caption)
+  content = {"splits": list(split_names)}
+  indexes = {}
+
+  def folders():
+    root = os.path.expandvars(os.path.expanduser(str(dcfg.get("root", ""))))
+    if not root or "$" in root:
+      raise DatasetError(f"config.data.root={dcfg.get('root')!r}: set it to the COCO folder "
+                         "(holding annotations/, train2017/, val2017/), e.g. "
+                         "--config.data.root=/data/coco")
+    if not os.path.isdir(root):
+      raise DatasetError(f"config.data.root={root!r} does not exist or is not a folder",
+                         path=root)
+    indexes.update({s: coco.read_captions(root, s) for s in split_names})
+    return {s: coco.CocoCaptionsSource(index, mode="images") for s, index in
+            indexes.items()}
+
+  stored = prepared.split_sources(dcfg, "coco_captions", folders, content)
+  if indexes:   # the folder: the sources as before (a decode per pair)
+    captions = {s: index.captions for s, index in indexes.items()}
+    sources = {s: coco.CocoCaptionsSource(
+        index, mode=mode if s == "train" else "eval",
+        caption_index=0 if s == "train" else eval_caption) for s, index in indexes.items()}
+  else:         # the prepared copy: captions read without decoding an image
+    captions = {s: src.column("captions") for s, src in stored.items()}
+    sources = {s: coco.CaptionItems(src, captions[s], mode=mode if s == "train" else "eval",
+                                    caption_index=0 if s == "train" else eval_caption)
+               for s, src in stored.items()}
+  tokenizer = make_tokenizer(dcfg, lambda: [c for caps in captions["train"] for c in caps],
+                             workdir)
+  size = int(dcfg.get("image_size", 224))
   from contrastjax.data.sources import cifar  # pylint: disable=g-import-not-at-top
   sources.update(cifar.clip_eval_sources(dcfg))
   scale = tuple(float(s) for s in dcfg.get("crop_scale", (0.9, 1.0)))
@@ -133,4 +148,5 @@ def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
               coco.Normalize(), coco.Tokenize(tokenizer)]
   eval_tf = [coco.ChooseCaption(), coco.ResizeCenterCrop(size), coco.Normalize(),
              coco.Tokenize(tokenizer)]
-  return DataSpec(sources=sources, train_transforms=train_tf, eval_transforms=eval_tf)
+  return DataSpec(sources=sources, train_transforms=train_tf, eval_transforms=eval_tf,
+                  content=content, prepare_sources=stored)
