@@ -327,10 +327,17 @@ def prepare(name: str, sources: Mapping[str, Any], out: str, *,
   it); an interrupted preparation leaves only TFDS's temporary folder, which the next call
   replaces.
 
+  ``out`` may be a bucket (``gs://...``, through ``etils.epath``): ArrayRecord has no
+  writer for it, so the dataset is prepared in a local temporary folder and uploaded,
+  ``dataset_info.json`` last (a dataset without it is not complete, and is redone).
+
   Raises:
     DatasetError: bad source files (all of them named, with split and index; nothing is
       kept), or examples whose keys or kinds differ.
   """
+  if "://" in str(out):
+    return _prepare_remote(name, sources, str(out), info=info, content=content,
+                           data_config=data_config, overwrite=overwrite, progress=progress)
   tfds = _tfds()
   path = dataset_dir(out, name)
   if not overwrite and os.path.exists(os.path.join(path, "dataset_info.json")):
@@ -393,6 +400,26 @@ def prepare(name: str, sources: Mapping[str, Any], out: str, *,
         download_dir=os.path.join(scratch, "downloads"),
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return Summary(path, *_split_stats(path), reused=False)
+
+
+def _prepare_remote(name: str, sources: Mapping[str, Any], out: str, **kw) -> Summary:
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  remote = epath.Path(out) / name / VERSION
+  overwrite = kw.pop("overwrite")
+  if not overwrite and (remote / "dataset_info.json").exists():
+    return Summary(str(remote), *_split_stats(str(remote)), reused=True)
+  with tempfile.TemporaryDirectory(prefix="contrastjax_prepare_") as local:
+    done = prepare(name, sources, local, overwrite=True, **kw)
+    if remote.exists():
+      remote.rmtree()
+    files = sorted(epath.Path(done.path).iterdir(),
+                   key=lambda f: (f.name == "dataset_info.json", f.name))
+    for f in files:
+      with open(f, "rb") as src, (remote / f.name).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+  return Summary(str(remote), done.examples, done.bytes, done.shards, reused=False)
 
 
 def _info_dict(info) -> dict[str, Any] | None:
