@@ -56,6 +56,6 @@ fi
 run $GC ssh "$NAME" --zone="$ZONE" $PROJECT_FLAG --worker=all --command "
   set -e; cd ~/contrastjax
   python3 -m venv ~/venv && . ~/venv/bin/activate
-  pip install -q -U pip && pip install -q -e . 'jax[tpu]'
+  pip install -q -U pip && pip install -q -e '.[gcs]' 'jax[tpu]'
   export CONTRASTJAX_DISTRIBUTED=1 ${DATA_DIR:+CONTRASTJAX_DATA_DIR=$DATA_DIR}
   $CMD"

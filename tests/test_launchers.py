@@ -75,7 +75,7 @@ def test_tpu_vm_commands():
   for c in (scp, unpack, train):
     assert "--worker=all" in c and "--project=proj" in c
   script = train[train.index("--command") + 1]
-  assert "pip install -q -e . 'jax[tpu]'" in script
+  assert "pip install -q -e '.[gcs]' 'jax[tpu]'" in script  # gcsfs: gs:// data and workdirs
   assert "export CONTRASTJAX_DISTRIBUTED=1 CONTRASTJAX_DATA_DIR=/mnt/data" in script
   assert script.rstrip().endswith(
       "python -m contrastjax.train --config=configs/condseg_kvasir.py --workdir=gs://b/r")
