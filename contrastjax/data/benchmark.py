@@ -215,16 +215,9 @@ def run(config, *, formats=("folder", "tfds"), workers=(0,), batches: int = 30,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  from contrastjax.data.prepare import config_from_flags  # pylint: disable=g-import-not-at-top
+  config = config_from_flags(argv)
   f = flags.FLAGS
-  if f.config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/condseg_kvasir.py")
-  config = f.config
-  if f.source:
-    with config.data.ignore_type():
-      config.data.root = f.source
   formats = [s for s in f.formats.split(",") if s]
   bad = sorted(set(formats) - {"folder", "tfds"})
   if bad:

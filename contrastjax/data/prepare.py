@@ -42,19 +42,27 @@ def prepare_from_config(config, out: str, name: str = "", *, overwrite: bool = F
                           overwrite=overwrite, progress=progress)
 
 
-def main(argv):
+def config_from_flags(argv):
+  """``--config`` of a data tool (``prepare``, ``benchmark``), ``--source`` applied as
+  ``config.data.root``; usage errors for extra arguments or a missing ``--config``."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
   f = flags.FLAGS
   if f.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/condseg_kvasir.py")
-  if not f.out:
-    raise app.UsageError("--out is required: the folder (or bucket path) to write to")
   config = f.config
   if f.source:
     with config.data.ignore_type():
       config.data.root = f.source
+  return config
+
+
+def main(argv):
+  config = config_from_flags(argv)
+  f = flags.FLAGS
+  if not f.out:
+    raise app.UsageError("--out is required: the folder (or bucket path) to write to")
   summary = prepare_from_config(config, f.out, f.dataset, overwrite=f.overwrite,
                                 progress=f.progress)
   print("\n".join(summary.lines()))
