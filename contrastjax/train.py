@@ -185,7 +185,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Records after the step being resumed from are replayed: the writer drops them.
     writer = metric_writer.MetricWriter(
         workdir, tensorboard=config.get("tensorboard", True), resume_step=resume_step or 0)
-    return _train(config, workdir, mesh, ckpt, writer, resume_step)
+    try:
+      return _train(config, workdir, mesh, ckpt, writer, resume_step)
+    except (ckpt_lib.CheckpointSaveError, workdir_lib.WorkdirError):
+      raise
+    except OSError as e:
+      # A write of the run's records (metrics.jsonl, events, pictures) failed: Pillow and
+      # plain file writes report it without a path. Name the workdir and what is intact.
+      if e.errno is None:
+        raise
+      last = ckpt.latest_step()
+      intact = (f"The last checkpoint, step {last}, is intact; make room (or fix the "
+                "cause) and rerun the same command to resume from it." if last is not None
+                else "No checkpoint was written yet.")
+      err = workdir_lib.RunWriteError(
+          f"writing the run's records (metrics, events, pictures) to {workdir}/ failed: "
+          f"[Errno {e.errno}] {e.strerror}" + (f" ({e.filename})" if e.filename else "")
+          + f". {intact}")
+      err.errno = e.errno
+      raise err from e
   finally:
     failing = sys.exc_info()[0] is not None
     try:

@@ -35,6 +35,11 @@ from contrastjax.errors import ConfigError
 LOCK_NAME = ".lock"
 
 
+class RunWriteError(OSError):
+  """Writing the run's records (metrics, TensorBoard events, pictures, curves) into the
+  workdir failed, e.g. a full disk; the checkpoints are intact (exit status 6)."""
+
+
 class WorkdirError(OSError):
   """A workdir that cannot be used: held by another run, not writable, or missing."""
 

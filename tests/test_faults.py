@@ -635,3 +635,30 @@ def test_a_writer_threads_os_error_is_one_warning_line(caplog, capsys):
   assert [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()] == [
       "the TensorBoard event writer stopped: [Errno 28] No space left on device "
       "(metrics.jsonl has the metrics)"]
+
+
+def test_full_disk_while_writing_records_names_the_workdir_and_the_intact_step(
+    tmp_path, monkeypatch):
+  """A write of the run's records (here metrics.jsonl at step 8; Pillow's pictures fail
+  the same way) that raises a path-less ``OSError`` on a full disk: the error names the
+  workdir and the intact checkpoint, and has exit status 6 (found by ConDSeg's full-disk
+  fault step in a CI dry run, where the pictures of an evaluation filled the disk before
+  the checkpoint save did)."""
+  from contrastjax import cli  # pylint: disable=g-import-not-at-top
+  cfg = _toy.toy_config(total_steps=12, ckpt_every_steps=4, eval_every_steps=4)
+  real = metric_writer.MetricWriter.write_scalars
+
+  def full_at_8(self, step, scalars):
+    if step == 8:
+      raise OSError(28, "No space left on device")
+    return real(self, step, scalars)
+
+  monkeypatch.setattr(metric_writer.MetricWriter, "write_scalars", full_at_8)
+  with pytest.raises(workdir_lib.RunWriteError) as e:
+    train_lib.train_and_evaluate(cfg, str(tmp_path / "run"))
+  text = str(e.value)
+  assert text.startswith(f"writing the run's records (metrics, events, pictures) to "
+                         f"{tmp_path / 'run'}/ failed: [Errno 28] No space left on device")
+  assert "The last checkpoint, step 4, is intact" in text, text
+  assert e.value.errno == 28 and cli.exit_code(e.value) == cli.EXIT_IO
+  assert _steps(tmp_path / "run" / "checkpoints") == [4]
