@@ -413,9 +413,14 @@ def _kill_and_resume(tmp_path, config: str, overrides: dict, *, total: int,
     assert p.returncode == 6, f"exit {p.returncode}\n{err[-3000:]}"
     errors = [l for l in err.splitlines() if l.startswith("ERROR: ")]
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    assert ("No space left on device" in errors[0] and f"step {max(good)}, is intact"
+    # The save that fails may be a checkpoint or a write of the run's records (an
+    # evaluation's pictures can fill the disk first, after one more checkpoint fitted):
+    # either way the line names the path and the last committed checkpoint, and nothing
+    # committed before is lost.
+    after = steps(killed / "checkpoints")
+    assert after[:len(good)] == good, (good, after)
+    assert ("No space left on device" in errors[0] and f"step {max(after)}, is intact"
             in errors[0] and f"to {killed}/" in errors[0]), errors[0]
-    assert steps(killed / "checkpoints") == good
     os.remove(filler)
   # 5. Finish.
   finish(run(killed), timeout)
