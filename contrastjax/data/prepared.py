@@ -61,8 +61,8 @@ VERSION = "1.0.0"
 KINDS, INFO, CONTENT, DATA_CONFIG = ("contrastjax_kinds", "contrastjax_info",
                                      "contrastjax_content", "contrastjax_data_config")
 #: PNG compression level (0-9). Lossless at every level: it trades file size for the time
-#: Pillow spends encoding (the cost of a preparation; level 6, Pillow's default, is ~4x
-#: slower on masks for ~10% smaller files).
+#: Pillow spends encoding (the cost of a preparation; level 6, Pillow's default, took
+#: ~4x as long on 256x256 masks, 10 ms against 2.2 ms).
 PNG_LEVEL = 1
 
 
