@@ -20,6 +20,7 @@ from contrastjax.data.errors import DatasetError
 from contrastjax.data.prepare import prepare_from_config
 from contrastjax.errors import ConfigError
 from contrastjax.data.tools import isprs_tiles
+from test_clip_cifar import write_cifar
 from test_clip_data import _coco
 from test_data_isprs import CROP, STRIDE, make_potsdam, make_vaihingen
 from test_data_loveda import make_loveda
@@ -224,8 +225,10 @@ def _coco_captions(tmp_path):
   root = tmp_path / "coco"
   _coco(str(root), "train", n_images=5)
   _coco(str(root), "val", n_images=3)
-  c = _config("clip_gap_coco.py", "cifar10=")   # CIFAR-10 is read from its own folder
+  write_cifar(str(tmp_path / "cifar"), n_train=8, n_test=6)
+  c = _config("clip_gap_coco.py", None)
   c.data.root = str(root)
+  c.data.cifar10_root = str(tmp_path / "cifar")   # zero-shot and probe splits, stored too
   c.data.image_size = 32
   return c
 

@@ -111,7 +111,11 @@ def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
     raise DatasetError(f"config.data.splits={split_names} has no 'train'")
   mode = str(dcfg.get("train_mode", "pairs"))
   eval_caption = int(dcfg.get("eval_caption", 0))
-  content = {"splits": list(split_names)}
+  from contrastjax.data.sources import cifar  # pylint: disable=g-import-not-at-top
+  with_cifar = bool(str(dcfg.get("cifar10_root", "") or ""))
+  content = {"splits": list(split_names),
+             "cifar10_prompt": (cifar.prompt_template(str(dcfg.get("cifar10_prompt", "photo")))
+                                if with_cifar else None)}
   indexes = {}
 
   def folders():
@@ -124,8 +128,10 @@ def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
       raise DatasetError(f"config.data.root={root!r} does not exist or is not a folder",
                          path=root)
     indexes.update({s: coco.read_captions(root, s) for s in split_names})
-    return {s: coco.CocoCaptionsSource(index, mode="images") for s, index in
-            indexes.items()}
+    out = {s: coco.CocoCaptionsSource(index, mode="images") for s, index in
+           indexes.items()}
+    out.update(cifar.clip_eval_sources(dcfg))   # the CIFAR-10 zero-shot / probe splits
+    return out
 
   stored = prepared.split_sources(dcfg, "coco_captions", folders, content)
   if indexes:   # the folder: the sources as before (a decode per pair)
@@ -134,15 +140,15 @@ def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
         index, mode=mode if s == "train" else "eval",
         caption_index=0 if s == "train" else eval_caption) for s, index in indexes.items()}
   else:         # the prepared copy: captions read without decoding an image
-    captions = {s: src.column("captions") for s, src in stored.items()}
-    sources = {s: coco.CaptionItems(src, captions[s], mode=mode if s == "train" else "eval",
+    captions = {s: stored[s].column("captions") for s in split_names}
+    sources = {s: coco.CaptionItems(stored[s], captions[s],
+                                    mode=mode if s == "train" else "eval",
                                     caption_index=0 if s == "train" else eval_caption)
-               for s, src in stored.items()}
+               for s in split_names}
+  sources.update({s: src for s, src in stored.items() if s not in split_names})
   tokenizer = make_tokenizer(dcfg, lambda: [c for caps in captions["train"] for c in caps],
                              workdir)
   size = int(dcfg.get("image_size", 224))
-  from contrastjax.data.sources import cifar  # pylint: disable=g-import-not-at-top
-  sources.update(cifar.clip_eval_sources(dcfg))
   scale = tuple(float(s) for s in dcfg.get("crop_scale", (0.9, 1.0)))
   train_tf = [coco.ChooseCaption(), coco.RandomResizedCrop(size, scale),
               coco.Normalize(), coco.Tokenize(tokenizer)]
