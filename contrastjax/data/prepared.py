@@ -307,13 +307,17 @@ def _first_readable(source) -> Mapping[str, Any] | None:
   return None
 
 
+def _bad_examples(name: str, errors: list[str]) -> DatasetError:
+  return DatasetError(f"dataset {name!r}: {len(errors)} bad example(s); nothing was "
+                      "written. Each:\n  " + "\n  ".join(errors))
+
+
 def _all_errors(name: str, sources: Mapping[str, Any]) -> DatasetError:
   errors: list[str] = []
   for split, source in sources.items():
     for _ in _iter_checked(source, split, errors):
       pass
-  return DatasetError(f"dataset {name!r}: {len(errors)} bad example(s); nothing was "
-                      "written. Each:\n  " + "\n  ".join(errors))
+  return _bad_examples(name, errors)
 
 
 def prepare(name: str, sources: Mapping[str, Any], out: str, *,
@@ -372,9 +376,7 @@ def prepare(name: str, sources: Mapping[str, Any], out: str, *,
       # Raised at the end of the last split, before TFDS finalises the dataset: every bad
       # file of every split is named, and nothing is kept.
       if errors and len(done) == len(splits):
-        raise DatasetError(
-            f"dataset {name!r}: {len(errors)} bad example(s); nothing was written. "
-            "Each:\n  " + "\n  ".join(errors))
+        raise _bad_examples(name, errors)
     return gen
 
   def bar(split, it):
