@@ -18,8 +18,10 @@ kernel allows it; ``ru_maxrss`` otherwise) and XLA's own memory analysis of the 
 step (temporaries, arguments, outputs).
 
 With ``--torch`` the method's PyTorch counterpart in ``benchmarks/<method>_torch.py``
-(APC so far: timm's ViT, torch's LSTM, the same heads and losses; its first-step loss
-equals ours, ``tests/test_apc_torch.py``) is timed on the same batch in the same process.
+is timed on the same batch in the same process: APC (timm's ViT, torch's LSTM, the same
+heads and losses; ``tests/test_apc_torch.py``) and CLIP (OpenCLIP's RN50 model, its
+``ClipLoss`` and AdamW groups; ``tests/test_clip_torch.py``). Those tests check that the
+first step's loss equals ours from the same weights.
 
 With ``--reference_dir`` (a checkout of github.com/Mengqi-Lei/ConDSeg) the reference
 ``network/model.py`` ConDSeg is imported from that checkout (``resnet50`` with
@@ -77,7 +79,7 @@ _REFERENCE_DIR = flags.DEFINE_string(
     "PyTorch train step on the same batch.")
 _TORCH = flags.DEFINE_bool(
     "torch", False, "Also time the method's PyTorch counterpart in "
-    "benchmarks/<method>_torch.py on the same batch (APC).")
+    "benchmarks/<method>_torch.py on the same batch (APC, CLIP).")
 _REFERENCE_STEPS = flags.DEFINE_integer(
     "reference_steps", None, "Timed PyTorch steps (default: --steps).")
 _XLA_FLAGS = flags.DEFINE_string(
@@ -498,7 +500,7 @@ def time_torch_steps(torch, step: Callable[[], Any], net, *, steps: int, warmup:
 
 
 #: Methods with a PyTorch counterpart under ``benchmarks/`` (not shipped in the package).
-COUNTERPARTS = {"apc": "apc_torch.py"}
+COUNTERPARTS = {"apc": "apc_torch.py", "clip": "clip_torch.py"}
 
 
 def counterpart_module(method: str, directory: str | None = None):

@@ -258,3 +258,115 @@ def build_clip(model_cfg: Mapping[str, Any], logit_scale_init: float) -> CLIP:
   d = int(model_cfg["embed_dim"])
   return CLIP(build_tower(model_cfg["image"], d, "image"),
               build_tower(model_cfg["text"], d, "text"), float(logit_scale_init))
+
+
+# ----------------------------------------------------------------------------- OpenCLIP import
+def _text_params_from_openclip(state: Mapping[str, np.ndarray], template: Mapping[str, Any],
+                               heads: int) -> tuple[dict[str, Any], set[str]]:
+  """:class:`TextTransformer` params from OpenCLIP's text keys (``token_embedding.weight``,
+  ``transformer.resblocks.N.attn.in_proj_weight`` (q|k|v rows), ``ln_final.*``,
+  ``text_projection``); returns ``(params, used keys)``."""
+  used: set[str] = set()
+
+  def take(key: str, shape: tuple[int, ...], transpose: bool = False) -> np.ndarray:
+    if key not in state:
+      raise KeyError(f"OpenCLIP text tower: missing key {key!r} in the state dict")
+    value = np.asarray(state[key], np.float32)
+    value = value.T if transpose else value
+    if value.shape != tuple(shape):
+      raise ValueError(f"OpenCLIP text tower: shape mismatch for {key!r}: expected "
+                       f"{tuple(shape)[::-1] if transpose else tuple(shape)}, got "
+                       f"{np.asarray(state[key]).shape}")
+    used.add(key)
+    return value
+
+  def norm(prefix: str, like) -> dict[str, np.ndarray]:
+    return {"scale": take(prefix + ".weight", like["scale"].shape),
+            "bias": take(prefix + ".bias", like["bias"].shape)}
+
+  t = template
+  width = t["positional_embedding"].shape[1]
+  hd = width // heads
+  proj_shape = t["text_projection"].shape
+  if "text_projection.weight" in state:   # OpenCLIP's proj_type='linear' (bias-free)
+    proj = take("text_projection.weight", proj_shape, transpose=True)
+  else:
+    proj = take("text_projection", proj_shape)
+  params: dict[str, Any] = {
+      "token_embedding": {"embedding": take("token_embedding.weight",
+                                            t["token_embedding"]["embedding"].shape)},
+      "positional_embedding": take("positional_embedding", t["positional_embedding"].shape),
+      "ln_final": norm("ln_final", t["ln_final"]),
+      "text_projection": proj}
+  for name, block in t.items():
+    if not name.startswith("resblocks_"):
+      continue
+    p = f"transformer.resblocks.{name.split('_', 1)[1]}."
+    w_in = take(p + "attn.in_proj_weight", (3 * width, width))
+    b_in = take(p + "attn.in_proj_bias", (3 * width,))
+    attn = {}
+    for j, part in enumerate(("query", "key", "value")):
+      rows = slice(j * width, (j + 1) * width)
+      attn[part] = {"kernel": w_in[rows].T.reshape(width, heads, hd),
+                    "bias": b_in[rows].reshape(heads, hd)}
+    attn["out"] = {"kernel": take(p + "attn.out_proj.weight", (width, width),
+                                  transpose=True).reshape(heads, hd, width),
+                   "bias": take(p + "attn.out_proj.bias", (width,))}
+    params[name] = {
+        "ln_1": norm(p + "ln_1", block["ln_1"]), "ln_2": norm(p + "ln_2", block["ln_2"]),
+        "attn": attn,
+        "c_fc": {"kernel": take(p + "mlp.c_fc.weight", block["c_fc"]["kernel"].shape, True),
+                 "bias": take(p + "mlp.c_fc.bias", block["c_fc"]["bias"].shape)},
+        "c_proj": {"kernel": take(p + "mlp.c_proj.weight", block["c_proj"]["kernel"].shape,
+                                  True),
+                   "bias": take(p + "mlp.c_proj.bias", block["c_proj"]["bias"].shape)}}
+  return params, used
+
+
+def load_openclip(variables: Mapping[str, Any], model: CLIP,
+                  path_or_state_dict: Any) -> dict[str, Any]:
+  """Imports a whole OpenCLIP ``CLIP`` checkpoint (``visual.*``, the text tower's keys,
+  ``logit_scale``) into the variables of a :class:`CLIP` whose image tower is
+  ``'modified_resnet'`` and text tower ``'transformer'`` (the paper's RN50).
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` of ``model`` (arrays or
+      ``jax.eval_shape`` structs).
+    model: The :class:`CLIP` (for the text tower's head count).
+    path_or_state_dict: ``.pt``/``.pth``/``.bin``, ``.npz`` or ``.safetensors`` file, or a
+      mapping of arrays / tensors (``open_clip.create_model('RN50').state_dict()``).
+
+  Returns:
+    New variables (NumPy leaves), every leaf replaced.
+
+  Raises:
+    KeyError: A missing key, or keys the model has no variable for (named).
+    ValueError: A shape mismatch (key, expected and found shape), or towers of other kinds.
+  """
+  from contrastjax.models import torch_import  # pylint: disable=import-outside-toplevel
+  if not (isinstance(model.image_tower, clip_resnet.ModifiedResNet)
+          and isinstance(model.text_tower, TextTransformer)):
+    raise ValueError("load_openclip needs image tower 'modified_resnet' and text tower "
+                     f"'transformer'; got {type(model.image_tower).__name__} and "
+                     f"{type(model.text_tower).__name__}")
+  state = torch_import.read_state_dict(path_or_state_dict)
+  params = variables["params"]
+  image_vars = {"params": params["image_tower"]}
+  if "batch_stats" in variables:
+    image_vars["batch_stats"] = variables["batch_stats"]["image_tower"]
+  image, _ = clip_resnet.load(image_vars, {k: v for k, v in state.items()
+                                           if k.startswith("visual.")})
+  text, used = _text_params_from_openclip(state, params["text_tower"], model.text_tower.heads)
+  if "logit_scale" not in state:
+    raise KeyError("OpenCLIP CLIP: missing key 'logit_scale' in the state dict")
+  used.add("logit_scale")
+  unused = sorted(k for k in state if not k.startswith("visual.") and k not in used)
+  if unused:
+    raise KeyError(f"OpenCLIP CLIP: unexpected key {unused[0]!r} in the state dict "
+                   f"({len(unused)} unexpected: {unused[:6]}); the model has no such "
+                   "variable")
+  new = {"params": {"image_tower": image["params"], "text_tower": text,
+                    "logit_scale": np.asarray(state["logit_scale"], np.float32).reshape(())}}
+  if "batch_stats" in variables:
+    new["batch_stats"] = {"image_tower": image["batch_stats"]}
+  return new

@@ -156,3 +156,38 @@ def coco_captions(dcfg, seed: int, workdir: str | None = None) -> DataSpec:
              coco.Tokenize(tokenizer)]
   return DataSpec(sources=sources, train_transforms=train_tf, eval_transforms=eval_tf,
                   content=content, prepare_sources=stored)
+
+
+def synthetic_caption_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict, int]:
+  """A COCO-captions training batch without reading data (benchmarks): ``image``
+  normalised float32 ``[B, S, S, 3]``, ``text`` int32 ``[B, context_length]`` laid out as
+  the tokenizers pack captions (start token, 8-20 word ids, the end-of-text token, which
+  has the largest id, ``config.data.max_vocab - 1``), then zeros), ``index`` int32 ``[B]``."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  size = int(dcfg.get("image_size", 224))
+  ctx = int(dcfg.get("context_length", 77))
+  vocab_size = int(dcfg.get("max_vocab", 0) or 49408)   # the configs' text vocab_size
+  eot, sot = vocab_size - 1, vocab_size - 2
+  text = np.zeros((batch_size, ctx), np.int32)
+  for row in text:
+    n = int(rng.integers(8, min(20, ctx - 2) + 1))
+    row[0], row[n + 1] = sot, eot
+    row[1:n + 1] = rng.integers(1, sot, n)
+  image = rng.standard_normal((batch_size, size, size, 3), dtype=np.float32)
+  return {"image": image, "text": text,
+          "index": np.arange(batch_size, dtype=np.int32)}, size
+
+
+def synthetic_pairs_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict, int]:
+  """A ``synthetic_pairs`` training batch drawn from the generator itself (it reads no
+  files): ``image`` ``[B, dim_x]``, ``text`` ``[B, dim_y]`` float32."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  source = synthetic_pairs(dcfg, seed=0).sources["train"]
+  rows = [source[i % len(source)] for i in range(seed * batch_size, (seed + 1) * batch_size)]
+  batch = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+  return batch, 0
+
+
+#: Maker name -> synthetic training batch (see ``data.builder.synthetic_batch``).
+SYNTHETIC = {"coco_captions": synthetic_caption_batch, "synthetic_pairs": synthetic_pairs_batch}
