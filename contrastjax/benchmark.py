@@ -5,7 +5,7 @@ to the reference PyTorch ConDSeg on the same batch and the same CPU.
       --config.batch_size=4 --config.data.image_size=256 --steps=10 \
       [--reference_dir=CONDSEG_CHECKOUT [--reference_device=cuda]] \
       [--xla_flags='--xla_cpu_...'] [--nocpu_flags] \
-      [--hugepages] [--init=host] [--json_out=bench.json]
+      [--hugepages] [--init=host] [--json_out=bench.json] [--results=results.jsonl]
 
 The JAX side goes through the real spine: ``contrastjax.spine.build_run`` builds
 the optimizer, the state shardings and ``spine.CompiledSteps``; the train step is then
@@ -20,8 +20,10 @@ step (temporaries, arguments, outputs).
 With ``--torch`` the method's PyTorch counterpart in ``benchmarks/<method>_torch.py``
 is timed on the same batch in the same process: APC (timm's ViT, torch's LSTM, the same
 heads and losses; ``tests/test_apc_torch.py``) and CLIP (OpenCLIP's RN50 model, its
-``ClipLoss`` and AdamW groups; ``tests/test_clip_torch.py``). Those tests check that the
-first step's loss equals ours from the same weights.
+``ClipLoss`` and AdamW groups; ``tests/test_clip_torch.py``) and SiamSeg (transformers'
+SegFormer encoder, the DAFormer head and SimSiam in the reference's names, DACS with
+kornia; ``tests/test_siamseg_torch.py``). Those tests check that the first step's loss
+equals ours from the same weights.
 
 With ``--reference_dir`` (a checkout of github.com/Mengqi-Lei/ConDSeg) the reference
 ``network/model.py`` ConDSeg is imported from that checkout (``resnet50`` with
@@ -79,7 +81,7 @@ _REFERENCE_DIR = flags.DEFINE_string(
     "PyTorch train step on the same batch.")
 _TORCH = flags.DEFINE_bool(
     "torch", False, "Also time the method's PyTorch counterpart in "
-    "benchmarks/<method>_torch.py on the same batch (APC, CLIP).")
+    "benchmarks/<method>_torch.py on the same batch (APC, CLIP, SiamSeg).")
 _REFERENCE_STEPS = flags.DEFINE_integer(
     "reference_steps", None, "Timed PyTorch steps (default: --steps).")
 _XLA_FLAGS = flags.DEFINE_string(
@@ -94,6 +96,9 @@ _REFERENCE_DEVICE = flags.DEFINE_string(
     "reference_device", "cpu", "torch device of the reference run: 'cpu', 'cuda', "
     "'cuda:N' or 'auto' (cuda when available).")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the results to this file.")
+_RESULTS = flags.DEFINE_string(
+    "results", "", "Append the results as one JSON line (with the command line and the "
+    "time) to this file, e.g. benchmarks/results.jsonl.")
 _DATA_SEED = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic batch.")
 _INIT = flags.DEFINE_enum(
     "init", "spine", ["spine", "host"], "How the train state is created: 'spine' jits "
@@ -500,7 +505,7 @@ def time_torch_steps(torch, step: Callable[[], Any], net, *, steps: int, warmup:
 
 
 #: Methods with a PyTorch counterpart under ``benchmarks/`` (not shipped in the package).
-COUNTERPARTS = {"apc": "apc_torch.py", "clip": "clip_torch.py"}
+COUNTERPARTS = {"apc": "apc_torch.py", "clip": "clip_torch.py", "siamseg": "siamseg_torch.py"}
 
 
 def counterpart_module(method: str, directory: str | None = None):
@@ -688,6 +693,17 @@ def main(argv):
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
+  if _RESULTS.value:
+    append_result(_RESULTS.value, result, argv=sys.argv)
+
+
+def append_result(path: str, result: dict[str, Any], argv: list[str]) -> None:
+  """Appends ``result`` with the command line and the UTC time as one JSON line."""
+  line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          "command": " ".join(argv), **result}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(line, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -45,11 +45,15 @@ def test_cli_smoke_demo_model(tmp_path):
   cmd = [sys.executable, "-m", "contrastjax.benchmark",
          "--config=configs/condseg_kvasir.py:demo,stage1", "--config.batch_size=2",
          "--config.data.image_size=32", "--steps=2", "--warmup=1", "--init=host",
-         "--xla_opt_level=0", f"--json_out={out}"]
+         "--xla_opt_level=0", f"--json_out={out}", f"--results={tmp_path}/r/results.jsonl"]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  (line,) = (tmp_path / "r" / "results.jsonl").read_text().splitlines()
+  appended = json.loads(line)
+  assert "--steps=2" in appended["command"] and appended["time"].endswith("Z")
+  assert appended["jax"]["times"] == json.loads(out.read_text())["jax"]["times"]
   for text in ("compile", "images/s", "peak RSS", "XLA_FLAGS"):
     assert text in proc.stdout, proc.stdout
   result = json.loads(out.read_text())
