@@ -96,8 +96,17 @@ def test_synthetic_batch_matches_the_training_pipeline(path):
 
 def test_synthetic_batch_for_a_dataset_without_one_is_named():
   config = _load_config("configs/clip_gap_coco.py", "demo")
-  with pytest.raises(ValueError, match="config.data.name='synthetic_pairs'.*no synthetic"):
+  config.data.name = "_toy:toy_data"   # a maker whose module has no SYNTHETIC entry
+  with pytest.raises(ValueError, match="config.data.name='_toy:toy_data'.*no synthetic"):
     benchmark.synthetic_batch_for(config)
+
+
+def test_every_built_in_dataset_has_a_synthetic_batch():
+  from contrastjax.data import builder  # pylint: disable=import-outside-toplevel
+  for name in sorted(builder._MAKERS):  # pylint: disable=protected-access
+    maker = builder.get_maker(name)
+    module = sys.modules[maker.__module__]
+    assert maker.__name__ in getattr(module, "SYNTHETIC", {}), name
 
 
 def test_reference_loss_matches_jax_stage2_loss():

@@ -176,7 +176,7 @@ def test_clip_step_8_devices_equals_1_device():
   assert m1["grad_norm"] > 0
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1.params),
                           jax.tree.leaves(s8.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_global_loss_under_8_devices_equals_numpy():
@@ -279,3 +279,48 @@ def test_bad_model_config_is_named():
   c.model.text = dict(name="mlp", widht=3)
   with pytest.raises(ValueError, match="config.model.text.widht"):
     clip_lib.CLIPMethod(c)
+
+
+def test_paper_towers_step_8_devices_equals_1_device():
+  """The paper's towers (OpenCLIP's ModifiedResNet and causal text Transformer, shrunk)
+  through the spine: their gathers (token embedding, end-of-text pooling) and attention
+  run under the 8-device mesh, with the same loss, gradient norm, BatchNorm statistics
+  and parameters as on 1 device. (The first version of the CLIP method failed to trace
+  them under the spine's explicit mesh: the COCO config could not start.)"""
+  from contrastjax.configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
+  from contrastjax.data import builder  # pylint: disable=g-import-not-at-top
+  c = clip_configs.get_config()
+  c.model.embed_dim = 16
+  c.model.image = dict(name="modified_resnet", layers=(1, 1, 1, 1), width=8, heads=4,
+                       image_size=32)
+  c.model.text = dict(name="transformer", vocab_size=50, context_length=12, width=16,
+                      layers=1, heads=2, mlp_ratio=2.0)
+  c.data.image_size, c.data.context_length, c.data.max_vocab = 32, 12, 50
+  c.batch_size, c.total_steps = 16, 10
+  # SGD: Adam would normalise the float-rounding noise of near-zero gradients (a key
+  # bias's is exactly zero in theory) into full-size, device-dependent steps.
+  c.optimizer = ml_collections.ConfigDict(dict(name="sgd", lr=0.1, momentum=0.9,
+                                               schedule="constant"))
+  batch, _ = builder.synthetic_batch(c, seed=0)
+  batch = {k: batch[k] for k in ("image", "text")}
+  method = clip_lib.CLIPMethod(c)
+  one = parallel.make_mesh(devices=jax.devices()[:1])
+  initial = _toy.initial_state(method, c, one, batch)
+  s1, m1 = _toy.run_steps(method, c, one, batch, n=1, initial=initial)
+  s8, m8 = _toy.run_steps(method, c, parallel.make_mesh(), batch, n=1, initial=initial)
+  for k in ("loss", "batch_gap", "beta", "grad_norm"):
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, err_msg=k)
+  assert m1["grad_norm"] > 0
+  # One step: each leaf's change (the gradient's step) agrees to 1% of its largest entry
+  # (BatchNorm's batch reductions and the loss's sum are ordered differently over 8
+  # devices, and this shrunk ResNet's 1x1 and 2x2 maps amplify rounding over steps).
+  def tree(s):
+    return {"params": s.params, "state": s.model_state}
+  changed = 0
+  for (path, a), b, a0 in zip(jax.tree_util.tree_leaves_with_path(tree(s1)),
+                              jax.tree.leaves(tree(s8)), jax.tree.leaves(tree(initial))):
+    change = np.abs(np.asarray(a) - a0).max()
+    changed += change > 0   # (zero-initialised bn3: no gradient into the residual
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * change + 1e-8,  # branches yet)
+                               err_msg=jax.tree_util.keystr(path))
+  assert changed > 30

@@ -50,6 +50,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from contrastjax import parallel
 from contrastjax.errors import ConfigError
@@ -229,6 +230,15 @@ class CLIPMethod(Method):
       raise ConfigError(f"config.clip.tau_init={self.tau_init}: 1/tau_init is outside "
                        f"[beta_min, beta_max] = [{self.beta_min}, {self.beta_max}]")
     self.model = clip_model.build_clip(config.model, nu0)
+    # Towers with gathers and attention (the text Transformer's token embedding and
+    # end-of-text pooling, the ModifiedResNet's attention pooling) are traced with GSPMD
+    # propagation under the spine's explicit mesh (``parallel.auto_axes``), as SiamSeg's
+    # and APC's networks; the MLP towers of the demo keep the explicit-sharding path.
+    self._auto = not all(isinstance(t, clip_model.MLPTower)
+                         for t in (self.model.image_tower, self.model.text_tower))
+
+  def _sharded(self, fn, out_spec):
+    return parallel.auto_axes(fn, out_spec) if self._auto else fn
 
   # ------------------------------------------------------------------ temperature
   def beta(self, nu: jax.Array, step: jax.Array) -> jax.Array:
@@ -254,6 +264,9 @@ class CLIPMethod(Method):
 
   # ------------------------------------------------------------------ set-up
   def init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
+    return self._sharded(self._init, P())(rng, batch)
+
+  def _init(self, rng: jax.Array, batch: PyTree) -> tuple[PyTree, PyTree, PyTree]:
     variables = self.model.init({"params": rng}, batch["image"], batch["text"],
                                 train=False)
     variables = dict(variables)
@@ -273,6 +286,9 @@ class CLIPMethod(Method):
   def loss_fn(self, params: PyTree, model_state: PyTree, extra: PyTree, batch: PyTree,
               rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[PyTree, Metrics]]:
     del extra
+    return self._sharded(self._loss, P())(params, model_state, batch, rng, step)
+
+  def _loss(self, params, model_state, batch, rng, step):
     out, _, new_state = self._apply(params, model_state, batch, train=True)
     h_x, h_y = out["image_embeds"], out["text_embeds"]
     nu = out["logit_scale"]
@@ -294,6 +310,9 @@ class CLIPMethod(Method):
               batch: PyTree) -> dict[str, jax.Array]:
     """``{'image_embeds', 'text_embeds'}``: unit-norm ``[B, D]`` float32."""
     del extra
+    return self._sharded(self._predict, P(parallel.DATA_AXIS))(params, model_state, batch)
+
+  def _predict(self, params, model_state, batch):
     out, _, _ = self._apply(params, model_state, batch, train=False)
     return {"image_embeds": out["image_embeds"], "text_embeds": out["text_embeds"]}
 
@@ -302,6 +321,9 @@ class CLIPMethod(Method):
     """InfoNCE of the batch's valid pairs at the current temperature (the learned one,
     or the schedule's final ``tau1`` / fixed ``tau0``)."""
     del extra
+    return self._sharded(self._eval_loss, P())(params, model_state, batch)
+
+  def _eval_loss(self, params, model_state, batch):
     out, _, _ = self._apply(params, model_state, batch, train=False)
     if self.mode == "learn":
       beta = self.param.beta(out["logit_scale"])
