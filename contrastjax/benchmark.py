@@ -289,6 +289,19 @@ def run_jax(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray],
     return _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh)
 
 
+def _xla_memory_mib(executable) -> dict[str, float]:
+  """XLA's memory analysis of a compiled step in MiB (empty where the backend has none)."""
+  try:
+    analysis = executable.memory_analysis()
+    if analysis is None:
+      return {}
+    return {k: round(getattr(analysis, f"{k}_size_in_bytes") / 2**20, 1)
+            for k in ("temp", "argument", "output", "alias", "generated_code")
+            if hasattr(analysis, f"{k}_size_in_bytes")}
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return {}
+
+
 def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
   memory = PeakMemory()
   parallel.check_batch_size(config.batch_size, mesh, "config.batch_size")
@@ -316,6 +329,10 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
   executable = lowered.compile(compiler_options=options or None)
   compile_s = time.perf_counter() - t0
   _progress(f"train step compiled in {compile_s:.1f} s")
+  xla_memory = _xla_memory_mib(executable)
+  if xla_memory:   # before the first step: an out-of-memory step shows its plan first
+    _progress("XLA memory plan: " + ", ".join(f"{k} {v / 1024:.2f} GiB"
+                                               for k, v in xla_memory.items() if v))
 
   box = [state]
   losses, first_metrics = [], {}
@@ -343,15 +360,8 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
          "first_step_metrics": {k: float(v) for k, v in
                                 jax.device_get(first_metrics).items()}}
   out.update(memory.result())
-  try:
-    analysis = executable.memory_analysis()
-    if analysis is not None:
-      out["xla_memory_mib"] = {
-          k: round(getattr(analysis, f"{k}_size_in_bytes") / 2**20, 1)
-          for k in ("temp", "argument", "output", "alias", "generated_code")
-          if hasattr(analysis, f"{k}_size_in_bytes")}
-  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
-    pass
+  if xla_memory:
+    out["xla_memory_mib"] = xla_memory
   try:
     cost = executable.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

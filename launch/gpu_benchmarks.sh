@@ -53,6 +53,7 @@ part() {  # part NAME SECONDS COMMAND...
 # 10-minute call; the SiamSeg MiT-B5 steps compile for several minutes each, so run them in
 # a call of their own: PARTS="siamseg_bf16_remat siamseg_f32" SIAMSEG_LIMIT=280. APC
 # (ViT-B/16 at 384 against timm + torch's LSTM): PARTS="apc apc_bf16" (needs timm).
+# CLIP (RN50 against open_clip): PARTS=clip (needs open_clip_torch).
 PARTS=${PARTS:-gap mit_b5 condseg}
 SIAMSEG_BATCH=${SIAMSEG_BATCH:-6}
 for p in $PARTS; do
@@ -70,15 +71,24 @@ for p in $PARTS; do
         --config.data.image_size=256 --steps=10 --warmup=3 --init=host \
         --reference_dir=third_party/ConDSeg --reference_device=cuda \
         --json_out="$OUT/condseg.json" ;;
-    siamseg_f32)  # SiamSeg UDA step (MiT-B5 + DAFormer head, 4 backbone passes), 512x512.
+    siamseg_f32)  # SiamSeg UDA step (MiT-B5 + DAFormer head, 4 backbone passes), 512x512,
+                  # vs its PyTorch counterpart (benchmarks/siamseg_torch.py).
       part siamseg_f32 ${SIAMSEG_LIMIT:-140} $PY -m contrastjax.benchmark \
         --config=configs/siamseg_loveda.py --config.batch_size=$SIAMSEG_BATCH --steps=5 \
-        --warmup=2 --init=host --json_out="$OUT/siamseg_b5_f32.json" ;;
+        --warmup=2 --init=host --torch --reference_device=cuda \
+        --json_out="$OUT/siamseg_b5_f32.json" ;;
     siamseg_bf16_remat)
       part siamseg_bf16_remat ${SIAMSEG_LIMIT:-140} $PY -m contrastjax.benchmark \
         --config=configs/siamseg_loveda.py --config.batch_size=$SIAMSEG_BATCH \
         --config.model.dtype=bfloat16 --config.model.remat=True --steps=5 --warmup=2 \
-        --init=host --json_out="$OUT/siamseg_b5_bf16_remat.json" ;;
+        --init=host --torch --reference_device=cuda \
+        --json_out="$OUT/siamseg_b5_bf16_remat.json" ;;
+    clip)  # CLIP step (OpenCLIP RN50 + text Transformer), 224x224, vs OpenCLIP itself
+           # (benchmarks/clip_torch.py).
+      part clip ${CLIP_LIMIT:-150} $PY -m contrastjax.benchmark \
+        --config=configs/clip_gap_coco.py --config.batch_size=${CLIP_BATCH:-256} \
+        --steps=10 --warmup=3 --init=host --torch --reference_device=cuda \
+        --json_out="$OUT/clip_f32.json" ;;
     apc)  # APC one-stage step (ViT-B/16 + HV-BiLSTM + LargeFOV + losses), 384x384, vs
           # its PyTorch counterpart (benchmarks/apc_torch.py: timm ViT + torch LSTM).
       part apc ${APC_LIMIT:-150} $PY -m contrastjax.benchmark --config=configs/apc_voc.py \

@@ -40,7 +40,7 @@ def _setup(c):
         p.add_(0.1 * torch.randn_like(p))
   method = clip_lib.CLIPMethod(c)
   batch, _ = builder.synthetic_batch(c, seed=1)
-  params, state, _ = method.init(jax.random.PRNGKey(0), batch)
+  params, state, _ = jax.eval_shape(method.init, jax.random.PRNGKey(0), batch)
   variables = counterpart.jax_params_from_torch(net, {"params": params, **state}, method.model)
   return counterpart, net, method, batch, variables
 
@@ -51,9 +51,12 @@ def test_torch_counterpart_computes_the_same_step():
   params = jax.tree.map(jnp.asarray, variables.pop("params"))
   state = jax.tree.map(jnp.asarray, variables)
   with jax.set_mesh(parallel.make_mesh(devices=jax.devices()[:1])):
-    def loss(p):
-      return method.loss_fn(p, state, {}, batch, jax.random.PRNGKey(1), 0)
-    (value, (new_state, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    @jax.jit
+    def loss_and_grad(p):
+      return jax.value_and_grad(
+          lambda p: method.loss_fn(p, state, {}, batch, jax.random.PRNGKey(1), 0),
+          has_aux=True)(p)
+    (value, (new_state, metrics)), grads = loss_and_grad(params)
 
   tb = counterpart.torch_batch(torch, batch)
   t_value, t_scale = counterpart.loss_fn(torch, net, tb)

@@ -92,7 +92,7 @@ def _load_config(spec):
   return module.get_config(arg) if arg else module.get_config()
 
 
-ALL_PARTS = "gap mit_b5 condseg siamseg_f32 siamseg_bf16_remat apc apc_bf16"
+ALL_PARTS = "gap mit_b5 condseg siamseg_f32 siamseg_bf16_remat clip apc apc_bf16"
 
 
 def test_gpu_benchmark_parts_name_what_exists(tmp_path):

@@ -220,6 +220,8 @@ def test_configs_load_variants_and_reject_typos(name):
   assert c.optimizer.lr == 6e-5 and c.total_steps == 40000 and c.batch_size == 24
   assert c.optimizer.warmup_steps == 1500 and c.optimizer.schedule == "warmup_poly_mmcv"
   assert c.siamseg.pseudo_threshold == 0.968 and c.siamseg.alpha == 0.999
+  # B5 at 512x512 without remat plans 52.9 GiB of temporaries at batch 2 (BENCHMARKS.md)
+  assert c.model.remat and c.model.scan_blocks and not mod.get_config("demo").model.remat
   assert mod.get_config("dacs").siamseg.variant == "dacs"
   assert mod.get_config("source_only").siamseg.variant == "source_only"
   assert mod.get_config("paper").siamseg.classmix_scope == "batch"

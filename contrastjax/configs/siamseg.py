@@ -42,7 +42,12 @@ from contrastjax.errors import ConfigError
 #: function; stochastic-depth draws come from another rng split than an unrolled model's),
 #: so XLA compiles B5's 52 blocks as 4: set it False for the unrolled ``block{i}_{j}``
 #: parameter layout (``mit.stack_blocks``/``unstack_blocks`` convert checkpoints).
-FULL_MODEL = dict(variant="b5", drop_path_rate=0.1, remat=False, scan_blocks=True,
+#: ``remat`` (default on): each encoder block's activations are recomputed in the backward
+#: pass. Without it XLA plans 52.9 GiB of temporaries for the step at 512x512 and batch 2
+#: (out of memory on a 24 GiB CPU host; PyTorch needs 9.7 GiB), with it 10.4 GiB
+#: (BENCHMARKS.md, session 13). The numbers are the same; ``--config.model.remat=False``
+#: for the first measurement.
+FULL_MODEL = dict(variant="b5", drop_path_rate=0.1, remat=True, scan_blocks=True,
                   fusion="sep_aspp",
                   embed_dims=256, channels=256, dropout_ratio=0.1, simsiam_dim=2048,
                   dtype="float32")
