@@ -283,11 +283,7 @@ def run_torch(config, batch_np: dict[str, np.ndarray], *, steps: int, warmup: in
   if bench is None:
     from contrastjax import benchmark as bench  # pylint: disable=import-outside-toplevel
   B = bench  # noqa: N806
-  torch = _torch()
-  memory = B.PeakMemory()
-  if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch.set_num_threads(threads)
+  torch, memory, device = B.counterpart_setup(device, threads)
   o = _options(config)
   net = build(config).to(device)
   opt = optimizer(torch, net, config)

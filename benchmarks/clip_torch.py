@@ -118,11 +118,7 @@ def run_torch(config, batch_np: dict[str, np.ndarray], *, steps: int, warmup: in
   the timing helpers (default ``contrastjax.benchmark``)."""
   if bench is None:
     from contrastjax import benchmark as bench  # pylint: disable=import-outside-toplevel
-  torch = _torch()
-  memory = bench.PeakMemory()
-  if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch.set_num_threads(threads)
+  torch, memory, device = bench.counterpart_setup(device, threads)
   net = build(config).to(device)
   opt = optimizer(torch, net, config)
   batch = torch_batch(torch, batch_np, device)

@@ -383,11 +383,7 @@ def run_torch(config, batch_np, *, steps: int, warmup: int, threads: int,
   ``backward()`` in turn, ``opt.step()``, the EMA update."""
   if bench is None:
     from contrastjax import benchmark as bench  # pylint: disable=import-outside-toplevel
-  torch = _torch()
-  memory = bench.PeakMemory()
-  if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch.set_num_threads(threads)
+  torch, memory, device = bench.counterpart_setup(device, threads)
   o = _options(config)
   net = build(config).to(device)
   teacher = make_teacher(net) if o.variant != "source_only" else None

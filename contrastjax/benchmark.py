@@ -536,6 +536,17 @@ def counterpart_module(method: str, directory: str | None = None):
   return module
 
 
+def counterpart_setup(device: str, threads: int):
+  """For ``benchmarks/<method>_torch.py``: ``(torch, PeakMemory(), device)`` with the
+  device ``'auto'`` resolved (CUDA when torch sees one) and torch's CPU threads set."""
+  import torch  # pylint: disable=import-outside-toplevel
+  memory = PeakMemory()
+  if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.set_num_threads(threads)
+  return torch, memory, device
+
+
 def run_counterpart(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray], *,
                     steps: int, warmup: int, threads: int, device: str = "cpu"
                     ) -> dict[str, Any]:

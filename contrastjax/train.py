@@ -194,6 +194,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # plain file writes report it without a path. Name the workdir and what is intact.
       if e.errno is None:
         raise
+      # A save still in flight either commits (then it is the last intact checkpoint)
+      # or fails (then it is not one): wait for it before naming the step.
+      try:
+        ckpt.wait()
+      except ckpt_lib.CheckpointSaveError as save_error:
+        logging.warning("the checkpoint save in flight failed as well: %s",
+                        str(save_error).splitlines()[0])
       last = ckpt.latest_step()
       intact = (f"The last checkpoint, step {last}, is intact; make room (or fix the "
                 "cause) and rerun the same command to resume from it." if last is not None

@@ -662,3 +662,24 @@ def test_full_disk_while_writing_records_names_the_workdir_and_the_intact_step(
   assert "The last checkpoint, step 4, is intact" in text, text
   assert e.value.errno == 28 and cli.exit_code(e.value) == cli.EXIT_IO
   assert _steps(tmp_path / "run" / "checkpoints") == [4]
+
+
+def test_records_error_names_the_checkpoint_a_save_in_flight_commits(tmp_path, monkeypatch):
+  """The records write fails two steps after checkpoint 8 was submitted (asynchronously):
+  the message names the last checkpoint that is intact once the save in flight has
+  finished, the one a rerun resumes from (a CI dry run saw "step 6, is intact" while
+  step 8 committed during the shutdown)."""
+  cfg = _toy.toy_config(total_steps=12, ckpt_every_steps=4, eval_every_steps=4)
+  real = metric_writer.MetricWriter.write_scalars
+
+  def full_at_10(self, step, scalars):   # the next logged step after the save
+    if step == 10:
+      raise OSError(28, "No space left on device")
+    return real(self, step, scalars)
+
+  monkeypatch.setattr(metric_writer.MetricWriter, "write_scalars", full_at_10)
+  with pytest.raises(workdir_lib.RunWriteError) as e:
+    train_lib.train_and_evaluate(cfg, str(tmp_path / "run"))
+  committed = _steps(tmp_path / "run" / "checkpoints")
+  assert committed == [4, 8]
+  assert f"The last checkpoint, step {max(committed)}, is intact" in str(e.value), str(e.value)
