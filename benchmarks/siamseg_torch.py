@@ -28,14 +28,14 @@ when timing, it draws them itself with kornia and NumPy as the reference does.
 from __future__ import annotations
 
 import copy
-import math
+import inspect
 from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = 255
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+from contrastjax.augment import views
+from contrastjax.augment.views import IMAGENET_MEAN, IMAGENET_STD  # 0..255 scale
+from contrastjax.methods.siamseg_losses import IGNORE_INDEX
 
 
 def _torch():
@@ -192,7 +192,7 @@ def build(config, seed: int = 0):
 
 def make_teacher(net):
   """The EMA teacher: a copy of the segmentor, BatchNorm on batch statistics, no dropout
-  or stochastic depth (as ours; the reference's teacher has drop path 0 as well)."""
+  or stochastic depth (as ours: ``contrastjax.methods.dacs.EMATeacher``)."""
   torch = _torch()
   teacher = copy.deepcopy(net.model)
   for p in teacher.parameters():
@@ -253,10 +253,10 @@ def class_mix_masks(torch, labels, rng: np.random.Generator):
   return torch.stack(masks)
 
 
-def strong_augment(torch, images, config, rng: np.random.Generator):
-  """DACS ``color_jitter`` + ``gaussian_blur`` (kornia), batch-wide switches as ours."""
+def strong_augment(torch, images, o, rng: np.random.Generator):
+  """DACS ``color_jitter`` + ``gaussian_blur`` (kornia), batch-wide switches as ours;
+  ``o``: the ``SiamSegOptions``."""
   import kornia  # pylint: disable=import-outside-toplevel
-  o = _options(config)
   mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
   std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
   if rng.uniform() > o.color_jitter_probability:
@@ -266,22 +266,22 @@ def strong_augment(torch, images, config, rng: np.random.Generator):
     images = (x * 255.0 - mean) / std
   if o.blur and rng.uniform() > 0.5:
     sigma = float(rng.uniform(0.15, 1.15))
-    size = [int(math.floor(math.ceil(0.1 * n) - 0.5 + math.ceil(0.1 * n) % 2))
-            for n in images.shape[2:]]
-    images = kornia.filters.GaussianBlur2d(tuple(size), (sigma, sigma))(images)
+    size = tuple(views.blur_kernel_size(n) for n in images.shape[2:])
+    images = kornia.filters.GaussianBlur2d(size, (sigma, sigma))(images)
   return images
 
 
-def simsiam_views(torch, images, config):
-  """Two SimSiam views (``sim_aug_transform``) with kornia, draws per image."""
+def simsiam_views(torch, images, o):
+  """Two SimSiam views (``sim_aug_transform``) with kornia, draws per image; the
+  parameters are ours (``views.simsiam_view``'s defaults and ``o.views``)."""
   import kornia  # pylint: disable=import-outside-toplevel
   k = kornia.augmentation
-  v = dict(color_jitter_strength=0.25, color_jitter_p=0.4, grayscale_p=0.1, blur_p=0.5,
-           flip_p=0.5, crop_scale=(0.6, 1.0))
-  v.update(dict(_options(config).views))
+  v = {name: p.default for name, p in inspect.signature(views.simsiam_view).parameters.items()
+       if p.default is not inspect.Parameter.empty and name not in ("mean", "std")}
+  v.update(dict(o.views))
   h, w = images.shape[2:]
   s = v["color_jitter_strength"]
-  blur_size = int(math.floor(math.ceil(0.1 * h) - 0.5 + math.ceil(0.1 * h) % 2))
+  blur_size = views.blur_kernel_size(h)
   aug = torch.nn.Sequential(
       k.RandomResizedCrop((h, w), scale=tuple(v["crop_scale"])),
       k.ColorJitter(s, s, s, s, p=v["color_jitter_p"]),
@@ -298,7 +298,7 @@ def _ema_step(torch, teacher, student, step: int, alpha: float) -> None:
       t.mul_(a).add_(s.detach(), alpha=1.0 - a)
 
 
-def loss_terms(torch, net, teacher, o, batch, draws=None, config=None, rng=None):
+def loss_terms(torch, net, teacher, o, batch, draws=None, rng=None):
   """The step's loss terms as functions, in the reference's order: calling each runs its
   forward pass and returns ``(value, parts)`` (the caller back-propagates it before calling
   the next). ``draws`` (``{'mask', 'strong': callable, 'views': (q, k)}``) replaces the
@@ -326,7 +326,7 @@ def loss_terms(torch, net, teacher, o, batch, draws=None, config=None, rng=None)
       mask = draws["mask"] if draws else class_mix_masks(torch, ys, rng)
       m4 = mask.unsqueeze(1)
       mixed = m4 * xs + (1 - m4) * xt
-      mixed = draws["strong"](mixed) if draws else strong_augment(torch, mixed, config, rng)
+      mixed = draws["strong"](mixed) if draws else strong_augment(torch, mixed, o, rng)
       mixed_label = torch.where(mask > 0, ys, pseudo)
       mixed_weight = mask + (1 - mask) * weight
     loss = seg_ce(torch, net(mixed), mixed_label, class_weight, mixed_weight)
@@ -337,7 +337,7 @@ def loss_terms(torch, net, teacher, o, batch, draws=None, config=None, rng=None)
     return terms
 
   def contrast():
-    q, k = draws["views"] if draws else simsiam_views(torch, xt, config)
+    q, k = draws["views"] if draws else simsiam_views(torch, xt, o)
     loss = simsiam_loss(torch, *net.simsiam(q, k))
     return o.contrastive_weight * loss, {"loss_contrastive": loss}
 
@@ -399,7 +399,7 @@ def run_torch(config, batch_np, *, steps: int, warmup: int, threads: int,
   def one():
     opt.zero_grad(set_to_none=True)
     total = 0.0
-    for term in loss_terms(torch, net, teacher, o, batch, config=config, rng=rng):
+    for term in loss_terms(torch, net, teacher, o, batch, rng=rng):
       if low:
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
           value, _ = term()

@@ -637,6 +637,23 @@ def test_a_writer_threads_os_error_is_one_warning_line(caplog, capsys):
       "(metrics.jsonl has the metrics)"]
 
 
+def _records_fail_at(step: int, tmp_path, monkeypatch):
+  """A toy run (12 steps, checkpoints every 4) whose metrics write at ``step`` fails as on
+  a full disk; returns the ``pytest.raises`` info of its ``RunWriteError``."""
+  cfg = _toy.toy_config(total_steps=12, ckpt_every_steps=4, eval_every_steps=4)
+  real = metric_writer.MetricWriter.write_scalars
+
+  def full_at(self, at, scalars):
+    if at == step:
+      raise OSError(28, "No space left on device")
+    return real(self, at, scalars)
+
+  monkeypatch.setattr(metric_writer.MetricWriter, "write_scalars", full_at)
+  with pytest.raises(workdir_lib.RunWriteError) as e:
+    train_lib.train_and_evaluate(cfg, str(tmp_path / "run"))
+  return e
+
+
 def test_full_disk_while_writing_records_names_the_workdir_and_the_intact_step(
     tmp_path, monkeypatch):
   """A write of the run's records (here metrics.jsonl at step 8; Pillow's pictures fail
@@ -645,17 +662,7 @@ def test_full_disk_while_writing_records_names_the_workdir_and_the_intact_step(
   fault step in a CI dry run, where the pictures of an evaluation filled the disk before
   the checkpoint save did)."""
   from contrastjax import cli  # pylint: disable=g-import-not-at-top
-  cfg = _toy.toy_config(total_steps=12, ckpt_every_steps=4, eval_every_steps=4)
-  real = metric_writer.MetricWriter.write_scalars
-
-  def full_at_8(self, step, scalars):
-    if step == 8:
-      raise OSError(28, "No space left on device")
-    return real(self, step, scalars)
-
-  monkeypatch.setattr(metric_writer.MetricWriter, "write_scalars", full_at_8)
-  with pytest.raises(workdir_lib.RunWriteError) as e:
-    train_lib.train_and_evaluate(cfg, str(tmp_path / "run"))
+  e = _records_fail_at(8, tmp_path, monkeypatch)
   text = str(e.value)
   assert text.startswith(f"writing the run's records (metrics, events, pictures) to "
                          f"{tmp_path / 'run'}/ failed: [Errno 28] No space left on device")
@@ -669,17 +676,7 @@ def test_records_error_names_the_checkpoint_a_save_in_flight_commits(tmp_path, m
   the message names the last checkpoint that is intact once the save in flight has
   finished, the one a rerun resumes from (a CI dry run saw "step 6, is intact" while
   step 8 committed during the shutdown)."""
-  cfg = _toy.toy_config(total_steps=12, ckpt_every_steps=4, eval_every_steps=4)
-  real = metric_writer.MetricWriter.write_scalars
-
-  def full_at_10(self, step, scalars):   # the next logged step after the save
-    if step == 10:
-      raise OSError(28, "No space left on device")
-    return real(self, step, scalars)
-
-  monkeypatch.setattr(metric_writer.MetricWriter, "write_scalars", full_at_10)
-  with pytest.raises(workdir_lib.RunWriteError) as e:
-    train_lib.train_and_evaluate(cfg, str(tmp_path / "run"))
+  e = _records_fail_at(10, tmp_path, monkeypatch)   # the next logged step after the save
   committed = _steps(tmp_path / "run" / "checkpoints")
   assert committed == [4, 8]
   assert f"The last checkpoint, step {max(committed)}, is intact" in str(e.value), str(e.value)

@@ -32,6 +32,7 @@ import numpy as np
 
 from contrastjax.models import clip_resnet
 from contrastjax.models import resnet
+from contrastjax.models import torch_import
 from contrastjax.errors import ConfigError
 
 Array = jax.Array
@@ -343,7 +344,6 @@ def load_openclip(variables: Mapping[str, Any], model: CLIP,
     KeyError: A missing key, or keys the model has no variable for (named).
     ValueError: A shape mismatch (key, expected and found shape), or towers of other kinds.
   """
-  from contrastjax.models import torch_import  # pylint: disable=import-outside-toplevel
   if not (isinstance(model.image_tower, clip_resnet.ModifiedResNet)
           and isinstance(model.text_tower, TextTransformer)):
     raise ValueError("load_openclip needs image tower 'modified_resnet' and text tower "

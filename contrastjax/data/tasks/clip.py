@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 
 from absl import logging
+import numpy as np
 
 from contrastjax.data.builder import DataSpec
 from contrastjax.data import prepared
@@ -163,7 +164,6 @@ def synthetic_caption_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict,
   normalised float32 ``[B, S, S, 3]``, ``text`` int32 ``[B, context_length]`` laid out as
   the tokenizers pack captions (start token, 8-20 word ids, the end-of-text token, which
   has the largest id, ``config.data.max_vocab - 1``), then zeros), ``index`` int32 ``[B]``."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   size = int(dcfg.get("image_size", 224))
   ctx = int(dcfg.get("context_length", 77))
@@ -182,7 +182,6 @@ def synthetic_caption_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict,
 def synthetic_pairs_batch(dcfg, batch_size: int, seed: int = 0) -> tuple[dict, int]:
   """A ``synthetic_pairs`` training batch drawn from the generator itself (it reads no
   files): ``image`` ``[B, dim_x]``, ``text`` ``[B, dim_y]`` float32."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
   source = synthetic_pairs(dcfg, seed=0).sources["train"]
   rows = [source[i % len(source)] for i in range(seed * batch_size, (seed + 1) * batch_size)]
   batch = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
