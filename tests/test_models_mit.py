@@ -397,14 +397,20 @@ def test_scan_blocks_weight_import_and_export():
     mit.stack_blocks({"block1_0": {}, "block1_2": {}})
 
 
-@pytest.mark.parametrize("kernel,padding,dilation", [(3, 1, 1), (3, 6, 6), (3, 18, 18),
-                                                      (5, 2, 1)])
-def test_depthwise_conv_implementations_agree(kernel, padding, dilation):
+@pytest.mark.parametrize("kernel,padding,dilation,block_rows", [
+    (3, 1, 1, None), (3, 6, 6, None), (3, 18, 18, None), (5, 2, 1, None),
+    (3, 1, 1, 4), (3, 6, 6, 5)])  # block_rows: the kernel gradient in row blocks
+def test_depthwise_conv_implementations_agree(kernel, padding, dilation, block_rows,
+                                              monkeypatch):
   x = images((2, 13, 11, 6), 4)
-  shifts = mit.DepthwiseConv2d(kernel, padding, dilation, impl="shifts")
-  conv = mit.DepthwiseConv2d(kernel, padding, dilation, impl="conv")
-  variables = random_variables(jax.eval_shape(shifts.init, jax.random.key(0), x), 1)
-  # Independent reference: a direct loop over taps in NumPy (zero padding, dilation).
+  if block_rows is not None:  # ~block_rows output rows per block, the last one partial
+    monkeypatch.setattr(mit, "DEPTHWISE_GRAD_BLOCK_BYTES", 2 * 11 * 6 * 4 * block_rows)
+  modules = {impl: mit.DepthwiseConv2d(kernel, padding, dilation, impl=impl)
+             for impl in ("shifts", "shifts_autodiff", "conv")}
+  variables = random_variables(
+      jax.eval_shape(modules["shifts"].init, jax.random.key(0), x), 1)
+  # Independent reference: a direct loop over taps in NumPy (zero padding, dilation), and
+  # its gradient of sum(y^2): dy = 2y; dx and dk by the same loop transposed.
   xn, kn = np.asarray(x, np.float64), np.asarray(variables["params"]["kernel"], np.float64)
   xp = np.pad(xn, ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)))
   ho = 13 + 2 * padding - dilation * (kernel - 1)
@@ -413,12 +419,49 @@ def test_depthwise_conv_implementations_agree(kernel, padding, dilation):
   for i in range(kernel):
     for j in range(kernel):
       want += xp[:, i * dilation:i * dilation + ho, j * dilation:j * dilation + wo] * kn[i, j, 0]
-  for module in (shifts, conv):
-    np.testing.assert_allclose(module.apply(variables, x), want, rtol=1e-5, atol=1e-5)
-  grads = [jax.grad(lambda v, m=m: jnp.sum(jnp.square(m.apply(v, x))))(variables)
-           for m in (shifts, conv)]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
-  low = mit.DepthwiseConv2d(kernel, padding, dilation, impl="conv", dtype=jnp.bfloat16)
-  assert low.apply(variables, x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
-  with pytest.raises(ValueError, match="impl must be 'auto', 'shifts' or 'conv'"):
+  dy = 2 * want
+  dxp, dk = np.zeros_like(xp), np.zeros_like(kn)
+  for i in range(kernel):
+    for j in range(kernel):
+      rows, cols = slice(i * dilation, i * dilation + ho), slice(j * dilation, j * dilation + wo)
+      dxp[:, rows, cols] += dy * kn[i, j, 0]
+      dk[i, j, 0] = np.sum(xp[:, rows, cols] * dy, axis=(0, 1, 2))
+  dx = dxp[:, padding:padding + 13, padding:padding + 11]
+  for impl, module in modules.items():
+    np.testing.assert_allclose(module.apply(variables, x), want, rtol=1e-5, atol=1e-5,
+                               err_msg=impl)
+    gv, gx = jax.grad(lambda v, x, m=module: jnp.sum(jnp.square(m.apply(v, x))),
+                      (0, 1))(variables, x)
+    np.testing.assert_allclose(gx, dx, rtol=1e-4, atol=1e-4, err_msg=impl)
+    np.testing.assert_allclose(gv["params"]["kernel"], dk, rtol=1e-4, atol=1e-4, err_msg=impl)
+    np.testing.assert_allclose(gv["params"]["bias"], dy.sum((0, 1, 2)), rtol=1e-4,
+                               atol=1e-4, err_msg=impl)
+  for impl in ("shifts", "conv"):
+    low = mit.DepthwiseConv2d(kernel, padding, dilation, impl=impl, dtype=jnp.bfloat16)
+    xb = x.astype(jnp.bfloat16)
+    assert low.apply(variables, xb).dtype == jnp.bfloat16
+    gv, gx = jax.grad(lambda v, x, m=low: jnp.sum(jnp.square(m.apply(v, x).astype(
+        jnp.float32))), (0, 1))(variables, xb)
+    assert gx.dtype == jnp.bfloat16 and gv["params"]["kernel"].dtype == jnp.float32
+    np.testing.assert_allclose(gv["params"]["kernel"], dk, rtol=0.05, atol=0.05 * np.abs(dk).max())
+  with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'shifts', "
+                     r"'shifts_autodiff', 'conv'\), got 'fft'"):
     mit.DepthwiseConv2d(kernel, padding, dilation, impl="fft").apply(variables, x)
+
+
+def test_depthwise_shifts_gradient_keeps_no_shifted_copies(monkeypatch):
+  """XLA:CPU materialises every tap's shifted view for the kernel-gradient reductions of
+  the autodiff form (nine input-sized copies); the hand-written backward pass keeps at
+  most a row block of each (here 1/16 of the map; 16 MiB by default). XLA's own memory
+  plan of the gradient shows it."""
+  x = jax.ShapeDtypeStruct((2, 64, 64, 256), jnp.float32)
+  view = 2 * 64 * 64 * 256 * 4
+  monkeypatch.setattr(mit, "DEPTHWISE_GRAD_BLOCK_BYTES", view // 16)
+  temps = {}
+  for impl in ("shifts", "shifts_autodiff"):
+    m = mit.DepthwiseConv2d(3, 6, 6, impl=impl)
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda v, x, m=m: jnp.sum(jnp.square(m.apply(v, x))), (0, 1)))
+    temps[impl] = grad.lower(v, x).compile().memory_analysis().temp_size_in_bytes
+  assert temps["shifts_autodiff"] >= 8 * view, temps  # the copies this test is about
+  assert temps["shifts"] <= 4 * view, temps  # padded input and gradient, row blocks

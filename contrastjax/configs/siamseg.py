@@ -47,15 +47,22 @@ from contrastjax.errors import ConfigError
 #: (out of memory on a 24 GiB CPU host; PyTorch needs 9.7 GiB), with it 10.4 GiB
 #: (BENCHMARKS.md, session 13). The numbers are the same; ``--config.model.remat=False``
 #: for the first measurement.
+#: ``depthwise``: how every depthwise convolution (MixFFN, ASPP) is computed, the same
+#: function (``models.mit.DepthwiseConv2d``). ``'auto'``: on CPUs the shifted sum with its
+#: hand-written backward pass (XLA's own gradient of it materialises nine shifted copies
+#: of each input: 7.6 against 1.5 GiB of temporaries on the head's dilated layers), on
+#: GPUs/TPUs XLA's grouped convolution. The demo keeps ``'shifts_autodiff'`` (XLA's
+#: gradient), with which its README numbers were measured: the two gradients differ in
+#: float rounding only.
 FULL_MODEL = dict(variant="b5", drop_path_rate=0.1, remat=True, scan_blocks=True,
                   fusion="sep_aspp",
                   embed_dims=256, channels=256, dropout_ratio=0.1, simsiam_dim=2048,
-                  dtype="float32")
+                  dtype="float32", depthwise="auto")
 #: The demo network: a 4-stage MiT with one block per stage and narrow widths, head 32 wide.
 DEMO_MODEL = dict(variant="b0", drop_path_rate=0.0, remat=False, scan_blocks=False,
                   fusion="sep_aspp",
                   embed_dims=32, channels=32, dropout_ratio=0.1, simsiam_dim=128,
-                  dtype="float32",
+                  dtype="float32", depthwise="shifts_autodiff",
                   backbone=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1),
                                 num_heads=(1, 2, 4, 8)))
 

@@ -73,6 +73,7 @@ class ConvModule(nn.Module):
     depthwise: Depthwise convolution (``groups = channels``; ``features`` must equal
       the input channels).
     dtype: Compute dtype.
+    depthwise_impl: :class:`mit.DepthwiseConv2d` ``impl`` of a depthwise convolution.
   """
   features: int
   kernel_size: int = 1
@@ -80,6 +81,7 @@ class ConvModule(nn.Module):
   dilation: int = 1
   depthwise: bool = False
   dtype: Dtype | None = None
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -89,7 +91,8 @@ class ConvModule(nn.Module):
         raise ValueError(f"depthwise ConvModule keeps the width: {x.shape[-1]} -> "
                          f"{self.features}")
       x = mit.DepthwiseConv2d(self.kernel_size, self.padding, self.dilation, use_bias=False,
-                              dtype=self.dtype, kernel_init=KAIMING_FAN_OUT, name="conv")(x)
+                              dtype=self.dtype, kernel_init=KAIMING_FAN_OUT,
+                              impl=self.depthwise_impl, name="conv")(x)
     else:
       x = Conv2d(self.features, self.kernel_size, 1, self.padding, self.dilation,
                  use_bias=False, dtype=self.dtype, kernel_init=KAIMING_FAN_OUT,
@@ -105,18 +108,21 @@ class DepthwiseSeparableConvModule(nn.Module):
     kernel_size: Depthwise kernel size.
     dilation: Depthwise dilation (padding ``dilation * (k // 2)``).
     dtype: Compute dtype.
+    depthwise_impl: :class:`mit.DepthwiseConv2d` ``impl``.
   """
   features: int
   kernel_size: int = 3
   dilation: int = 1
   dtype: Dtype | None = None
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """``[B, H, W, C]`` -> ``[B, H, W, features]``."""
     pad = self.dilation * (self.kernel_size // 2)
     x = ConvModule(x.shape[-1], self.kernel_size, pad, self.dilation, depthwise=True,
-                   dtype=self.dtype, name="depthwise_conv")(x, train)
+                   dtype=self.dtype, depthwise_impl=self.depthwise_impl,
+                   name="depthwise_conv")(x, train)
     return ConvModule(self.features, 1, dtype=self.dtype, name="pointwise_conv")(x, train)
 
 
@@ -130,12 +136,14 @@ class ASPPWrapper(nn.Module):
       instead of dilated 3x3 ConvModules (``ASPPModule``).
     pool: Add the image-pooling branch (global average -> 1x1 ConvModule -> broadcast).
     dtype: Compute dtype.
+    depthwise_impl: :class:`mit.DepthwiseConv2d` ``impl`` of the separable branches.
   """
   channels: int = 256
   dilations: Sequence[int] = (1, 6, 12, 18)
   sep: bool = True
   pool: bool = False
   dtype: Dtype | None = None
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -150,6 +158,7 @@ class ASPPWrapper(nn.Module):
         branch = ConvModule(self.channels, 1, dtype=self.dtype, name=f"aspp_{i}")
       elif self.sep:
         branch = DepthwiseSeparableConvModule(self.channels, 3, d, dtype=self.dtype,
+                                              depthwise_impl=self.depthwise_impl,
                                               name=f"aspp_{i}")
       else:
         branch = ConvModule(self.channels, 3, d, d, dtype=self.dtype, name=f"aspp_{i}")
@@ -171,6 +180,8 @@ class DAFormerHead(nn.Module):
     pool: ASPP image-pooling branch (False in the reference config).
     dropout_ratio: ``Dropout2d`` rate before ``conv_seg`` (rng stream ``'dropout'``).
     dtype: Compute dtype (parameters and BN statistics stay float32).
+    depthwise_impl: :class:`mit.DepthwiseConv2d` ``impl`` of the ASPP's depthwise
+      convolutions.
   """
   num_classes: int
   embed_dims: int = 256
@@ -180,6 +191,7 @@ class DAFormerHead(nn.Module):
   pool: bool = False
   dropout_ratio: float = 0.1
   dtype: Dtype | None = None
+  depthwise_impl: str = "auto"
 
   @nn.compact
   def __call__(self, features: Sequence[Array], *, train: bool,
@@ -211,7 +223,8 @@ class DAFormerHead(nn.Module):
       x = ConvModule(self.channels, 1, dtype=self.dtype, name="fuse_layer")(x, train)
     else:
       x = ASPPWrapper(self.channels, self.dilations, self.fusion == "sep_aspp", self.pool,
-                      dtype=self.dtype, name="fuse_layer")(x, train)
+                      dtype=self.dtype, depthwise_impl=self.depthwise_impl,
+                      name="fuse_layer")(x, train)
     fused = x
     x = nn.Dropout(self.dropout_ratio, broadcast_dims=(1, 2))(x, deterministic=det)
     logits = Conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
@@ -360,6 +373,9 @@ class SiamSegNet(nn.Module):
       whole batch; ``N``: per group of ``N`` consecutive images (the reference's
       unsynchronised ``BatchNorm1d`` on GPUs holding ``N`` images each).
     dtype: Compute dtype (parameters and BN statistics stay float32).
+    depthwise: Implementation of every depthwise convolution (encoder MixFFNs and the
+      head's ASPP), one of :data:`mit.DEPTHWISE_IMPLS`: the same function; ``'auto'``
+      is the low-memory shifted form on CPUs and XLA's grouped convolution elsewhere.
   """
   num_classes: int
   variant: str = "b5"
@@ -374,14 +390,16 @@ class SiamSegNet(nn.Module):
   simsiam_dim: int = 2048
   simsiam_bn_group_size: int = 0
   dtype: Dtype = jnp.float32
+  depthwise: str = "auto"
 
   def setup(self):
     self.backbone = mit.mit(self.variant, drop_path_rate=self.drop_path_rate,
                             remat=self.remat, scan_blocks=self.scan_blocks,
-                            dtype=self.dtype, **dict(self.backbone_overrides))
+                            dtype=self.dtype, depthwise=self.depthwise,
+                            **dict(self.backbone_overrides))
     self.decode_head = DAFormerHead(self.num_classes, self.embed_dims, self.channels,
                                     self.fusion, dropout_ratio=self.dropout_ratio,
-                                    dtype=self.dtype)
+                                    dtype=self.dtype, depthwise_impl=self.depthwise)
     self.contrast = SimSiam(self.backbone.embed_dims[-1], self.simsiam_dim, self.dtype,
                             self.simsiam_bn_group_size)
 

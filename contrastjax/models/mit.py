@@ -31,6 +31,7 @@ bfloat16 with float32 parameters (LayerNorm statistics and softmax stay float32)
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -76,17 +77,115 @@ CONFIGS: dict[str, dict[str, tuple[int, ...]]] = {
 }
 
 
+def _depthwise_taps(k: int, d: int, p: int, h: int, w: int, ho: int, wo: int
+                    ) -> list[tuple[int, int]]:
+  """The kernel taps ``(i, j)`` of a ``k x k`` depthwise convolution that see at least one
+  input value (taps that only ever see the padding, e.g. large dilations on small maps,
+  contribute nothing and are skipped)."""
+  rows = [i for i in range(k) if not (i * d + ho <= p or i * d >= p + h)]
+  cols = [j for j in range(k) if not (j * d + wo <= p or j * d >= p + w)]
+  return [(i, j) for i in rows for j in cols]
+
+
+def _shifted_sum(x: Array, kernel: Array, k: int, p: int, d: int) -> Array:
+  """Depthwise convolution (stride 1, no bias) as the sum of shifted views of the padded
+  input times the per-channel tap weights, accumulated and returned in at least float32."""
+  _, h, w, c = x.shape
+  ho, wo = h + 2 * p - d * (k - 1), w + 2 * p - d * (k - 1)
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+  out = jnp.zeros((x.shape[0], ho, wo, c), acc_dtype)
+  for i, j in _depthwise_taps(k, d, p, h, w, ho, wo):
+    view = lax.slice(xp, (0, i * d, j * d, 0), (xp.shape[0], i * d + ho, j * d + wo, c))
+    out = out + view.astype(acc_dtype) * kernel[i, j, 0].astype(acc_dtype)
+  return out
+
+
+#: Bytes of one tap's view per row block in :func:`_shifted_sum_bwd`'s kernel gradient
+#: (16 MiB: nine such views stay in cache-friendly, bounded temporaries).
+DEPTHWISE_GRAD_BLOCK_BYTES = 1 << 24
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _shifted_sum_low_memory(x: Array, kernel: Array, k: int, p: int, d: int) -> Array:
+  """:func:`_shifted_sum` with a hand-written backward pass that keeps only ``x`` and
+  the kernel (see :class:`DepthwiseConv2d`, ``impl='shifts'``)."""
+  return _shifted_sum(x, kernel, k, p, d)
+
+
+def _shifted_sum_fwd(x, kernel, k, p, d):
+  return _shifted_sum(x, kernel, k, p, d), (x, kernel)
+
+
+def _shifted_sum_bwd(k, p, d, residuals, g):
+  """Input gradient: the sum of the output gradient times each tap weight, placed back
+  at the tap's offset (``lax.pad`` with negative edges crops), one fused loop. Kernel
+  gradient: per tap, the sum over batch and pixels of the tap's view times the output
+  gradient, in blocks of rows (``lax.fori_loop``) so that XLA:CPU, which materialises
+  each view for its reduction, never holds more than nine row blocks of views."""
+  x, kernel = residuals
+  b, h, w, c = x.shape
+  ho, wo = g.shape[1], g.shape[2]
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  taps = _depthwise_taps(k, d, p, h, w, ho, wo)
+  ga = g.astype(acc_dtype)
+  zero = jnp.zeros((), acc_dtype)
+  dx = zero
+  for i, j in taps:
+    top, left = i * d - p, j * d - p
+    dx = dx + lax.pad(ga * kernel[i, j, 0].astype(acc_dtype), zero,
+                      ((0, 0, 0), (top, h - top - ho, 0), (left, w - left - wo, 0),
+                       (0, 0, 0)))
+  rows = max(1, min(ho, DEPTHWISE_GRAD_BLOCK_BYTES
+                    // (b * wo * c * jnp.dtype(acc_dtype).itemsize)))
+  blocks = -(-ho // rows)
+  xp = jnp.pad(x, ((0, 0), (p, p + blocks * rows - ho), (p, p), (0, 0)))
+
+  def tap_sums(r0, g_rows):
+    return jnp.stack([
+        jnp.sum(lax.dynamic_slice(xp, (0, r0 + i * d, j * d, 0),
+                                  (b, g_rows.shape[1], wo, c)).astype(acc_dtype) * g_rows,
+                axis=(0, 1, 2)) for i, j in taps])
+
+  if blocks == 1:
+    sums = tap_sums(0, ga)
+  else:
+    gp = jnp.pad(ga, ((0, 0), (0, blocks * rows - ho), (0, 0), (0, 0)))  # zero rows add 0
+    sums = lax.fori_loop(
+        0, blocks,
+        lambda r, total: total + tap_sums(r * rows, lax.dynamic_slice_in_dim(gp, r * rows,
+                                                                            rows, 1)),
+        jnp.zeros((len(taps), c), acc_dtype))
+  dk = jnp.zeros(kernel.shape, acc_dtype)
+  for t, (i, j) in enumerate(taps):
+    dk = dk.at[i, j, 0].set(sums[t])
+  return (dx.astype(x.dtype) if taps else jnp.zeros_like(x)), dk.astype(kernel.dtype)
+
+
+_shifted_sum_low_memory.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
+
+#: ``DepthwiseConv2d.impl`` values.
+DEPTHWISE_IMPLS = ("auto", "shifts", "shifts_autodiff", "conv")
+
+
 class DepthwiseConv2d(nn.Module):
   """``nn.Conv2d(C, C, k, groups=C)`` (stride 1) in NHWC with an HWIO ``[k, k, 1, C]`` kernel.
 
-  Two implementations of the same function (``impl``):
+  Implementations of the same function (``impl``):
 
   * ``'shifts'``: the sum of ``k * k`` shifted views of the zero-padded input times the
     per-channel tap weights (accumulated in at least float32), which XLA fuses into one
-    elementwise loop. On XLA:CPU the grouped convolution is ~10x slower forward+backward
-    (3.7 s against 0.35 s on a 1x128x128x256 map). Taps that only ever see the padding
-    (large dilations on small maps) are skipped. Its backward pass keeps the shifted
-    views alive, which costs memory on large maps.
+    elementwise loop, with a hand-written backward pass (``jax.custom_vjp``) that keeps
+    only the input and computes the kernel gradient in row blocks. On XLA:CPU the
+    grouped convolution is ~10x slower forward+backward (3.7 s against 0.35 s on a
+    1x128x128x256 map). Taps that only ever see the padding (large dilations on small
+    maps) are skipped.
+  * ``'shifts_autodiff'``: the same forward with XLA's own gradient. XLA:CPU then
+    materialises every tap's shifted view for the kernel-gradient reductions (nine
+    input-sized copies per convolution): on DAFormer's three dilated 4x128x128x1024
+    depthwise layers 7.6 GiB of temporaries and 6.3 s against 1.5 GiB and 2.5 s for
+    ``'shifts'`` (BENCHMARKS.md). Same function, gradients equal up to float
+    rounding; the SiamSeg demo config keeps it so that its README numbers stay bitwise.
   * ``'conv'``: ``lax.conv_general_dilated`` with ``feature_group_count = C`` (cuDNN's
     depthwise kernels on GPUs, the MXU path on TPUs); on an H200 the MiT-B5 SiamSeg step
     needs several times less memory this way (BENCHMARKS.md).
@@ -102,7 +201,7 @@ class DepthwiseConv2d(nn.Module):
     param_dtype: Parameter dtype.
     kernel_init: Kernel initialiser.
     precision: ``lax`` precision of the ``'conv'`` implementation.
-    impl: ``'auto'``, ``'shifts'`` or ``'conv'`` (see above).
+    impl: One of :data:`DEPTHWISE_IMPLS` (see above).
   """
   kernel_size: int = 3
   padding: int = 1
@@ -117,6 +216,9 @@ class DepthwiseConv2d(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Filters each channel of ``[B, H, W, C]`` input separately."""
+    if self.impl not in DEPTHWISE_IMPLS:
+      raise ValueError(f"DepthwiseConv2d.impl must be one of {DEPTHWISE_IMPLS}, got "
+                       f"{self.impl!r}")
     k, p, d, c = self.kernel_size, self.padding, self.dilation, x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), self.param_dtype)
     bias = (self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
@@ -136,22 +238,10 @@ class DepthwiseConv2d(nn.Module):
           rhs_dilation=(d, d), dimension_numbers=("NHWC", "HWIO", "NHWC"),
           feature_group_count=c, precision=self.precision)
       return out + bias if bias is not None else out
-    if impl != "shifts":
-      raise ValueError(f"DepthwiseConv2d.impl must be 'auto', 'shifts' or 'conv', got "
-                       f"{self.impl!r}")
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
-    out = jnp.zeros((x.shape[0], ho, wo, c), acc_dtype)
-    for i in range(k):
-      if i * d + ho <= p or i * d >= p + h:  # rows of this tap are all padding
-        continue
-      for j in range(k):
-        if j * d + wo <= p or j * d >= p + w:
-          continue
-        view = lax.slice(xp, (0, i * d, j * d, 0), (xp.shape[0], i * d + ho, j * d + wo, c))
-        out = out + view.astype(acc_dtype) * kernel[i, j, 0].astype(acc_dtype)
+    shifted_sum = _shifted_sum_low_memory if impl == "shifts" else _shifted_sum
+    out = shifted_sum(x, kernel, k, p, d)
     if bias is not None:
-      out = out + bias.astype(acc_dtype)
+      out = out + bias.astype(out.dtype)
     return out.astype(x.dtype)
 
 
@@ -277,17 +367,20 @@ class MixFFN(nn.Module):
     hidden_features: Width of the hidden layer (``mlp_ratio * C``).
     dtype: Compute dtype.
     precision: ``lax`` precision.
+    depthwise: :class:`DepthwiseConv2d` ``impl``.
   """
   hidden_features: int
   dtype: Dtype = jnp.float32
   precision: Any = None
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """``[B, H, W, C]`` -> ``[B, H, W, C]``."""
     c = x.shape[-1]
     y = _dense(self.hidden_features, True, self.dtype, self.precision, "fc1")(x)
-    y = DepthwiseConv2d(3, 1, dtype=self.dtype, precision=self.precision, name="dwconv")(y)
+    y = DepthwiseConv2d(3, 1, dtype=self.dtype, precision=self.precision,
+                        impl=self.depthwise, name="dwconv")(y)
     y = nn.gelu(y, approximate=False)
     return _dense(c, True, self.dtype, self.precision, "fc2")(y)
 
@@ -305,6 +398,7 @@ class Block(nn.Module):
     eps: LayerNorm epsilon.
     dtype: Compute dtype.
     precision: ``lax`` precision.
+    depthwise: :class:`DepthwiseConv2d` ``impl`` of the MixFFN.
   """
   num_heads: int
   sr_ratio: int
@@ -314,6 +408,7 @@ class Block(nn.Module):
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
   precision: Any = None
+  depthwise: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -334,7 +429,8 @@ class Block(nn.Module):
                                self.dtype, self.precision, name="attn")(y)
     x = x + drop(y)
     y = _layer_norm(self.eps, self.dtype, "norm2")(x)
-    y = MixFFN(self.mlp_ratio * c, self.dtype, self.precision, name="mlp")(y)
+    y = MixFFN(self.mlp_ratio * c, self.dtype, self.precision, self.depthwise,
+               name="mlp")(y)
     return x + drop(y)
 
 
@@ -373,6 +469,8 @@ class MixVisionTransformer(nn.Module):
       :func:`load` / :func:`to_torch_state_dict` accept both.
     dtype: Compute dtype (e.g. ``jnp.bfloat16``); parameters stay ``param``-float32.
     precision: ``lax`` precision of matmuls and convolutions.
+    depthwise: The MixFFN depthwise convolutions' implementation, one of
+      :data:`DEPTHWISE_IMPLS` (see :class:`DepthwiseConv2d`; the same function).
   """
   embed_dims: Sequence[int] = _WIDE
   depths: Sequence[int] = (3, 6, 40, 3)
@@ -388,6 +486,7 @@ class MixVisionTransformer(nn.Module):
   scan_blocks: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = None
+  depthwise: str = "auto"
 
   def drop_path_rates(self) -> list[float]:
     """Per-block stochastic-depth rates, ``linspace(0, drop_path_rate, sum(depths))``."""
@@ -440,13 +539,13 @@ class MixVisionTransformer(nn.Module):
                         in_axes=0, length=self.depths[i])
         x, _ = stage(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio, 0.0,
                      self.qkv_bias, self.eps, self.dtype, self.precision,
-                     deterministic=not drops, name=f"block{i + 1}")(
+                     self.depthwise, deterministic=not drops, name=f"block{i + 1}")(
                          x, jnp.asarray(stage_rates, jnp.float32))
       else:
         for j in range(self.depths[i]):
           x = block_cls(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio,
                         rates[cur + j], self.qkv_bias, self.eps, self.dtype,
-                        self.precision, name=f"block{i + 1}_{j}")(x, det)
+                        self.precision, self.depthwise, name=f"block{i + 1}_{j}")(x, det)
       cur += self.depths[i]
       x = _layer_norm(self.eps, self.dtype, f"norm{i + 1}")(x)
       outs.append(x)
