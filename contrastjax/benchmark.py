@@ -38,6 +38,16 @@ appended to ``$XLA_FLAGS`` before JAX initialises, and ``--cpu_flags`` (default 
 adds ``contrastjax.platform.CPU_XLA_FLAGS`` as the trainer does. Compare flag settings
 by running the command once per setting. ``--hugepages`` re-runs the command with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (both frameworks allocate through glibc).
+
+On a known GPU (:data:`PEAK_TFLOPS`, or ``--peak_tflops``) the model FLOP utilisation is
+reported: XLA's FLOPs per step over the step time and the device's peak. The persistent
+compilation cache is used only when ``$CONTRASTJAX_COMPILATION_CACHE`` (or JAX's own
+cache flag) names one, as ``launch/gpu_benchmarks.sh`` does: a rerun then loads the
+compiled step, and its "compile" time is the load.
+
+``--sweep=batch=2,4,8`` (or ``resolution=...``, or config keys) runs the command once per
+value in fresh processes and writes a table and a plot of how step time and memory grow
+(:mod:`contrastjax.sweep`).
 """
 from __future__ import annotations
 
@@ -74,7 +84,8 @@ HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config, e.g. configs/condseg_kvasir.py (any :ARG works).",
     lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (after the warm-up).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (after the warm-up); 0 "
+                              "compiles the step only (XLA's memory plan and FLOPs).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps run before timing.")
 _REFERENCE_DIR = flags.DEFINE_string(
     "reference_dir", "", "Checkout of github.com/Mengqi-Lei/ConDSeg: also time its "
@@ -111,6 +122,19 @@ _XLA_OPT_LEVEL = flags.DEFINE_integer(
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "jax_num_cpu_devices: split the host into this many XLA CPU "
     "devices (the batch is sharded over them, as over accelerators).")
+_SWEEP = flags.DEFINE_string(
+    "sweep", "", "AXIS=V1,V2,...: run this benchmark once per value, each in a fresh "
+    "process, and write a table and a plot of step time and memory against the value "
+    "(AXIS: 'batch', 'resolution' or config keys joined by '+'; see contrastjax.sweep).")
+_SWEEP_OUT = flags.DEFINE_string(
+    "sweep_out", "", "Folder for the sweep's sweep.{jsonl,md,png} (default: "
+    "sweeps/<method>_<axis>).")
+_SWEEP_TIMEOUT = flags.DEFINE_float(
+    "sweep_timeout", None, "Seconds each sweep point may run before it is recorded as "
+    "failed.")
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", None, "The device's peak TFLOP/s for the model FLOP utilisation "
+    "(default: known GPUs' dense bfloat16 / TF32 peaks, see PEAK_TFLOPS).")
 _HUGEPAGES = flags.DEFINE_bool(
     "hugepages", False, "Re-run this command with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: "
     "glibc then backs its large allocations (XLA's per-step temporary buffers, "
@@ -289,6 +313,44 @@ def run_jax(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray],
     return _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh)
 
 
+#: Dense peak TFLOP/s per device for model FLOP utilisation (MFU = XLA's FLOPs per step
+#: / step time / peak), by a substring of ``device_kind``: bfloat16 tensor cores, and
+#: TF32 for float32 (XLA's default precision of float32 matmuls on these GPUs). The
+#: first match wins (H100 PCIe before the SXM default). ``--peak_tflops`` overrides.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.4, "float32": 494.7}),
+    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The peak for ``device_kind`` in compute ``dtype`` (``--peak_tflops`` if given;
+  None for unknown devices, CPUs included)."""
+  if flags.FLAGS.is_parsed() and _PEAK_TFLOPS.value:
+    return float(_PEAK_TFLOPS.value)
+  for name, peaks in PEAK_TFLOPS:
+    if name in device_kind:
+      return peaks.get(dtype)
+  return None
+
+
+def _cost_and_devices(executable) -> dict[str, Any]:
+  """XLA's FLOPs per step (where the backend reports them) and the devices."""
+  out: dict[str, Any] = {}
+  try:
+    cost = executable.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:
+      out["xla_gflops_per_step"] = float(cost["flops"]) / 1e9
+  except Exception:  # pylint: disable=broad-except
+    pass
+  devices = jax.devices()
+  out["devices"] = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+  return out
+
+
 def _xla_memory_mib(executable) -> dict[str, float]:
   """XLA's memory analysis of a compiled step in MiB (empty where the backend has none)."""
   try:
@@ -333,6 +395,13 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
   if xla_memory:   # before the first step: an out-of-memory step shows its plan first
     _progress("XLA memory plan: " + ", ".join(f"{k} {v / 1024:.2f} GiB"
                                                for k, v in xla_memory.items() if v))
+  compiled = {"init": init, "init_s": init_s, "trace_lower_s": lower_s,
+              "compile_s": compile_s, "compiler_options": options}
+  if xla_memory:
+    compiled["xla_memory_mib"] = xla_memory
+  compiled.update(_cost_and_devices(executable))
+  if steps == 0:   # --steps=0: compile only
+    return {**compiled, "steps": 0, **memory.result()}
 
   box = [state]
   losses, first_metrics = [], {}
@@ -351,8 +420,7 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
   _progress(f"first step in {first_step_s:.2f} s")
   times, usage = time_steps(step, steps, max(warmup - 1, 0))
   _progress(f"{steps} timed steps, median {statistics.median(times):.4f} s")
-  out = {"init": init, "init_s": init_s, "trace_lower_s": lower_s, "compile_s": compile_s,
-         "compiler_options": options, "first_step_s": first_step_s,
+  out = {**compiled, "first_step_s": first_step_s,
          **_summary(times, config.batch_size), **usage,
          "losses": [float(x) for x in jax.device_get(losses)], "times": times,
          # Same batch and (with --init=host) the same parameters in every run: compare
@@ -360,17 +428,12 @@ def _run_jax(config, batch_np, steps, warmup, init, xla_opt_level, mesh):
          "first_step_metrics": {k: float(v) for k, v in
                                 jax.device_get(first_metrics).items()}}
   out.update(memory.result())
-  if xla_memory:
-    out["xla_memory_mib"] = xla_memory
-  try:
-    cost = executable.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and "flops" in cost:
-      out["xla_gflops_per_step"] = float(cost["flops"]) / 1e9
-  except Exception:  # pylint: disable=broad-except
-    pass
+  peak = peak_tflops(jax.devices()[0].device_kind, str(config.model.get("dtype", "float32")))
+  if peak and "xla_gflops_per_step" in out:
+    # XLA's cost analysis of the partitioned program counts one device's share.
+    out["peak_tflops"] = peak
+    out["mfu"] = out["xla_gflops_per_step"] / out["step_s_median"] / (peak * 1e3)
   devices = jax.devices()
-  out["devices"] = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
   stats = devices[0].memory_stats()
   if stats:
     out["device_peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
@@ -607,8 +670,15 @@ def format_report(result: dict[str, Any]) -> str:
       f"config: method={result['method']} batch={result['batch_size']} "
       f"image={result['image_size']} model={result['model']}",
       f"JAX ({j['devices']}): init {_fmt_s(j['init_s'])}, trace+lower "
-      f"{_fmt_s(j['trace_lower_s'])}, compile {_fmt_s(j['compile_s'])}, first step "
-      f"{_fmt_s(j['first_step_s'])}",
+      f"{_fmt_s(j['trace_lower_s'])}, compile {_fmt_s(j['compile_s'])}"
+      + (f", first step {_fmt_s(j['first_step_s'])}" if j["steps"] else
+         "; compile only (--steps=0)"
+         + (f"; XLA {j['xla_memory_mib']}" if "xla_memory_mib" in j else "")
+         + (f"; {j['xla_gflops_per_step']:.1f} GFLOP/step" if "xla_gflops_per_step" in j
+            else "")),
+  ]
+  if j["steps"]:
+    lines += [
       f"  step: mean {_fmt_s(j['step_s_mean'])}, median {_fmt_s(j['step_s_median'])}, "
       f"min {_fmt_s(j['step_s_min'])} over {j['steps']} steps; "
       f"{j['images_per_s']:.2f} images/s",
@@ -618,8 +688,12 @@ def format_report(result: dict[str, Any]) -> str:
       f"{j['phase_rss_increase_mib']} MiB)"
       + (f"; XLA {j['xla_memory_mib']}" if "xla_memory_mib" in j else "")
       + (f"; {j['xla_gflops_per_step']:.1f} GFLOP/step" if "xla_gflops_per_step" in j
+         else "")
+      + (f"; MFU {100 * j['mfu']:.1f}% of {j['peak_tflops']:g} TFLOP/s" if "mfu" in j
          else ""),
-  ]
+    ]
+  if result.get("compilation_cache"):
+    lines.insert(3, f"persistent compilation cache: {result['compilation_cache']}")
   if j.get("device_peak_bytes_in_use"):
     lines.append(f"  device memory: peak {j['device_peak_bytes_in_use'] / 2**20:.0f} MiB "
                  "in use (whole process)")
@@ -655,8 +729,11 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   Set XLA flags (:func:`set_xla_flags`) before calling: this starts the JAX backend.
   The arguments are those of the command line (see the module docstring).
   """
-  if steps < 1:
-    raise ValueError(f"steps must be at least 1, got {steps}")
+  if steps < 0:
+    raise ValueError(f"steps must be at least 0 (0: compile only), got {steps}")
+  if steps == 0 and (torch or reference_dir):
+    raise ValueError("--steps=0 compiles the JAX step only: drop --torch/--reference_dir "
+                     "or time at least one step")
   threads = threads or _usable_cores()
   batch_np, image_size = synthetic_batch_for(config, data_seed)
   result: dict[str, Any] = {
@@ -700,8 +777,15 @@ def main(argv):
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-m", "contrastjax.benchmark", *sys.argv[1:]],
               env)
+  if _SWEEP.value:
+    sys.exit(_run_sweep(_CONFIG.value))
   set_xla_flags(_XLA_FLAGS.value,
                 _CPU_FLAGS.value and bool(_CONFIG.value.get("xnn_fusion", True)))
+  cache = ""
+  if os.environ.get("CONTRASTJAX_COMPILATION_CACHE") or jax.config.jax_compilation_cache_dir:
+    # Only when asked for: a cache hit would time loading, not compiling.
+    from contrastjax import platform  # pylint: disable=import-outside-toplevel
+    cache = platform.configure_compilation_cache()
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
@@ -710,12 +794,32 @@ def main(argv):
                torch=_TORCH.value,
                data_seed=_DATA_SEED.value, init=_INIT.value,
                xla_opt_level=_XLA_OPT_LEVEL.value)
+  result["compilation_cache"] = cache
   print(format_report(result), flush=True)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
   if _RESULTS.value:
     append_result(_RESULTS.value, result, argv=sys.argv)
+
+
+def _run_sweep(config: ml_collections.ConfigDict) -> int:
+  """``--sweep``: one benchmark process per value; returns the exit code (1 if a point
+  failed)."""
+  from contrastjax import sweep  # pylint: disable=import-outside-toplevel
+  try:
+    axis = sweep.parse(_SWEEP.value, config)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  out_dir = _SWEEP_OUT.value or os.path.join("sweeps", f"{config.method}_{axis.name}")
+  rows = sweep.run(sys.argv, axis, config, out_dir, _SWEEP_TIMEOUT.value)
+  side = (" vs PyTorch" if _TORCH.value or _REFERENCE_DIR.value else "")
+  title = (f"{config.method}{side}: {axis.name} sweep ({'+'.join(axis.keys)}) on "
+           f"{machine_info()['cpu']}")
+  print(sweep.write(axis, rows, out_dir, title), flush=True)
+  print(f"[sweep] wrote {out_dir}/sweep.{{jsonl,md,png}}", file=sys.stderr, flush=True)
+  return 1 if any("error" in r for r in rows) else 0
 
 
 def append_result(path: str, result: dict[str, Any], argv: list[str]) -> None:

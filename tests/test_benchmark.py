@@ -344,3 +344,11 @@ def test_run_reference_times_a_checkout_and_names_a_missing_device(tmp_path):
                               device="cuda")
   with pytest.raises(FileNotFoundError, match="no network/model.py"):
     benchmark.run_reference(str(tmp_path / "network"), batch, steps=1, warmup=1, threads=1)
+
+
+def test_peak_tflops_of_known_devices():
+  assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+  assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0  # not the SXM peak
+  assert benchmark.peak_tflops("NVIDIA H200", "float32") == 494.7
+  assert benchmark.peak_tflops("cpu", "float32") is None
+  assert benchmark.peak_tflops("NVIDIA H200", "float16") is None

@@ -2,9 +2,11 @@
 would run, checked; and every command of the GPU benchmark script names files, modules
 and config keys that exist (a renamed key would otherwise fail only on a lent GPU)."""
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -122,3 +124,59 @@ def test_gpu_benchmark_parts_name_what_exists(tmp_path):
         assert a.split("=", 1)[1].startswith(str(tmp_path))
   bad = _run("gpu_benchmarks.sh", OUT=str(tmp_path), PARTS="gap nope")
   assert bad.returncode == 2 and "unknown part nope" in bad.stdout
+
+
+def _small_run(tmp_path, parts):
+  """``SMALL=1 bash launch/gpu_benchmarks.sh``: the parts run for real, at small sizes
+  on this CPU (both frameworks); returns ``{part: rc}`` and the results folder."""
+  out = tmp_path / "gpu"
+  env = dict(os.environ, OUT=str(out), SMALL="1", PARTS=parts, PYTHON=sys.executable,
+             CONTRASTJAX_COMPILATION_CACHE=str(tmp_path / "xla_cache"))
+  env.pop("DRY_RUN", None)
+  p = subprocess.run(["bash", os.path.join(LAUNCH, "gpu_benchmarks.sh")], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=1500, check=False)
+  log = (out / "gpu_benchmarks.log").read_text()
+  assert p.returncode == 0, p.stdout + log[-5000:]
+  rcs = {}
+  for line in p.stdout.splitlines():
+    if line.startswith("=== ") and " rc=" in line:
+      name, rc = line.split()[1], line.split(" rc=")[1].split()[0]
+      rcs[name] = int(rc)
+  assert rcs == {name: 0 for name in parts.split()}, log[-8000:]
+  return out, log
+
+
+JSON_OF = {"gap": "gap.json", "mit_b5": "mit_b5.json", "condseg": "condseg.json",
+           "siamseg_f32": "siamseg_b5_f32.json",
+           "siamseg_bf16_remat": "siamseg_b5_bf16_remat.json", "clip": "clip_f32.json",
+           "apc": "apc_f32.json", "apc_bf16": "apc_bf16.json"}
+
+
+def _check_small_results(out, parts):
+  for part in parts.split():
+    result = json.loads((out / JSON_OF[part]).read_text())
+    if part in ("gap", "mit_b5"):
+      continue
+    j = result["jax"]
+    assert j["step_s_median"] > 0 and j["xla_gflops_per_step"] > 0, part
+    assert "mfu" not in j  # no known peak on a CPU
+    if part != "condseg":   # both frameworks, the same first loss
+      t = result["torch"]
+      assert t["step_s_median"] > 0 and result["ratio_jax_over_torch"] > 0, part
+      assert result["compilation_cache"], part
+
+
+@pytest.mark.slow
+def test_gpu_benchmarks_small_dry_run_on_cpu(tmp_path):
+  """The GPU script's quicker parts run end to end at small sizes on this CPU (every
+  part: ``test_gpu_benchmarks_small_dry_run_every_part``, heavy)."""
+  parts = "gap clip apc"
+  out, _ = _small_run(tmp_path, parts)
+  _check_small_results(out, parts)
+
+
+@pytest.mark.heavy
+def test_gpu_benchmarks_small_dry_run_every_part(tmp_path):
+  out, log = _small_run(tmp_path, ALL_PARTS)
+  _check_small_results(out, ALL_PARTS)
+  assert "no third_party/ConDSeg checkout" in log

@@ -9,8 +9,10 @@ the mmseg naming (built here from the Hugging Face tensors by the rules of mmseg
 ``mit2mmseg.py``).
 """
 import logging
+import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,11 +270,16 @@ def test_drop_path_remat_and_bf16():
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
   (l0, outs0), g0 = loss_fn(base)(variables["params"], x)
-  (l1, outs1), g1 = loss_fn(rematted)(variables["params"], x)
-  assert float(l0) == pytest.approx(float(l1), rel=1e-6)
-  for a, b in zip(outs0, outs1):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+  for policy in mit.REMAT_POLICIES:  # what the recomputed blocks keep: same numbers
+    m = rematted.clone(remat_policy=policy)
+    (l1, outs1), g1 = loss_fn(m)(variables["params"], x)
+    assert float(l0) == pytest.approx(float(l1), rel=1e-6), policy
+    for a, b in zip(outs0, outs1):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=policy)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+  with pytest.raises(ValueError, match=r"remat_policy must be one of \('nothing', 'dots', "
+                     r"'all_dots'\), got 'some'"):
+    rematted.clone(remat_policy="some").apply(variables, x, train=False)
 
   # Stochastic depth is active in training and off in eval / when deterministic.
   evals, train_det = jax.jit(lambda v, x: (
@@ -338,9 +345,12 @@ def test_scan_blocks_is_the_unrolled_function_on_stacked_parameters():
                                       remat=True)
   train = [jax.jit(lambda p, x, m=m: m.apply({"params": p}, x, train=True,
                                              rngs={"dropout": rng}))(stacked, x)
-           for m in (scanned, rematted)]
-  for a, b in zip(*train):
+           for m in (scanned, rematted, rematted.clone(remat_policy="dots"))]
+  for a, b, c in zip(*train):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+  (_, _), g2 = loss_fn(rematted.clone(remat_policy="dots"))(stacked, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
   assert any(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(train[0], outs1))
   det = scanned.apply({"params": stacked}, x, train=True, deterministic=True)
   for a, b in zip(det, outs1):  # not jitted: other fusions, float32 rounding
@@ -465,3 +475,24 @@ def test_depthwise_shifts_gradient_keeps_no_shifted_copies(monkeypatch):
     temps[impl] = grad.lower(v, x).compile().memory_analysis().temp_size_in_bytes
   assert temps["shifts_autodiff"] >= 8 * view, temps  # the copies this test is about
   assert temps["shifts"] <= 4 * view, temps  # padded input and gradient, row blocks
+
+
+def test_gelu_saving_input_is_the_erf_gelu_with_its_gradient():
+  x = jnp.linspace(-6.0, 6.0, 1001)
+  np.testing.assert_array_equal(mit.gelu_saving_input(x), nn.gelu(x, approximate=False))
+  # d/dx [x Phi(x)] = Phi(x) + x phi(x), in float64 NumPy from math.erf
+  xs = np.asarray(x, np.float64)
+  phi = np.exp(-xs ** 2 / 2) / np.sqrt(2 * np.pi)
+  cdf = 0.5 * (1 + np.vectorize(math.erf)(xs / np.sqrt(2)))
+  g = jax.grad(lambda x: jnp.sum(mit.gelu_saving_input(x)))(x)
+  np.testing.assert_allclose(g, cdf + xs * phi, rtol=1e-5, atol=1e-6)
+  g_xla = jax.grad(lambda x: jnp.sum(nn.gelu(x, approximate=False)))(x)
+  np.testing.assert_allclose(g, g_xla, rtol=1e-5, atol=1e-6)
+  gb = jax.grad(lambda x: jnp.sum(mit.gelu_saving_input(x).astype(jnp.float32)))(
+      x.astype(jnp.bfloat16))
+  assert gb.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gb, np.float32), cdf + xs * phi, atol=0.02)
+  ffn = mit.MixFFN(8, gelu_grad="tanh")
+  with pytest.raises(ValueError, match=r"gelu_grad must be one of \('input', 'autodiff'\), "
+                     r"got 'tanh'"):
+    ffn.init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))

@@ -51,18 +51,22 @@ from contrastjax.errors import ConfigError
 #: function (``models.mit.DepthwiseConv2d``). ``'auto'``: on CPUs the shifted sum with its
 #: hand-written backward pass (XLA's own gradient of it materialises nine shifted copies
 #: of each input: 7.6 against 1.5 GiB of temporaries on the head's dilated layers), on
-#: GPUs/TPUs XLA's grouped convolution. The demo keeps ``'shifts_autodiff'`` (XLA's
-#: gradient), with which its README numbers were measured: the two gradients differ in
-#: float rounding only.
-FULL_MODEL = dict(variant="b5", drop_path_rate=0.1, remat=True, scan_blocks=True,
+#: GPUs/TPUs XLA's grouped convolution. ``gelu_grad='input'``: the MixFFN GELU's backward
+#: pass keeps only its input (``models.mit.gelu_saving_input``; 15% off the MiT-B5
+#: forward + backward on this CPU). The demo keeps XLA's own gradients
+#: (``'shifts_autodiff'``, ``'autodiff'``), with which its README numbers were measured:
+#: the gradients differ in float rounding only (BENCHMARKS.md, session 14).
+FULL_MODEL = dict(variant="b5", drop_path_rate=0.1, remat=True, remat_policy="nothing",
+                  scan_blocks=True,
                   fusion="sep_aspp",
                   embed_dims=256, channels=256, dropout_ratio=0.1, simsiam_dim=2048,
-                  dtype="float32", depthwise="auto")
+                  dtype="float32", depthwise="auto", gelu_grad="input")
 #: The demo network: a 4-stage MiT with one block per stage and narrow widths, head 32 wide.
-DEMO_MODEL = dict(variant="b0", drop_path_rate=0.0, remat=False, scan_blocks=False,
+DEMO_MODEL = dict(variant="b0", drop_path_rate=0.0, remat=False, remat_policy="nothing",
+                  scan_blocks=False,
                   fusion="sep_aspp",
                   embed_dims=32, channels=32, dropout_ratio=0.1, simsiam_dim=128,
-                  dtype="float32", depthwise="shifts_autodiff",
+                  dtype="float32", depthwise="shifts_autodiff", gelu_grad="autodiff",
                   backbone=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1),
                                 num_heads=(1, 2, 4, 8)))
 

@@ -362,6 +362,7 @@ class SiamSegNet(nn.Module):
       ``(name, value)`` pairs (e.g. ``(('depths', (1, 1, 2, 1)),)`` for a small test).
     drop_path_rate: Stochastic depth of the last encoder block (0.1).
     remat: Rematerialise the encoder blocks in the backward pass.
+    remat_policy: What they keep (:data:`mit.REMAT_POLICIES`).
     scan_blocks: Run each encoder stage as one ``nn.scan`` over stacked block
       parameters (see :class:`mit.MixVisionTransformer`; compiles several times faster).
     fusion: Decode-head fusion (see :class:`DAFormerHead`).
@@ -376,12 +377,15 @@ class SiamSegNet(nn.Module):
     depthwise: Implementation of every depthwise convolution (encoder MixFFNs and the
       head's ASPP), one of :data:`mit.DEPTHWISE_IMPLS`: the same function; ``'auto'``
       is the low-memory shifted form on CPUs and XLA's grouped convolution elsewhere.
+    gelu_grad: The encoder GELUs' backward pass (:data:`mit.GELU_GRADS`; the same
+      function).
   """
   num_classes: int
   variant: str = "b5"
   backbone_overrides: tuple[tuple[str, Any], ...] = ()
   drop_path_rate: float = 0.1
   remat: bool = False
+  remat_policy: str = "nothing"
   scan_blocks: bool = False
   fusion: str = "sep_aspp"
   embed_dims: int = 256
@@ -391,11 +395,14 @@ class SiamSegNet(nn.Module):
   simsiam_bn_group_size: int = 0
   dtype: Dtype = jnp.float32
   depthwise: str = "auto"
+  gelu_grad: str = "input"
 
   def setup(self):
     self.backbone = mit.mit(self.variant, drop_path_rate=self.drop_path_rate,
-                            remat=self.remat, scan_blocks=self.scan_blocks,
+                            remat=self.remat, remat_policy=self.remat_policy,
+                            scan_blocks=self.scan_blocks,
                             dtype=self.dtype, depthwise=self.depthwise,
+                            gelu_grad=self.gelu_grad,
                             **dict(self.backbone_overrides))
     self.decode_head = DAFormerHead(self.num_classes, self.embed_dims, self.channels,
                                     self.fusion, dropout_ratio=self.dropout_ratio,

@@ -360,6 +360,34 @@ class EfficientSelfAttention(nn.Module):
     return _dense(c, True, self.dtype, self.precision, "proj")(out)
 
 
+@jax.custom_vjp
+def gelu_saving_input(x: Array) -> Array:
+  """``nn.gelu(x, approximate=False)`` (erf GELU) whose backward pass keeps only ``x``
+  and computes ``gelu'(x) = Phi(x) + x phi(x)`` (in at least float32). XLA's gradient of
+  the erf keeps several intermediates per element; in the scanned MiT stages each is
+  written to its own stacked buffer per block (about a fifth of the MiT-B5 step on
+  XLA:CPU, BENCHMARKS.md)."""
+  return nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+  return nn.gelu(x, approximate=False), x
+
+
+def _gelu_bwd(x, g):
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  cdf = 0.5 * (1.0 + lax.erf(xf * (2 ** -0.5)))
+  pdf = jnp.exp(-0.5 * xf * xf) * ((2 * np.pi) ** -0.5)
+  return ((g.astype(xf.dtype) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu_saving_input.defvjp(_gelu_fwd, _gelu_bwd)
+
+#: ``MixFFN.gelu_grad`` values: ``'input'`` (:func:`gelu_saving_input`) or
+#: ``'autodiff'`` (XLA's gradient of the erf; the same function).
+GELU_GRADS = ("input", "autodiff")
+
+
 class MixFFN(nn.Module):
   """``fc1 -> 3x3 depthwise conv -> GELU (erf) -> fc2`` (reference ``Mlp``).
 
@@ -368,11 +396,13 @@ class MixFFN(nn.Module):
     dtype: Compute dtype.
     precision: ``lax`` precision.
     depthwise: :class:`DepthwiseConv2d` ``impl``.
+    gelu_grad: One of :data:`GELU_GRADS`: the GELU's backward pass.
   """
   hidden_features: int
   dtype: Dtype = jnp.float32
   precision: Any = None
   depthwise: str = "auto"
+  gelu_grad: str = "input"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -381,7 +411,10 @@ class MixFFN(nn.Module):
     y = _dense(self.hidden_features, True, self.dtype, self.precision, "fc1")(x)
     y = DepthwiseConv2d(3, 1, dtype=self.dtype, precision=self.precision,
                         impl=self.depthwise, name="dwconv")(y)
-    y = nn.gelu(y, approximate=False)
+    if self.gelu_grad not in GELU_GRADS:
+      raise ValueError(f"gelu_grad must be one of {GELU_GRADS}, got {self.gelu_grad!r}")
+    y = (gelu_saving_input(y) if self.gelu_grad == "input"
+         else nn.gelu(y, approximate=False))
     return _dense(c, True, self.dtype, self.precision, "fc2")(y)
 
 
@@ -399,6 +432,7 @@ class Block(nn.Module):
     dtype: Compute dtype.
     precision: ``lax`` precision.
     depthwise: :class:`DepthwiseConv2d` ``impl`` of the MixFFN.
+    gelu_grad: The MixFFN GELU's backward pass (:data:`GELU_GRADS`).
   """
   num_heads: int
   sr_ratio: int
@@ -409,6 +443,7 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   precision: Any = None
   depthwise: str = "auto"
+  gelu_grad: str = "input"
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -430,7 +465,7 @@ class Block(nn.Module):
     x = x + drop(y)
     y = _layer_norm(self.eps, self.dtype, "norm2")(x)
     y = MixFFN(self.mlp_ratio * c, self.dtype, self.precision, self.depthwise,
-               name="mlp")(y)
+               self.gelu_grad, name="mlp")(y)
     return x + drop(y)
 
 
@@ -442,6 +477,14 @@ class _ScannedBlock(Block):
   @nn.compact
   def __call__(self, x: Array, drop_rate: Array) -> tuple[Array, None]:
     return self._apply(x, self.deterministic, drop_rate).astype(x.dtype), None
+
+
+#: ``MixVisionTransformer.remat_policy`` values and their ``jax.checkpoint`` policies.
+REMAT_POLICIES: dict[str, Any] = {
+    "nothing": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "all_dots": jax.checkpoint_policies.checkpoint_dots,
+}
 
 
 class MixVisionTransformer(nn.Module):
@@ -460,6 +503,12 @@ class MixVisionTransformer(nn.Module):
       ``rate * i / (n - 1)``.
     eps: LayerNorm epsilon (1e-6 in the reference).
     remat: Rematerialise each block in the backward pass (``nn.remat``).
+    remat_policy: What a rematerialised block keeps from its forward pass, one of
+      :data:`REMAT_POLICIES`: ``'nothing'`` (recompute the whole block), ``'dots'``
+      (keep the outputs of the matmuls without batch dimensions, i.e. the linear
+      layers: ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), ``'all_dots'``
+      (also the attention products: ``checkpoint_dots``). Same numbers; more memory,
+      less recomputation.
     scan_blocks: Run each stage's blocks as one ``nn.scan`` over stacked parameters
       (``block{i}/...`` with a leading block axis instead of ``block{i}_{j}/...``): the
       same function, compiled once per stage instead of once per block (MiT-B5's 52
@@ -471,6 +520,8 @@ class MixVisionTransformer(nn.Module):
     precision: ``lax`` precision of matmuls and convolutions.
     depthwise: The MixFFN depthwise convolutions' implementation, one of
       :data:`DEPTHWISE_IMPLS` (see :class:`DepthwiseConv2d`; the same function).
+    gelu_grad: The MixFFN GELUs' backward pass, one of :data:`GELU_GRADS`
+      (:func:`gelu_saving_input`; the same function).
   """
   embed_dims: Sequence[int] = _WIDE
   depths: Sequence[int] = (3, 6, 40, 3)
@@ -483,10 +534,12 @@ class MixVisionTransformer(nn.Module):
   drop_path_rate: float = 0.1
   eps: float = 1e-6
   remat: bool = False
+  remat_policy: str = "nothing"
   scan_blocks: bool = False
   dtype: Dtype = jnp.float32
   precision: Any = None
   depthwise: str = "auto"
+  gelu_grad: str = "input"
 
   def drop_path_rates(self) -> list[float]:
     """Per-block stochastic-depth rates, ``linspace(0, drop_path_rate, sum(depths))``."""
@@ -518,7 +571,12 @@ class MixVisionTransformer(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"expected NHWC images [B, H, W, C], got shape {x.shape}")
     det = (not train) if deterministic is None else deterministic
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got "
+                       f"{self.remat_policy!r}")
+    policy = REMAT_POLICIES[self.remat_policy]
+    block_cls = (nn.remat(Block, static_argnums=(2,), policy=policy) if self.remat
+                 else Block)
     rates = self.drop_path_rates()
     x = x.astype(self.dtype)
     outs = []
@@ -528,7 +586,7 @@ class MixVisionTransformer(nn.Module):
                             self.eps, self.dtype, self.precision,
                             name=f"patch_embed{i + 1}")(x)
       if self.scan_blocks and self.depths[i] > 0:
-        cell = (nn.remat(_ScannedBlock, prevent_cse=False) if self.remat
+        cell = (nn.remat(_ScannedBlock, prevent_cse=False, policy=policy) if self.remat
                 else _ScannedBlock)
         stage_rates = rates[cur:cur + self.depths[i]]
         # Stochastic depth only where it can drop something (as nn.Dropout(0.0), which
@@ -539,13 +597,15 @@ class MixVisionTransformer(nn.Module):
                         in_axes=0, length=self.depths[i])
         x, _ = stage(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio, 0.0,
                      self.qkv_bias, self.eps, self.dtype, self.precision,
-                     self.depthwise, deterministic=not drops, name=f"block{i + 1}")(
+                     self.depthwise, self.gelu_grad, deterministic=not drops,
+                     name=f"block{i + 1}")(
                          x, jnp.asarray(stage_rates, jnp.float32))
       else:
         for j in range(self.depths[i]):
           x = block_cls(self.num_heads[i], self.sr_ratios[i], self.mlp_ratio,
                         rates[cur + j], self.qkv_bias, self.eps, self.dtype,
-                        self.precision, self.depthwise, name=f"block{i + 1}_{j}")(x, det)
+                        self.precision, self.depthwise, self.gelu_grad,
+                        name=f"block{i + 1}_{j}")(x, det)
       cur += self.depths[i]
       x = _layer_norm(self.eps, self.dtype, f"norm{i + 1}")(x)
       outs.append(x)
