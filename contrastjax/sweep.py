@@ -145,6 +145,7 @@ def run(argv: Sequence[str], axis: Axis, config, out_dir: str,
     if code == 0 and os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         rows.append({"value": value, "result": json.load(f)})
+      os.remove(path)  # kept in sweep.jsonl
     else:
       last = [ln for ln in (err or "").splitlines() if ln.strip()][-1:] or ["(no output)"]
       rows.append({"value": value, "error": f"exit {code}: {last[0][:300]}"})
@@ -236,6 +237,7 @@ def plot(axis: Axis, summary: Sequence[dict[str, Any]], path: str, title: str) -
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, metric, label in ((axes[0], "step_s", "median step time (s)"),
@@ -256,6 +258,8 @@ def plot(axis: Axis, summary: Sequence[dict[str, Any]], path: str, title: str) -
       ax.axvline(x, color="red", alpha=0.3)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xticks(list(axis.values), [str(v) for v in axis.values])
     ax.set_xlabel(axis.name)
     ax.set_ylabel(label)

@@ -79,7 +79,8 @@ if [[ -n "${SMALL:-}" ]]; then
              --config.model.text.width=32 --config.model.text.layers=1
              --config.model.text.heads=2 --config.data.image_size=64
              --config.data.context_length=16 --config.data.max_vocab=100)
-  APC_SIZE=(--config=configs/apc_voc.py:demo --config.batch_size=2 --config.apc.par=False)
+  APC_SIZE=(--config=configs/apc_voc.py:demo --config.batch_size=4 --config.apc.par=False
+            --config.apc.eq_weight=0)
 else
   DEV=cuda
   GAP_SIZE=()

@@ -1,6 +1,7 @@
 """The launchers in ``launch/`` in their dry-run mode (``DRY_RUN=1``): the commands they
-would run, checked; and every command of the GPU benchmark script names files, modules
-and config keys that exist (a renamed key would otherwise fail only on a lent GPU)."""
+would run, checked; every command of the GPU benchmark script names files, modules
+and config keys that exist (a renamed key would otherwise fail only on a lent GPU); and
+the GPU benchmark script run for real at small sizes on this CPU (``SMALL=1``)."""
 import importlib.util
 import json
 import os
