@@ -171,7 +171,7 @@ def _check_small_results(out, parts):
 def test_gpu_benchmarks_small_dry_run_on_cpu(tmp_path):
   """The GPU script's quicker parts run end to end at small sizes on this CPU (every
   part: ``test_gpu_benchmarks_small_dry_run_every_part``, heavy)."""
-  parts = "gap clip apc"
+  parts = "gap clip"
   out, _ = _small_run(tmp_path, parts)
   _check_small_results(out, parts)
 
