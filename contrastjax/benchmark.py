@@ -657,6 +657,13 @@ def _fmt_s(x: float) -> str:
   return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
 
 
+def _xla_plan_text(j: dict[str, Any]) -> str:
+  """XLA's memory plan and FLOPs per step of a JAX result, for the report lines."""
+  return ((f"; XLA {j['xla_memory_mib']}" if "xla_memory_mib" in j else "")
+          + (f"; {j['xla_gflops_per_step']:.1f} GFLOP/step" if "xla_gflops_per_step" in j
+             else ""))
+
+
 def format_report(result: dict[str, Any]) -> str:
   """Human-readable summary of :func:`run`'s result."""
   m, j = result["machine"], result["jax"]
@@ -672,10 +679,7 @@ def format_report(result: dict[str, Any]) -> str:
       f"JAX ({j['devices']}): init {_fmt_s(j['init_s'])}, trace+lower "
       f"{_fmt_s(j['trace_lower_s'])}, compile {_fmt_s(j['compile_s'])}"
       + (f", first step {_fmt_s(j['first_step_s'])}" if j["steps"] else
-         "; compile only (--steps=0)"
-         + (f"; XLA {j['xla_memory_mib']}" if "xla_memory_mib" in j else "")
-         + (f"; {j['xla_gflops_per_step']:.1f} GFLOP/step" if "xla_gflops_per_step" in j
-            else "")),
+         "; compile only (--steps=0)" + _xla_plan_text(j)),
   ]
   if j["steps"]:
     lines += [
@@ -685,10 +689,7 @@ def format_report(result: dict[str, Any]) -> str:
       f"  cpu per step: user {j['user_cpu_s_per_step']:.1f} s, sys "
       f"{j['sys_cpu_s_per_step']:.1f} s, {j['minor_faults_per_step']:.0f} minor page faults",
       f"  memory: peak RSS {j['peak_rss_mib']} MiB (phase increase "
-      f"{j['phase_rss_increase_mib']} MiB)"
-      + (f"; XLA {j['xla_memory_mib']}" if "xla_memory_mib" in j else "")
-      + (f"; {j['xla_gflops_per_step']:.1f} GFLOP/step" if "xla_gflops_per_step" in j
-         else "")
+      f"{j['phase_rss_increase_mib']} MiB)" + _xla_plan_text(j)
       + (f"; MFU {100 * j['mfu']:.1f}% of {j['peak_tflops']:g} TFLOP/s" if "mfu" in j
          else ""),
     ]

@@ -84,20 +84,27 @@ def parse(spec: str, config) -> Axis:
     keys = tuple(k.strip() for k in name.split("+"))
     squared = any(k.endswith(("image_size", "crop_size")) for k in keys)
   for key in keys:
-    node = config
-    for part in key.split("."):
-      if not hasattr(node, "keys") or part not in node:
-        raise ValueError(f"--sweep={spec!r}: the config has no key {key!r}")
-      node = node[part]
+    try:
+      _lookup(config, key)
+    except KeyError:
+      raise ValueError(f"--sweep={spec!r}: the config has no key {key!r}") from None
   return Axis(name, keys, vals, squared)
+
+
+def _lookup(config, key: str) -> Any:
+  """The value of dotted ``key`` in ``config``; KeyError if a part is missing."""
+  node = config
+  for part in key.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      raise KeyError(key)
+    node = node[part]
+  return node
 
 
 def _value_text(config, key: str, value: int) -> str:
   """``value`` in the shape of the config's current value of ``key`` (a pair for
   ``crop_size=(512, 512)``)."""
-  node = config
-  for part in key.split("."):
-    node = node[part]
+  node = _lookup(config, key)
   if isinstance(node, (tuple, list)):
     return "(" + ", ".join([str(value)] * len(node)) + ")"
   return str(value)

@@ -352,3 +352,19 @@ def test_peak_tflops_of_known_devices():
   assert benchmark.peak_tflops("NVIDIA H200", "float32") == 494.7
   assert benchmark.peak_tflops("cpu", "float32") is None
   assert benchmark.peak_tflops("NVIDIA H200", "float16") is None
+
+
+def test_steps_zero_compiles_only_and_reports_the_plan():
+  """``--steps=0``: the step is compiled, XLA's memory plan and FLOPs reported, nothing
+  run; a PyTorch side needs timed steps."""
+  config = _load_config("configs/condseg_kvasir.py", "demo,stage1")
+  config.batch_size, config.data.image_size = 8, 32   # the 8 simulated devices
+  result = benchmark.run(config, steps=0, init="host", xla_opt_level=0)
+  j = result["jax"]
+  assert j["steps"] == 0 and j["compile_s"] > 0 and "step_s_median" not in j
+  assert j["xla_memory_mib"]["temp"] > 0 and j["xla_gflops_per_step"] > 0
+  report = benchmark.format_report(result)
+  assert "compile only (--steps=0)" in report and "GFLOP/step" in report
+  assert "images/s" not in report
+  with pytest.raises(ValueError, match="--steps=0 compiles the JAX step only"):
+    benchmark.run(config, steps=0, torch=True)
